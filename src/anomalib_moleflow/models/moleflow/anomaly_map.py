@@ -1,0 +1,32 @@
+"""Anomaly map and image score from patch negative log-likelihoods."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from anomalib.models.components import GaussianBlur2d
+from torch import nn
+
+
+class AnomalyMapGenerator(nn.Module):
+    """Bilinear upsampling of the patch NLL map to image size, then a Gaussian blur.
+
+    Args:
+        sigma: Standard deviation of the blur, in pixels.
+    """
+
+    def __init__(self, sigma: float = 4.0) -> None:
+        super().__init__()
+        kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
+        self.blur = GaussianBlur2d(sigma=(sigma, sigma), channels=1, kernel_size=(kernel_size, kernel_size))
+
+    def forward(self, patch_scores: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """Map ``(b, h, w)`` patch scores to a ``(b, 1, H, W)`` anomaly map."""
+        upsampled = F.interpolate(patch_scores.unsqueeze(1), size=image_size, mode="bilinear", align_corners=False)
+        return self.blur(upsampled)
+
+
+def top_k_image_score(patch_scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean of the ``k`` highest patch scores of each image: ``(b, h, w) -> (b,)``."""
+    flat = patch_scores.flatten(1)
+    return flat.topk(min(k, flat.shape[1]), dim=1).values.mean(dim=1)

@@ -1,0 +1,1 @@
+"""Building blocks of MoLE-Flow, one DESIGN.md row per module."""

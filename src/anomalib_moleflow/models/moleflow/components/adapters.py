@@ -1,0 +1,66 @@
+"""Per-task whitening adapter and the shared gated spatial context."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from einops import rearrange
+from torch import nn
+
+# gamma = 0.5 + 1.5 * sigmoid(raw) equals 1 when sigmoid(raw) = 1/3, i.e. raw = -log 2.
+_GAMMA_IDENTITY_RAW = -math.log(2.0)
+
+
+class WhiteningAdapter(nn.Module):
+    """LayerNorm without affine, then a bounded task-owned affine that starts at identity.
+
+    ``gamma = 0.5 + 1.5 * sigmoid(gamma_raw)`` lies in [0.5, 2] and ``beta = 2 * tanh(beta_raw)`` in [-2, 2].
+
+    Args:
+        dim: Channels D.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.gamma_raw = nn.Parameter(torch.full((dim,), _GAMMA_IDENTITY_RAW))
+        self.beta_raw = nn.Parameter(torch.zeros(dim))
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        """The bounded scale."""
+        return 0.5 + 1.5 * torch.sigmoid(self.gamma_raw)
+
+    @property
+    def beta(self) -> torch.Tensor:
+        """The bounded shift."""
+        return 2.0 * torch.tanh(self.beta_raw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Whiten ``(..., d)`` features."""
+        return F.layer_norm(x, (self.dim,)) * self.gamma + self.beta
+
+
+class SpatialContext(nn.Module):
+    """Depthwise k x k convolution over the patch grid, mixed in by a learned per-channel gate.
+
+    ``out = (1 - sigmoid(g)) * x + sigmoid(g) * conv(x)``, the kernel starting as a k x k box filter.
+
+    Args:
+        dim: Channels D.
+        kernel_size: Odd kernel size k.
+    """
+
+    def __init__(self, dim: int, kernel_size: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=False)
+        nn.init.constant_(self.conv.weight, 1.0 / kernel_size**2)
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mix context into ``(b, h, w, d)`` patch features."""
+        context = rearrange(self.conv(rearrange(x, "b h w d -> b d h w")), "b d h w -> b h w d")
+        gate = torch.sigmoid(self.gate)
+        return (1 - gate) * x + gate * context
