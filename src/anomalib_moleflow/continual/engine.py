@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from anomalib.callbacks import ModelCheckpoint
 from anomalib.data import AnomalibDataModule
 from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
-from anomalib.callbacks import ModelCheckpoint
 
 from anomalib_moleflow.data import TaskGroup, check_datamodule
 from anomalib_moleflow.models import MoleFlow
@@ -42,7 +42,9 @@ class Task:
     datamodule: AnomalibDataModule
 
 
-def resolve_tasks(tasks: Sequence[TaskLike] | Mapping[str, AnomalibDataModule | Sequence[AnomalibDataModule]]) -> list[Task]:
+def resolve_tasks(
+    tasks: Sequence[TaskLike] | Mapping[str, AnomalibDataModule | Sequence[AnomalibDataModule]],
+) -> list[Task]:
     """Normalise the accepted task forms into named tasks.
 
     Accepted: a list of datamodules (named after their category), a list of ``(name, datamodule or list)``, or a
@@ -140,7 +142,10 @@ class ContinualEngine:
             },
             "model": json.loads(json.dumps(self._model_config(model), default=str)),
             "tasks": [
-                {"name": t.name, "datamodules": [f"{type(m).__name__}:{getattr(m, 'category', '')}" for m in _members(t.datamodule)]}
+                {
+                    "name": t.name,
+                    "datamodules": [f"{type(m).__name__}:{getattr(m, 'category', '')}" for m in _members(t.datamodule)],
+                }
                 for t in tasks
             ],
             "versions": {"torch": torch.__version__, "python": platform.python_version()},
@@ -281,7 +286,7 @@ class ContinualEngine:
             f"img AUROC {100 * running['image_AUROC']:.2f}, pix AUROC {100 * running['pixel_AUROC']:.2f}, "
             f"pix AP {100 * running['pixel_AUPR']:.2f}, routing {100 * sum(routing) / max(1, len(routing)):.1f}%"
         )
-        print(message, flush=True)  # noqa: T201 - the one progress line per task is the engine's user interface
+        print(message, flush=True)
 
     def finish(self, model: MoleFlow, tasks: list[Task], state: dict[str, Any]) -> dict[str, Any]:
         """Build and write the results, plots and overlays from the recorded state."""

@@ -43,6 +43,7 @@ from PIL import Image
 from scipy import ndimage
 
 __all__ = [
+    "DEFAULT_CONFIG",
     "DEFECT_TYPES",
     "DEMO_CATEGORIES",
     "FORMAT_VERSION",

