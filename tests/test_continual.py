@@ -61,7 +61,8 @@ def test_results_schema_and_files(frozen_run: tuple[dict, Path]) -> None:
     on_disk = json.loads((output / "results.json").read_text())
     assert on_disk["matrix"] == results["matrix"]
     csv_lines = (output / "results.csv").read_text().strip().splitlines()
-    assert len(csv_lines) == n + 2 and csv_lines[-1].startswith("mean,")
+    assert len(csv_lines) == n + 2
+    assert csv_lines[-1].startswith("mean,")
     assert "| **mean** |" in (output / "results.md").read_text()
     for metric in METRICS:
         assert (output / f"heatmap_{metric}.png").stat().st_size > 0
