@@ -1,0 +1,112 @@
+"""MoleFlow inside anomalib: Engine fit/validate/test/predict/train-from-checkpoint, and the anomalib CLI."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from conftest import TINY_CATEGORIES, TINY_MODEL_KWARGS
+from lightning.pytorch import seed_everything
+
+from anomalib_moleflow import MoleFlow
+
+METRIC_KEYS = {"image_AUROC", "image_AUPR", "pixel_AUROC", "pixel_AUPR", "pixel_AUPRO"}
+
+
+def _datamodule(root: Path, category: str) -> MVTecAD:
+    return MVTecAD(root=root, category=category, train_batch_size=4, eval_batch_size=8, num_workers=0)
+
+
+def _engine(root_dir: Path, **kwargs) -> Engine:
+    return Engine(default_root_dir=root_dir, logger=False, enable_progress_bar=False, accelerator="cpu", **kwargs)
+
+
+def test_engine_fit_validate_test_predict_and_train_from_checkpoint(tiny_mvtec_root: Path, tmp_path: Path) -> None:
+    seed_everything(0)
+    category = TINY_CATEGORIES[0]
+    model = MoleFlow(**TINY_MODEL_KWARGS)
+    engine = _engine(tmp_path / "a")
+    engine.fit(model, datamodule=_datamodule(tiny_mvtec_root, category))
+    assert model.task_names == [category]  # named after the datamodule's category
+    checkpoint = engine.trainer.checkpoint_callback.best_model_path or engine.best_model_path
+    assert checkpoint
+    assert Path(checkpoint).exists()
+
+    validated = _engine(tmp_path / "b").validate(model, datamodule=_datamodule(tiny_mvtec_root, category))
+    assert validated is not None
+
+    tested = _engine(tmp_path / "c").test(model, datamodule=_datamodule(tiny_mvtec_root, category))
+    assert METRIC_KEYS <= set(tested[0])
+
+    predictions = _engine(tmp_path / "d").predict(model, datamodule=_datamodule(tiny_mvtec_root, category))
+    batch = predictions[0]
+    assert batch.pred_score.shape[0] == batch.image.shape[0]
+    assert batch.anomaly_map.shape[-2:] == (TINY_MODEL_KWARGS["image_size"],) * 2
+    assert batch.pred_label is not None
+    assert torch.all((batch.pred_score >= 0) & (batch.pred_score <= 1))  # normalised with the task's statistics
+
+    # Train-from-checkpoint: a new model and Engine continue training the same task for one more epoch.
+    seed_everything(0)
+    resumed = MoleFlow(**{**TINY_MODEL_KWARGS, "max_epochs": 2})
+    before = torch.load(checkpoint, weights_only=False)["state_dict"]
+    resume_engine = _engine(tmp_path / "e")
+    resume_engine.fit(resumed, datamodule=_datamodule(tiny_mvtec_root, category), ckpt_path=checkpoint)
+    assert resumed.task_names == [category]
+    assert resume_engine.trainer.current_epoch == 2
+    after = resumed.state_dict()
+    expert = next(k for k in before if ".experts.0.lora_b" in k)
+    assert not torch.equal(before[expert], after[expert])  # it really trained on
+
+
+def _anomalib(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    executable = shutil.which("anomalib")
+    assert executable, "anomalib's CLI is not installed"
+    return subprocess.run([executable, *args], capture_output=True, text=True, cwd=cwd, check=False)
+
+
+def _model_args() -> list[str]:
+    kwargs = TINY_MODEL_KWARGS
+    args = ["--model", "anomalib_moleflow.MoleFlow"]
+    for key in ("backbone", "image_size", "embed_dim", "lora_rank", "num_coupling_layers", "dia_blocks", "max_epochs"):
+        args += [f"--model.{key}", str(kwargs[key])]
+    return [*args, "--model.layers", "[" + ", ".join(kwargs["layers"]) + "]", "--model.pre_trained", "false"]
+
+
+def test_anomalib_cli_train_then_test(tiny_mvtec_root: Path, tmp_path: Path) -> None:
+    data = ["--data", "anomalib.data.MVTecAD", "--data.root", str(tiny_mvtec_root), "--data.category"]
+    data += [TINY_CATEGORIES[2], "--data.num_workers", "0", "--data.train_batch_size", "4"]
+    trained = _anomalib("train", *_model_args(), *data, "--default_root_dir", str(tmp_path), cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    checkpoints = sorted(tmp_path.rglob("*.ckpt"))
+    assert checkpoints
+    tested = _anomalib(
+        "test",
+        *_model_args(),
+        *data,
+        "--default_root_dir",
+        str(tmp_path),
+        "--ckpt_path",
+        str(checkpoints[0]),
+        cwd=tmp_path,
+    )
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    for key in METRIC_KEYS:
+        assert key in tested.stdout
+
+
+@pytest.mark.parametrize("config", ["configs/moleflow.yaml"])
+def test_main_config_matches_the_constructor_defaults(config: str) -> None:
+    import yaml
+
+    init_args = yaml.safe_load((Path(__file__).resolve().parents[1] / config).read_text())["model"]["init_args"]
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(MoleFlow.__init__).parameters.items()}
+    for key, value in init_args.items():
+        expected = list(defaults[key]) if isinstance(defaults[key], tuple) else defaults[key]
+        assert value == expected, key
