@@ -10,10 +10,11 @@ import pytest
 import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
-from conftest import TINY_CATEGORIES, TINY_MODEL_KWARGS
 from lightning.pytorch import seed_everything
 
 from anomalib_moleflow import MoleFlow
+
+from conftest import TINY_CATEGORIES, TINY_MODEL_KWARGS
 
 METRIC_KEYS = {"image_AUROC", "image_AUPR", "pixel_AUROC", "pixel_AUPR", "pixel_AUPRO"}
 
@@ -41,7 +42,7 @@ def test_engine_fit_validate_test_predict_and_train_from_checkpoint(tiny_mvtec_r
     assert validated is not None
 
     tested = _engine(tmp_path / "c").test(model, datamodule=_datamodule(tiny_mvtec_root, category))
-    assert METRIC_KEYS <= set(tested[0])
+    assert set(tested[0]) >= METRIC_KEYS
 
     predictions = _engine(tmp_path / "d").predict(model, datamodule=_datamodule(tiny_mvtec_root, category))
     batch = predictions[0]

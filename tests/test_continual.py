@@ -15,6 +15,7 @@ from lightning.pytorch import seed_everything
 from anomalib_moleflow import MoleFlow
 from anomalib_moleflow.continual import METRICS, ContinualEngine
 from anomalib_moleflow.data import DatasetError
+
 from conftest import TINY_CATEGORIES, TINY_MODEL_KWARGS
 
 REPO = Path(__file__).resolve().parents[1]
