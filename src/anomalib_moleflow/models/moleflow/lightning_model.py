@@ -279,7 +279,7 @@ class MoleFlow(AnomalibModule):
         prototype = self.model.router.prototypes[task]
         if not prototype.ready:
             prototype.accumulate(image_embedding)
-        self.log("train_loss", loss.detach(), on_epoch=True, prog_bar=True, logger=True)
+        self.log("train_loss", loss.detach(), on_epoch=True, prog_bar=True, batch_size=batch.image.shape[0])
         return {"loss": loss}
 
     def on_train_epoch_end(self) -> None:
