@@ -13,6 +13,7 @@ from PIL import Image
 from anomalib_moleflow import MoleFlow
 from anomalib_moleflow.continual import ContinualEngine
 from anomalib_moleflow.data import DatasetError, check_datamodule
+
 from conftest import TINY_CATEGORIES, TINY_MODEL_KWARGS
 
 
