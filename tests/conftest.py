@@ -109,3 +109,9 @@ def make_engine_fixture() -> Any:
 def seeded() -> int:
     """Seed Python, NumPy and torch (lightning's ``seed_everything``) with 0; returns the seed."""
     return seed_everything(0, workers=True, verbose=False)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A run that collected no test is a failure, never a silent pass (pytest's exit code 5)."""
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
