@@ -14,7 +14,7 @@ from lightning.pytorch import seed_everything
 
 from anomalib_moleflow import MoleFlow
 from anomalib_moleflow.continual import METRICS, ContinualEngine
-from anomalib_moleflow.data import DatasetError
+from anomalib_moleflow.data import DatasetError, TaskGroup
 
 from conftest import TINY_CATEGORIES, TINY_MODEL_KWARGS
 
@@ -94,6 +94,15 @@ def test_task_group_of_two_categories(tiny_mvtec_root: Path, tmp_path: Path) -> 
     assert results["tasks"] == ["textures", "objects"]
     assert results["routing_accuracy"]["per_task"]["textures"] == 1.0
     assert results["routing_accuracy"]["per_task"]["objects"] == 1.0
+    # The group's test set holds both members' normal and defective images, so its metrics are meaningful.
+    group = TaskGroup("check", _tasks(tiny_mvtec_root)[:2])
+    group.setup()
+    single = _tasks(tiny_mvtec_root)[:2]
+    for member in single:
+        member.setup()
+    expected = sum(len(member.test_data) for member in single)
+    assert len(group.test_data) == expected
+    assert set(group.test_data.samples["label_index"]) == {0, 1}
 
 
 def test_resume_after_interruption_equals_uninterrupted(

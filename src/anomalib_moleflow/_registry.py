@@ -16,6 +16,6 @@ def register_with_anomalib() -> None:
     """
     from anomalib_moleflow.models import MoleFlow
 
-    anomalib.models.ALLOWED_MODULES.add(PLUGIN_MODULE)
+    anomalib.models.ALLOWED_MODULES.update({PLUGIN_MODULE, f"{PLUGIN_MODULE}.baselines"})
     if not hasattr(anomalib.models, "MoleFlow"):
         anomalib.models.MoleFlow = MoleFlow

@@ -135,24 +135,30 @@ class RoutedModels(nn.Module):
 class RoutedExperts(AnomalibModule):
     """Test-only anomalib module: :class:`RoutedModels` evaluated by anomalib's engine and metrics.
 
-    Scores are already normalised per task by each model's post-processor, so this module has none of its own.
+    Build it with :meth:`build`. Scores are already normalised per task by each model's post-processor, so this
+    module has no post-processor of its own.
 
     Args:
-        router: A fitted :class:`TaskRouter`.
-        experts: One trained anomalib model per task.
         pre_processor: The models' (common) pre-processor.
         evaluator: Evaluator, or ``True`` for the benchmark's metrics.
     """
 
-    def __init__(
-        self,
+    def __init__(self, pre_processor: nn.Module | bool = True, evaluator: Evaluator | bool = True) -> None:
+        super().__init__(pre_processor=pre_processor, post_processor=False, evaluator=evaluator, visualizer=False)
+        self.model: RoutedModels
+
+    @classmethod
+    def build(
+        cls,
         router: TaskRouter,
         experts: Sequence[AnomalibModule],
         pre_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
-    ) -> None:
-        super().__init__(pre_processor=pre_processor, post_processor=False, evaluator=evaluator, visualizer=False)
-        self.model: RoutedModels = RoutedModels(router, experts)
+    ) -> RoutedExperts:
+        """Combine a fitted router and one trained model per task (the models are kept, not copied)."""
+        module = cls(pre_processor=pre_processor, evaluator=evaluator)
+        module.model = RoutedModels(router, experts)
+        return module
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
@@ -169,7 +175,7 @@ class RoutedExperts(AnomalibModule):
         """One-class: each model was trained on normal images only."""
         return LearningType.ONE_CLASS
 
-    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:  # noqa: ANN401
+    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """The models are trained one by one before being combined; this module is for testing only."""
         del batch, args, kwargs
         msg = "RoutedExperts is test-only: train each task's model on its own, then combine them."

@@ -87,6 +87,13 @@ def benchmark_parser() -> ArgumentParser:
     parser.add_argument("--accelerator", type=str, default="auto")
     parser.add_argument("--devices", type=int | str, default=1)
     parser.add_argument("--progress_bar", type=bool, default=False)
+    parser.add_argument(
+        "--threads",
+        type=int | None,
+        default=None,
+        help="torch CPU threads during the run (default: torch's). 1 avoids OpenMP oversubscription on a shared CPU, "
+        "which can slow small-tensor models such as the flows tenfold.",
+    )
     parser.add_argument("--backbone", type=str, default="wide_resnet50_2", help="timm backbone of every row.")
     parser.add_argument("--layers", type=list[str], default=["layer2", "layer3"], help="Backbone stages.")
     parser.add_argument("--pre_trained", type=bool, default=True, help="ImageNet weights.")
@@ -105,7 +112,7 @@ def benchmark_parser() -> ArgumentParser:
     parser.add_argument("--timing_images", type=int, default=8, help="Test images per task for inference timing.")
     parser.add_argument(
         "--tasks",
-        type=dict[str, Any] | list[dict[str, Any]] | None,
+        type=dict | list | None,
         default=None,
         help="{dataset: {class_path, init_args}, categories: [...]}, or a list of them (tasks in order).",
     )

@@ -1,4 +1,4 @@
-"""Benchmark tasks: built like ``moleflow continual``'s, from one or several dataset specs, plus the joint training set."""
+"""Benchmark tasks: built like ``moleflow continual``'s from one or several dataset specs; the joint data."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def build_task_list(spec: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> li
     return resolve_tasks([pair for item in specs for pair in build_tasks(dict(item))])
 
 
-def _concat(datasets: Sequence[Any], task: TaskType) -> Any:  # noqa: ANN401
+def _concat(datasets: Sequence[Any], task: TaskType) -> Any:
     """One anomalib dataset holding the samples of ``datasets`` (possibly of different dataset classes)."""
     joint = copy.deepcopy(datasets[0])
     joint.samples = pd.concat([dataset.samples for dataset in datasets], ignore_index=True)

@@ -4,13 +4,15 @@ Every row learns the same tasks in the same order and is tested with anomalib's 
 each task, every task seen so far is tested (except ``joint``, which trains once on everything), so the task x task
 matrix, forgetting and routing accuracy come out of :func:`anomalib_moleflow.continual.summarize` for every row.
 
-Thresholds and normalisation of the baselines: anomalib's ``PostProcessor`` keeps a single set of statistics. The
-metrics here (AUROC, AUPR, AUPRO) are computed per task and depend only on the ranking of scores within that task,
-so per-task statistics are not needed; for the single-model regimes (``finetune``, ``joint``) normalisation is
-turned off, because anomalib's min-max normalisation clips to [0, 1] and would tie the scores of older tasks that
-fall outside the latest task's range. In ``separate``, images routed to different models end up in the same task's
-test set, so there each model's own post-processor (fitted on its own task) normalises its scores first, like
-MoLE-Flow's per-task post-processing.
+Thresholds and normalisation of the baselines: anomalib's ``PostProcessor`` keeps a single set of statistics,
+fitted on the validation images of the last ``fit``. AUROC/AUPR/AUPRO depend only on the ranking of the scores within
+the tested task, but the set is not irrelevant: anomalib's min-max normalisation clips to [0, 1], and torchmetrics
+treats scores outside [0, 1] as logits (sigmoid), so raw scores, or scores of an old task normalised with the latest
+task's range, saturate into ties (a Patchcore tested on raw scores gets exactly 0.5). So, like MoLE-Flow's per-task
+post-processor, every task is scored with statistics of its own: single-model rows (``finetune``, ``joint``)
+re-fit the post-processor on the tested task's validation images (``Engine.validate``, anomalib's protocol: the
+validation set is the test set) right before testing it; in ``separate``, each model keeps the statistics of its own
+task, so images routed to different models get comparable scores.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from anomalib.callbacks import ModelCheckpoint
 from anomalib.data import AnomalibDataModule
 from anomalib.engine import Engine
 from anomalib.models.components import AnomalibModule
-from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from lightning.pytorch import seed_everything
 
@@ -107,27 +108,41 @@ def _engine(ctx: RowContext, folder: Path) -> Engine:
     )
 
 
-def fit(ctx: RowContext, model: AnomalibModule, datamodule: AnomalibDataModule, folder: Path) -> float:
+def fit_task(ctx: RowContext, model: AnomalibModule, datamodule: AnomalibDataModule, folder: Path) -> float:
     """Train with a fresh anomalib ``Engine`` (a second ``fit`` on one Engine does nothing); returns seconds."""
     start = time.perf_counter()
     _engine(ctx, folder).fit(model, datamodule=datamodule)
     return time.perf_counter() - start
 
 
-def test(ctx: RowContext, model: AnomalibModule, datamodule: AnomalibDataModule, folder: Path) -> dict[str, Any]:
-    """Test with a fresh ``Engine``; returns the benchmark metrics (``None`` where undefined)."""
-    output = _engine(ctx, folder).test(model, datamodule=datamodule, verbose=False)
+def evaluate(
+    ctx: RowContext,
+    model: AnomalibModule,
+    datamodule: AnomalibDataModule,
+    folder: Path,
+    calibrate: bool = False,
+) -> dict[str, Any]:
+    """Test with a fresh ``Engine``; returns the benchmark metrics (``None`` where undefined).
+
+    With ``calibrate``, the model's post-processor statistics are first re-fitted on this task's validation images.
+    """
+    engine = _engine(ctx, folder)
+    if calibrate:
+        engine.validate(model, datamodule=datamodule, verbose=False)
+    output = engine.test(model, datamodule=datamodule, verbose=False)
     metrics = output[0] if output else {}
     return {metric: _clean(metrics.get(metric)) for metric in METRICS}
 
 
-def check_finite(model: torch.nn.Module, task: str) -> None:
-    """Fail the row when training left non-finite weights or buffers (e.g. a diverged flow).
+def check_finite(model: AnomalibModule, task: str) -> None:
+    """Fail the row when training left non-finite weights or buffers in the network (e.g. a diverged flow).
+
+    Only the torch model is checked: the post-processor's statistics are NaN by design when normalisation is off.
 
     Raises:
         FloatingPointError: If a parameter or buffer holds NaN or infinity.
     """
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+    for name, tensor in [*model.model.named_parameters(), *model.model.named_buffers()]:
         if tensor.is_floating_point() and tensor.numel() and not torch.isfinite(tensor).all():
             msg = f"Non-finite values in '{name}' after training task '{task}' (training diverged)."
             raise FloatingPointError(msg)
@@ -150,18 +165,13 @@ ModelFactory = Callable[..., AnomalibModule]
 
 
 def model_factory(row: RowSpec, kwargs: dict[str, Any]) -> ModelFactory:
-    """Constructor of the row's baseline with its settings; call it with ``post_processor=...``."""
+    """Constructor of the row's baseline with its settings (anomalib's default post-processor)."""
     cls = {"fastflow": TimmFastflow, "patchcore": TimmPatchcore}[row.model]
 
-    def make(**extra: Any) -> AnomalibModule:  # noqa: ANN401
+    def make(**extra: Any) -> AnomalibModule:
         return cls(**kwargs, visualizer=False, **extra)
 
     return make
-
-
-def _raw_scores_post_processor() -> PostProcessor:
-    """Thresholds kept, normalisation off (see the module docstring)."""
-    return PostProcessor(enable_normalization=False)
 
 
 def run_moleflow(ctx: RowContext, kwargs: dict[str, Any]) -> RowOutcome:
@@ -193,16 +203,18 @@ def run_finetune(ctx: RowContext, make: ModelFactory) -> RowOutcome:
     """One model trained task after task (new Engine each time), tested on every task seen so far."""
     n = len(ctx.tasks)
     matrix, fit_s = empty_matrix(n), {}
-    model = make(post_processor=_raw_scores_post_processor())
+    seed_everything(ctx.seed, workers=True, verbose=False)
+    model = make()
     for i, task in enumerate(ctx.tasks):
         task_dir = ctx.folder / "tasks" / f"{i:02d}_{task.name}"
         seed_everything(ctx.seed + i, workers=True, verbose=False)
         if isinstance(model, TimmPatchcore):
             model.reset_memory_bank()  # a new fit replaces the bank, as retraining anomalib's Patchcore would
-        fit_s[task.name] = fit(ctx, model, task.datamodule, task_dir)
+        fit_s[task.name] = fit_task(ctx, model, task.datamodule, task_dir)
         check_finite(model, task.name)
         for j in range(i + 1):
-            _store(matrix, i, j, test(ctx, model, ctx.tasks[j].datamodule, task_dir / "test" / ctx.tasks[j].name))
+            folder = task_dir / "test" / ctx.tasks[j].name
+            _store(matrix, i, j, evaluate(ctx, model, ctx.tasks[j].datamodule, folder, calibrate=True))
     # One model is overwritten task after task: nothing is added per task.
     per_task = [{"task": task.name, "params": 0, "bytes": 0} for task in ctx.tasks]
     return RowOutcome(matrix, no_routing(n), fit_s, per_task, model)
@@ -226,8 +238,8 @@ def run_separate(ctx: RowContext, make: ModelFactory, router_kwargs: dict[str, A
     for i, task in enumerate(ctx.tasks):
         task_dir = ctx.folder / "tasks" / f"{i:02d}_{task.name}"
         seed_everything(ctx.seed + i, workers=True, verbose=False)
-        expert = make(post_processor=True)  # its own task's statistics (see the module docstring)
-        seconds = fit(ctx, expert, task.datamodule, task_dir)
+        expert = make()  # keeps its own task's statistics (see the module docstring)
+        seconds = fit_task(ctx, expert, task.datamodule, task_dir)
         check_finite(expert, task.name)
         start = time.perf_counter()
         router.to(ctx.device).add_task(_train_batches(task.datamodule, expert.pre_processor, ctx.device))
@@ -236,10 +248,11 @@ def run_separate(ctx: RowContext, make: ModelFactory, router_kwargs: dict[str, A
         params, size = _expert_size(expert)
         _, router_bytes = router.prototype_size(i)
         per_task.append({"task": task.name, "params": params, "bytes": size + router_bytes})
-        ensemble = RoutedExperts(router, experts, pre_processor=PreProcessor(transform=expert.pre_processor.transform))
+        ensemble = RoutedExperts.build(router, experts, PreProcessor(transform=expert.pre_processor.transform))
         for j in range(i + 1):
             ensemble.model.reset_routing_log()
-            _store(matrix, i, j, test(ctx, ensemble, ctx.tasks[j].datamodule, task_dir / "test" / ctx.tasks[j].name))
+            folder = task_dir / "test" / ctx.tasks[j].name
+            _store(matrix, i, j, evaluate(ctx, ensemble, ctx.tasks[j].datamodule, folder))
             routed = ensemble.model.routed_tasks()
             routing[i][j] = _clean(float((routed == j).float().mean())) if routed.numel() else None
     if ensemble is None:
@@ -252,12 +265,12 @@ def run_joint(ctx: RowContext, make: ModelFactory, joint: AnomalibDataModule) ->
     """One model on every task's training data at once (not continual), then tested on each task."""
     n = len(ctx.tasks)
     matrix = empty_matrix(n)
-    model = make(post_processor=_raw_scores_post_processor())
     seed_everything(ctx.seed, workers=True, verbose=False)
-    fit_s = {"joint": fit(ctx, model, joint, ctx.folder / "joint")}
+    model = make()
+    fit_s = {"joint": fit_task(ctx, model, joint, ctx.folder / "joint")}
     check_finite(model, "joint")
     for j, task in enumerate(ctx.tasks):
-        _store(matrix, n - 1, j, test(ctx, model, task.datamodule, ctx.folder / "test" / task.name))
+        _store(matrix, n - 1, j, evaluate(ctx, model, task.datamodule, ctx.folder / "test" / task.name, calibrate=True))
     if isinstance(model, TimmPatchcore):
         # The bank is built from all tasks' data: each task accounts for an equal share of it.
         params, size = model.memory_bank_size()

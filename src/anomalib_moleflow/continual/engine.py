@@ -275,16 +275,16 @@ class ContinualEngine:
         elapsed = time.perf_counter() - run_start
         done = index + 1 - start
         eta = elapsed / done * (end - index - 1)
-        running = {
-            metric: sum(v for v in state["matrix"][metric][-1][: index + 1] if v is not None)
-            / max(1, sum(v is not None for v in state["matrix"][metric][-1][: index + 1]))
-            for metric in ("image_AUROC", "pixel_AUROC", "pixel_AUPR")
-        }
+
+        def mean_so_far(metric: str) -> str:
+            values = [v for v in state["matrix"][metric][-1][: index + 1] if v is not None]
+            return f"{100 * sum(values) / len(values):.2f}" if values else "n/a"
+
         routing = [v for v in state["routing"][-1] if v is not None]
         message = (
             f"[task {index + 1}/{end}] {state['tasks'][-1]}: elapsed {elapsed:.0f}s, ETA {eta:.0f}s | mean so far: "
-            f"img AUROC {100 * running['image_AUROC']:.2f}, pix AUROC {100 * running['pixel_AUROC']:.2f}, "
-            f"pix AP {100 * running['pixel_AUPR']:.2f}, routing {100 * sum(routing) / max(1, len(routing)):.1f}%"
+            f"img AUROC {mean_so_far('image_AUROC')}, pix AUROC {mean_so_far('pixel_AUROC')}, "
+            f"pix AP {mean_so_far('pixel_AUPR')}, routing {100 * sum(routing) / max(1, len(routing)):.1f}%"
         )
         print(message, flush=True)
 

@@ -80,6 +80,9 @@ class TaskGroup(AnomalibDataModule):
             train_batch_size=first.train_batch_size,
             eval_batch_size=first.eval_batch_size,
             num_workers=first.num_workers,
+            # The members already read their own train/test folders: keep their test sets whole (normal images
+            # included), and validate on the test set like MVTecAD.
+            test_split_mode="from_dir",
             val_split_mode="same_as_test",
         )
         self.members = list(datamodules)

@@ -202,7 +202,7 @@ class ELPV(Folder):
         good_max_probability: float = 0.0,
         defect_min_probability: float = 2.0 / 3.0,
         source: Path | str | None = None,
-        **kwargs: Any,  # noqa: ANN401
+        **kwargs: Any,
     ) -> None:
         if category not in ELPV_CATEGORIES:
             msg = f"Unknown ELPV category '{category}'; valid: {ELPV_CATEGORIES}."

@@ -1,0 +1,327 @@
+"""Benchmark: every column of every row on two tiny tasks, a forced failure, outputs, ELPV data, anomalib's pipeline."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from anomalib.models import Fastflow
+from jsonargparse import Namespace
+
+from anomalib_moleflow.baselines import TimmFastflow, TimmPatchcore
+from anomalib_moleflow.benchmark import ROWS, RowSpec, benchmark_parser, run_benchmark, run_benchmark_cli
+from anomalib_moleflow.benchmark.config import parse_rows
+from anomalib_moleflow.continual import METRICS
+from anomalib_moleflow.continual.results import read_csv
+from anomalib_moleflow.data.elpv import ELPV, elpv_data_dir
+
+REPO = Path(__file__).resolve().parents[1]
+BROKEN = "patchcore/joint#broken"
+QUALITY = ("image_AUROC", "image_AUPR", "pixel_AUROC", "pixel_AUPR", "pixel_AUPRO")
+TINY_DATA = {
+    "image_size": 64,
+    "n_train": 6,
+    "n_test_good": 4,
+    "n_test_defect": 1,
+    "train_batch_size": 4,
+    "eval_batch_size": 8,
+    "num_workers": 0,
+}
+
+
+def tiny_config(root: Path, output: Path) -> dict:
+    """Two generated tasks, random ResNet-18 at 64 px, one epoch, the seven rows plus one that must fail."""
+    return {
+        "output": str(output),
+        "seed": 0,
+        "accelerator": "cpu",
+        "threads": 1,
+        "backbone": "resnet18",
+        "layers": ["layer1", "layer2"],
+        "pre_trained": False,
+        "image_size": 64,
+        "moleflow": {"embed_dim": 32, "lora_rank": 4, "num_coupling_layers": 2, "dia_blocks": 1, "max_epochs": 1},
+        "fastflow": {"flow_steps": 2, "max_epochs": 1},
+        "patchcore": {"coreset_sampling_ratio": 0.05, "num_neighbors": 3},
+        "rows": [*ROWS, BROKEN],
+        "overrides": {BROKEN: {"backbone": "no_such_backbone"}},
+        "timing_images": 2,
+        "tasks": {
+            "dataset": {
+                "class_path": "anomalib_moleflow.data.SyntheticMVTecAD",
+                "init_args": {"root": str(root), **TINY_DATA},
+            },
+            "categories": ["woven", "pill"],
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    output = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    report = run_benchmark(tiny_config(tmp_path_factory.mktemp("bench_data"), output))
+    assert torch.get_num_threads() == threads  # the run's thread setting is undone
+    return report, output
+
+
+@pytest.fixture
+def one_thread():
+    """Run with one torch thread (immune to OpenMP oversubscription on a shared CPU), then restore the setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rows(report: dict) -> dict[str, dict]:
+    return {row["row"]: row for row in report["rows"]}
+
+
+def test_every_row_has_every_column(bench: tuple[dict, Path]) -> None:
+    report, _ = bench
+    rows = _rows(report)
+    assert list(rows) == [*ROWS, BROKEN]
+    for name in ROWS:
+        row = rows[name]
+        assert row["status"] == "ok", row["reason"]
+        for metric in QUALITY:
+            assert 0.0 <= row[metric] <= 1.0, (name, metric)
+        if row["regime"] == "joint":
+            assert row["forgetting"] is None  # trained once: nothing to forget
+        else:
+            assert -1.0 <= row["forgetting"] <= 1.0
+        if row["regime"] in {"continual", "separate"}:
+            assert 0.0 <= row["routing_accuracy"] <= 1.0
+        else:
+            assert row["routing_accuracy"] is None
+        assert row["train_time_s"] > 0
+        assert row["inference_ms_per_image"] > 0
+        assert row["peak_memory_mb"] >= 0
+        assert row["memory_kind"] == "rss_growth"
+        assert row["params_per_task"] >= 0
+        assert row["bytes_per_task"] >= 0
+        assert all(not isinstance(v, float) or math.isfinite(v) for v in row.values())
+
+
+def test_per_task_costs(bench: tuple[dict, Path]) -> None:
+    rows = _rows(bench[0])
+    for name in ("moleflow", "fastflow/separate", "patchcore/separate", "patchcore/joint"):
+        assert rows[name]["params_per_task"] > 0
+        assert rows[name]["bytes_per_task"] >= 4 * rows[name]["params_per_task"]
+    for name in ("fastflow/finetune", "patchcore/finetune", "fastflow/joint"):
+        assert rows[name]["params_per_task"] == rows[name]["bytes_per_task"] == 0
+    # A separate Fastflow stores a whole flow per task: more than MoLE-Flow's expert and adapters.
+    assert rows["fastflow/separate"]["bytes_per_task"] > rows["moleflow"]["bytes_per_task"]
+
+
+def test_matrices_and_real_routing(bench: tuple[dict, Path]) -> None:
+    rows = _rows(bench[0])
+    for name in ROWS:
+        details = rows[name]["details"]
+        for metric in METRICS:
+            matrix = details["matrix"][metric]
+            assert len(matrix) == 2
+            if rows[name]["regime"] == "joint":
+                assert matrix[0] == [None, None]
+                assert all(v is not None for v in matrix[1])
+            else:
+                assert matrix[0][0] is not None
+                assert matrix[0][1] is None
+                assert all(v is not None for v in matrix[1])
+    for name in ("moleflow", "fastflow/separate", "patchcore/separate"):
+        routing = rows[name]["details"]["routing_matrix"]
+        assert routing[0][0] == 1.0  # one task: every image goes to it
+        assert all(0.0 <= v <= 1.0 for v in routing[1])
+        assert set(rows[name]["details"]["routing_accuracy"]["per_task"]) == {"woven", "pill"}
+
+
+def test_forced_failure_is_a_failed_row(bench: tuple[dict, Path]) -> None:
+    report, output = bench
+    row = _rows(report)[BROKEN]
+    assert row["status"] == "failed"
+    assert "no_such_backbone" in row["reason"]
+    assert all(row[metric] is None for metric in QUALITY)
+    assert "no_such_backbone" in (output / "rows" / "patchcore_joint-broken" / "error.txt").read_text()
+
+
+def test_outputs(bench: tuple[dict, Path]) -> None:
+    report, output = bench
+    on_disk = json.loads((output / "benchmark.json").read_text())
+    assert [row["row"] for row in on_disk["rows"]] == [*ROWS, BROKEN]
+    assert on_disk["tasks"] == ["woven", "pill"]
+    csv_rows = read_csv(output / "benchmark.csv")
+    assert [row["row"] for row in csv_rows] == [*ROWS, BROKEN]
+    assert set(csv_rows[0]) >= {*QUALITY, "forgetting", "routing_accuracy", "bytes_per_task", "peak_memory_mb"}
+    markdown = (output / "benchmark.md").read_text()
+    assert markdown.count("\n| ") == len(ROWS) + 1  # one line per row after the header
+    assert "**failed**" in markdown
+    assert "no_such_backbone" in markdown
+    assert (output / "benchmark.png").stat().st_size > 0
+    assert (output / "rows" / "moleflow" / "results.json").exists()  # the continual engine's own report
+    assert report["config"]["rows"] == [*ROWS, BROKEN]
+
+
+def test_row_names_and_overrides_are_checked() -> None:
+    assert RowSpec.parse("moleflow") == RowSpec("moleflow", "moleflow", "continual")
+    assert RowSpec.parse("fastflow/separate#wide").regime == "separate"
+    for bad in ("fastflow", "patchcore/continual", "moleflow/finetune", "padim/joint", "fastflow/joint#"):
+        with pytest.raises(ValueError, match=r"(?i)row"):
+            RowSpec.parse(bad)
+    with pytest.raises(ValueError, match="unique"):
+        parse_rows(["moleflow", "moleflow"], {})
+    with pytest.raises(ValueError, match="match no model"):
+        parse_rows(["moleflow"], {"fastflow/joint": {"backbone": "x"}})
+
+
+def test_shipped_configs_parse() -> None:
+    parser = benchmark_parser()
+    for name in ("elpv_offline", "mvtec_1x1"):
+        config = parser.parse_args(["--config", str(REPO / "configs" / "benchmark" / f"{name}.yaml")])
+        parse_rows(config.rows, config.overrides)
+        assert list(config.rows) == list(ROWS)
+    mvtec = parser.parse_args(["--config", str(REPO / "configs" / "benchmark" / "mvtec_1x1.yaml")])
+    assert mvtec.tasks["categories"] == sorted(mvtec.tasks["categories"])
+    assert len(mvtec.tasks["categories"]) == 15
+    assert (mvtec.backbone, list(mvtec.layers), mvtec.image_size) == ("wide_resnet50_2", ["layer2", "layer3"], 224)
+
+
+def test_cli_runs_a_yaml_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from anomalib_moleflow.cli.main import main
+
+    config = tiny_config(tmp_path / "data", tmp_path / "out")
+    config.update(rows=["patchcore/finetune"], overrides={})
+    config["tasks"]["categories"] = ["woven"]
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["benchmark", "--config", str(path), "--output", str(tmp_path / "cli")]) == 0
+    assert "| Patchcore | finetune |" in capsys.readouterr().out
+    assert [row["row"] for row in read_csv(tmp_path / "cli" / "benchmark.csv")] == ["patchcore/finetune"]
+
+
+def test_cli_without_tasks_fails_clearly(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        run_benchmark_cli(["--output", str(tmp_path)])
+    with pytest.raises(ValueError, match="No tasks"):
+        run_benchmark({"output": str(tmp_path)})
+
+
+def test_fastflow_extension_accepts_other_backbones() -> None:
+    with pytest.raises(ValueError, match="not supported"):
+        Fastflow(backbone="tf_efficientnet_lite0", pre_trained=False, visualizer=False)
+    model = TimmFastflow(backbone="resnet18", layers=("layer1", "layer2"), pre_trained=False, image_size=64)
+    assert isinstance(model, Fastflow)
+    assert model.trainer_arguments["max_epochs"] == 100
+    model.model.train()
+    hidden, log_jacobians = model.model(torch.rand(2, 3, 64, 64))
+    assert [h.shape[1] for h in hidden] == [64, 128]
+    assert torch.isfinite(model.loss(hidden, log_jacobians))
+    model.model.eval()
+    predictions = model.model(torch.rand(2, 3, 64, 64))
+    assert predictions.anomaly_map.shape == (2, 1, 64, 64)
+
+
+def test_patchcore_uses_the_plugin_backbone() -> None:
+    model = TimmPatchcore(backbone="resnet18", layers=("layer2",), pre_trained=False, image_size=64)
+    assert not any(p.requires_grad for p in model.model.feature_extractor.parameters())
+    with pytest.raises(ValueError, match="Unknown timm backbone"):
+        TimmPatchcore(backbone="no_such_backbone", layers=("layer2",), pre_trained=False)
+
+
+def test_elpv_folder_layout(tmp_path: Path) -> None:
+    kwargs = {"n_train": 5, "n_test_good": 3, "n_test_defect": 4, "num_workers": 0, "eval_batch_size": 8}
+    datamodule = ELPV(root=tmp_path, category="poly", **kwargs)
+    datamodule.prepare_data()
+    datamodule.setup()
+    assert len(datamodule.train_data) == 5
+    labels = datamodule.test_data.samples["label_index"].tolist()
+    assert sorted(labels) == [0, 0, 0, 1, 1, 1, 1]
+    assert datamodule.test_data.task.value == "classification"  # image-level labels only
+    batch = next(iter(datamodule.test_dataloader()))
+    assert batch.image.shape[1] == 3  # grayscale cells come out as RGB
+    files = sorted(p.name for p in (tmp_path / "poly").rglob("*.png"))
+    again = ELPV(root=tmp_path / "again", category="poly", **kwargs)
+    again.prepare_data()
+    assert files == sorted(p.name for p in (tmp_path / "again" / "poly").rglob("*.png"))  # deterministic
+    # Good cells have defect probability 0, defective ones >= 2/3 in the package's labels.
+    probability = {
+        Path(line.split()[0]).name: float(line.split()[1])
+        for line in (elpv_data_dir() / "labels.csv").read_text().splitlines()
+        if line.strip()
+    }
+    assert all(probability[p.name] == 0 for p in (tmp_path / "poly" / "train" / "good").iterdir())
+    assert all(probability[p.name] >= 2 / 3 for p in (tmp_path / "poly" / "test" / "defect").iterdir())
+    with pytest.raises(ValueError, match="Unknown ELPV category"):
+        ELPV(root=tmp_path, category="thin_film")
+
+
+def _tiny_anomalib_config(root: Path, path: Path, models: list[str]) -> Path:
+    """The shipped anomalib_single_task.yaml, on one tiny generated category and tiny models."""
+    from anomalib_moleflow.data.synthetic import SyntheticConfig, generate_dataset
+
+    generate_dataset(root, ["woven"], SyntheticConfig(image_size=64, n_train=6, n_test_good=4, n_test_defect=1))
+    config = yaml.safe_load((REPO / "configs" / "benchmark" / "anomalib_single_task.yaml").read_text())
+    data = config["benchmark"]["data"]["init_args"]
+    data.update(root=str(root), category={"grid": ["woven"]}, train_batch_size=4, eval_batch_size=8)
+    grid = []
+    for model in config["benchmark"]["model"]["grid"]:
+        name = model["class_path"].rpartition(".")[2]
+        if name not in models:
+            continue
+        if name == "MoleFlow":
+            model["init_args"].update(image_size=64, embed_dim=32, num_coupling_layers=2, dia_blocks=1, lora_rank=4)
+            model["init_args"]["max_epochs"] = 1
+        if name == "Patchcore":
+            model["init_args"]["coreset_sampling_ratio"] = 0.01
+        if name == "TimmFastflow":
+            model["init_args"].update(flow_steps=2, image_size=64, max_epochs=1)
+        grid.append(model)
+    config["benchmark"]["model"]["grid"] = grid
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_anomalib_benchmark_pipeline_runs_moleflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """anomalib's own pipeline (what `anomalib benchmark --config` runs), unchanged, with MoleFlow."""
+    from anomalib.pipelines import Benchmark
+
+    monkeypatch.chdir(tmp_path)
+    config = _tiny_anomalib_config(tmp_path / "data", tmp_path / "bench.yaml", ["MoleFlow"])
+    Benchmark().run(Namespace(config=str(config)))
+    results = list((tmp_path / "runs" / "benchmark").glob("*/results.csv"))
+    log = tmp_path / "runs" / "pipeline.log"
+    assert results, log.read_text()[-3000:] if log.exists() else "no results"
+    rows = read_csv(results[0])
+    assert [row["model.class_path"] for row in rows] == ["anomalib_moleflow.MoleFlow"]
+    assert 0.0 <= float(rows[0]["image_AUROC"]) <= 1.0
+
+
+def test_anomalib_benchmark_cli_with_baselines(tmp_path: Path) -> None:
+    """`anomalib benchmark --config` itself: MoleFlow beside Patchcore and Fastflow in one table."""
+    import shutil
+    import subprocess
+
+    config = _tiny_anomalib_config(
+        tmp_path / "data", tmp_path / "bench.yaml", ["MoleFlow", "Patchcore", "TimmFastflow"]
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [shutil.which("anomalib"), "benchmark", "--config", str(config)]
+    completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = list((tmp_path / "runs" / "benchmark").glob("*/results.csv"))
+    log = tmp_path / "runs" / "pipeline.log"
+    assert results, log.read_text()[-3000:] if log.exists() else completed.stderr[-3000:]
+    rows = read_csv(results[0])
+    assert [row["model.class_path"] for row in rows] == [
+        "anomalib_moleflow.MoleFlow",
+        "Patchcore",
+        "anomalib_moleflow.baselines.TimmFastflow",
+    ]
+    assert all(0.0 <= float(row["image_AUROC"]) <= 1.0 for row in rows)
+    assert [bool(row["model.init_args.embed_dim"]) for row in rows] == [True, False, False]  # union of the keys
