@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-import operator
+import copy
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
+from anomalib import TaskType
 from anomalib.data import AnomalibDataModule, MVTecAD
 
 from .synthetic import DEMO_CATEGORIES, SyntheticConfig, generate_category
@@ -56,11 +58,22 @@ class SyntheticMVTecAD(MVTecAD):
         generate_category(self.root, self.category, self.synthetic_config)
 
 
-class TaskGroup(AnomalibDataModule):
-    """Several datamodules learned and tested as one task (e.g. two MVTec AD categories).
+def _concat(datasets: Sequence[Any], task: TaskType) -> Any:
+    """One anomalib dataset holding the samples of ``datasets``, which may be of different dataset classes.
 
-    The members' train and test sets are concatenated (anomalib datasets of the same type add up); validation
-    uses the test set, like MVTecAD.
+    anomalib's ``dataset + dataset`` only accepts one class, so the samples tables are concatenated directly.
+    """
+    joint = copy.deepcopy(datasets[0])
+    joint.samples = pd.concat([dataset.samples for dataset in datasets], ignore_index=True)
+    joint.samples.attrs["task"] = task.value
+    return joint
+
+
+class TaskGroup(AnomalibDataModule):
+    """Several datamodules learned and tested as one task (e.g. two MVTec AD categories, or ELPV and MVTec AD).
+
+    The members' train and test sets are concatenated; validation uses the test set, like MVTecAD. When some
+    members have no masks, the group is evaluated at image level.
 
     Args:
         name: The task's name.
@@ -70,10 +83,6 @@ class TaskGroup(AnomalibDataModule):
     def __init__(self, name: str, datamodules: Sequence[AnomalibDataModule]) -> None:
         if not datamodules:
             msg = f"Task group '{name}' has no datamodule."
-            raise ValueError(msg)
-        kinds = {type(dm) for dm in datamodules}
-        if len(kinds) > 1:
-            msg = f"Task group '{name}' mixes datamodule types {sorted(k.__name__ for k in kinds)}; use one type."
             raise ValueError(msg)
         first = datamodules[0]
         super().__init__(
@@ -101,5 +110,7 @@ class TaskGroup(AnomalibDataModule):
     def _setup(self, _stage: str | None = None) -> None:
         for datamodule in self.members:
             datamodule.setup()
-        self.train_data = functools.reduce(operator.add, [dm.train_data for dm in self.members])
-        self.test_data = functools.reduce(operator.add, [dm.test_data for dm in self.members])
+        tasks = {datamodule.test_data.task for datamodule in self.members}
+        task = tasks.pop() if len(tasks) == 1 else TaskType.CLASSIFICATION
+        self.train_data = _concat([datamodule.train_data for datamodule in self.members], task)
+        self.test_data = _concat([datamodule.test_data for datamodule in self.members], task)
