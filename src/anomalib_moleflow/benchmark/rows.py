@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib.callbacks import ModelCheckpoint
 from anomalib.data import AnomalibDataModule
 from anomalib.engine import Engine
 from anomalib.models.components import AnomalibModule
@@ -33,6 +32,7 @@ from lightning.pytorch import seed_everything
 
 from anomalib_moleflow.baselines import RoutedExperts, TaskRouter, TimmFastflow, TimmPatchcore, non_backbone_size
 from anomalib_moleflow.continual import METRICS, ContinualEngine, Task
+from anomalib_moleflow.continual.engine import task_engine
 from anomalib_moleflow.continual.results import _clean
 from anomalib_moleflow.models import MoleFlow
 
@@ -96,16 +96,8 @@ def no_routing(n: int) -> list[list[float | None]]:
 
 
 def _engine(ctx: RowContext, folder: Path) -> Engine:
-    # save_top_k=0 replaces anomalib's default checkpoint callback: rows keep their models in memory only.
-    return Engine(
-        default_root_dir=folder,
-        logger=False,
-        accelerator=ctx.accelerator,
-        devices=ctx.devices,
-        enable_progress_bar=ctx.progress_bar,
-        enable_model_summary=False,
-        callbacks=[ModelCheckpoint(save_top_k=0)],
-    )
+    # Rows keep their models in memory only.
+    return task_engine(folder, ctx.accelerator, ctx.devices, ctx.progress_bar, enable_model_summary=False)
 
 
 def fit_task(ctx: RowContext, model: AnomalibModule, datamodule: AnomalibDataModule, folder: Path) -> float:

@@ -76,6 +76,28 @@ def _members(datamodule: AnomalibDataModule) -> list[AnomalibDataModule]:
     return datamodule.members if isinstance(datamodule, TaskGroup) else [datamodule]
 
 
+def task_engine(
+    root_dir: Path,
+    accelerator: str,
+    devices: int | str,
+    enable_progress_bar: bool,
+    **trainer_kwargs: Any,
+) -> Engine:
+    """A fresh anomalib ``Engine`` for one fit or test (a second ``fit`` on the same Engine does nothing).
+
+    ``save_top_k=0`` replaces anomalib's default ModelCheckpoint: callers keep or save the model themselves.
+    """
+    return Engine(
+        default_root_dir=root_dir,
+        logger=False,
+        accelerator=accelerator,
+        devices=devices,
+        enable_progress_bar=enable_progress_bar,
+        callbacks=[ModelCheckpoint(save_top_k=0)],
+        **trainer_kwargs,
+    )
+
+
 class ContinualEngine:
     """Run MoLE-Flow (or any strategy of it) over a task sequence, like the study's protocol.
 
@@ -118,16 +140,7 @@ class ContinualEngine:
 
     # ---------------------------------------------------------------- helpers
     def _engine(self, task_dir: Path) -> Engine:
-        # save_top_k=0 replaces anomalib's default per-task ModelCheckpoint: the continual engine writes one
-        # atomic checkpoint itself after every task.
-        return Engine(
-            default_root_dir=task_dir,
-            logger=False,
-            accelerator=self.accelerator,
-            devices=self.devices,
-            enable_progress_bar=self.enable_progress_bar,
-            callbacks=[ModelCheckpoint(save_top_k=0)],
-        )
+        return task_engine(task_dir, self.accelerator, self.devices, self.enable_progress_bar)
 
     def _model_config(self, model: MoleFlow) -> dict[str, Any]:
         return {key: value for key, value in dict(model.hparams).items() if not key.startswith("_")}
