@@ -13,6 +13,7 @@ from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 
 from anomalib_moleflow import MoleFlow
+from anomalib_moleflow.models.moleflow.post_processor import STAT_COLUMNS
 
 from conftest import TINY_CATEGORIES, TINY_MODEL_KWARGS
 
@@ -38,18 +39,43 @@ def test_engine_fit_validate_test_predict_and_train_from_checkpoint(tiny_mvtec_r
     assert checkpoint
     assert Path(checkpoint).exists()
 
+    # Validation computes the task's thresholds and min/max: wipe them, then validate in a new Engine.
+    fitted_stats = model.post_processor.task_stats.clone()
+    assert fitted_stats.shape == (1, len(STAT_COLUMNS))
+    assert torch.isfinite(fitted_stats).all()
+    model.post_processor.task_stats.fill_(float("nan"))
     validated = _engine(tmp_path / "b").validate(model, datamodule=_datamodule(tiny_mvtec_root, category))
-    assert validated is not None
+    assert isinstance(validated, list)
+    assert len(validated) == 1  # one validation dataloader
+    stats = model.post_processor.stats_of(0)
+    torch.testing.assert_close(model.post_processor.task_stats, fitted_stats)  # same data: same statistics again
+    assert stats["image_min"] <= stats["image_threshold"] <= stats["image_max"]
+    assert stats["pixel_min"] <= stats["pixel_threshold"] <= stats["pixel_max"]
+    assert stats["image_min"] < stats["image_max"]
 
     tested = _engine(tmp_path / "c").test(model, datamodule=_datamodule(tiny_mvtec_root, category))
     assert set(tested[0]) >= METRIC_KEYS
+    assert all(0.0 <= tested[0][key] <= 1.0 for key in METRIC_KEYS), tested[0]
 
     predictions = _engine(tmp_path / "d").predict(model, datamodule=_datamodule(tiny_mvtec_root, category))
     batch = predictions[0]
     assert batch.pred_score.shape[0] == batch.image.shape[0]
     assert batch.anomaly_map.shape[-2:] == (TINY_MODEL_KWARGS["image_size"],) * 2
-    assert batch.pred_label is not None
     assert torch.all((batch.pred_score >= 0) & (batch.pred_score <= 1))  # normalised with the task's statistics
+    # The label is the normalised score against anomalib's normalised threshold (0.5) ...
+    assert batch.pred_label.dtype == torch.bool
+    assert batch.pred_label.shape == batch.pred_score.shape
+    threshold = model.post_processor.normalized_image_threshold.item()
+    assert threshold == pytest.approx(0.5)
+    assert torch.equal(batch.pred_label, batch.pred_score > threshold)
+    # ... which is the raw score against the task's own (un-normalised) image threshold.
+    model.eval()
+    with torch.no_grad():
+        raw, task_ids = model.model.predict(batch.image)  # batch.image is already pre-processed
+    assert task_ids.tolist() == [0] * batch.image.shape[0]
+    assert torch.equal(batch.pred_label, raw.pred_score > model.post_processor.stats_of(0)["image_threshold"])
+    assert batch.pred_mask.dtype == torch.bool
+    assert batch.pred_mask.shape == batch.anomaly_map.shape
 
     # Train-from-checkpoint: a new model and Engine continue training the same task for one more epoch.
     seed_everything(0)

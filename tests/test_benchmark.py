@@ -14,11 +14,11 @@ from anomalib.models import Fastflow
 from jsonargparse import Namespace
 
 from anomalib_moleflow.baselines import TimmFastflow, TimmPatchcore
-from anomalib_moleflow.benchmark import ROWS, RowSpec, benchmark_parser, run_benchmark, run_benchmark_cli
+from anomalib_moleflow.benchmark import ROWS, RowSpec, benchmark_parser, run_benchmark
 from anomalib_moleflow.benchmark.config import parse_rows
-from anomalib_moleflow.continual import METRICS
-from anomalib_moleflow.continual.results import read_csv
 from anomalib_moleflow.data.elpv import ELPV, elpv_data_dir
+from anomalib_moleflow.metrics import METRICS
+from anomalib_moleflow.reports import read_csv
 
 REPO = Path(__file__).resolve().parents[1]
 BROKEN = "patchcore/joint#broken"
@@ -204,9 +204,13 @@ def test_cli_runs_a_yaml_config(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert [row["row"] for row in read_csv(tmp_path / "cli" / "benchmark.csv")] == ["patchcore/finetune"]
 
 
-def test_cli_without_tasks_fails_clearly(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit):
-        run_benchmark_cli(["--output", str(tmp_path)])
+def test_cli_without_tasks_fails_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from anomalib_moleflow.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["benchmark", "--output", str(tmp_path)])
+    assert exit_info.value.code == 1
+    assert "No tasks" in capsys.readouterr().err
     with pytest.raises(ValueError, match="No tasks"):
         run_benchmark({"output": str(tmp_path)})
 
@@ -302,8 +306,22 @@ def test_anomalib_benchmark_pipeline_runs_moleflow(tmp_path: Path, monkeypatch: 
     assert 0.0 <= float(rows[0]["image_AUROC"]) <= 1.0
 
 
+def test_plain_anomalib_collect_still_needs_equal_keys() -> None:
+    """anomalib stays as shipped after importing the plugin; our pipeline's table takes the union of the keys."""
+    from anomalib.pipelines.benchmark.job import BenchmarkJob as AnomalibJob
+
+    from anomalib_moleflow.benchmark.anomalib_pipeline import BenchmarkJob
+
+    results = [{"model": "a", "embed_dim": 8}, {"model": "b", "extra": 1}]
+    with pytest.raises(KeyError):
+        AnomalibJob.collect(results)
+    table = BenchmarkJob.collect(results)
+    assert list(table.columns) == ["model", "embed_dim", "extra"]
+    assert table["model"].tolist() == ["a", "b"]
+
+
 def test_anomalib_benchmark_cli_with_baselines(tmp_path: Path) -> None:
-    """`anomalib benchmark --config` itself: MoleFlow beside Patchcore and Fastflow in one table."""
+    """`moleflow anomalib benchmark --config`: anomalib's CLI, MoleFlow beside Patchcore and Fastflow in one table."""
     import shutil
     import subprocess
 
@@ -311,7 +329,7 @@ def test_anomalib_benchmark_cli_with_baselines(tmp_path: Path) -> None:
         tmp_path / "data", tmp_path / "bench.yaml", ["MoleFlow", "Patchcore", "TimmFastflow"]
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [shutil.which("anomalib"), "benchmark", "--config", str(config)]
+    command = [shutil.which("moleflow"), "anomalib", "benchmark", "--config", str(config)]
     completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = list((tmp_path / "runs" / "benchmark").glob("*/results.csv"))

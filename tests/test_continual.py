@@ -13,8 +13,9 @@ from anomalib.data import MVTecAD
 from lightning.pytorch import seed_everything
 
 from anomalib_moleflow import MoleFlow
-from anomalib_moleflow.continual import METRICS, ContinualEngine
 from anomalib_moleflow.data import DatasetError, TaskGroup
+from anomalib_moleflow.engine import ContinualEngine
+from anomalib_moleflow.metrics import METRICS
 
 from conftest import TINY_CATEGORIES, TINY_MODEL_KWARGS
 
@@ -121,7 +122,7 @@ def test_resume_after_interruption_equals_uninterrupted(
 def test_resume_with_other_config_is_refused(frozen_run: tuple[dict, Path], tiny_mvtec_root: Path) -> None:
     _, output = frozen_run
     before = (output / "model.ckpt").read_bytes()
-    with pytest.raises(ValueError, match="another model configuration"):
+    with pytest.raises(ValueError, match=r"other settings \(model differ\)"):
         _engine(output, resume=True).run(_model(lora_rank=8), _tasks(tiny_mvtec_root))
     assert (output / "model.ckpt").read_bytes() == before
 
@@ -177,11 +178,12 @@ def test_cli_runs_reduced_demo_config(tmp_path: Path) -> None:
     config_path.write_text(yaml.safe_dump(demo))
     command = [
         sys.executable, "-m", "anomalib_moleflow.cli.main", "continual", "--config", str(config_path),
-        "--output", str(tmp_path / "out"), "--progress_bar", "false", "--no_lora",
+        "--output", str(tmp_path / "out"), "--progress_bar", "false", "--no_lora", "--routing", "oracle",
     ]  # fmt: skip
     completed = subprocess.run(command, check=True, capture_output=True, text=True, cwd=tmp_path)
     assert "| **mean** |" in completed.stdout
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["config"]["model"]["use_lora"] is False
     assert results["config"]["model"]["backbone"] == "tf_efficientnet_lite0"
+    assert results["config"]["routing"] == "oracle"  # the engine's routing: the flag reaches the strategy
     assert len(results["tasks"]) == 3

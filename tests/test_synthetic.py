@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from anomalib_moleflow.data.checks import DatasetError
+from anomalib_moleflow.data.files import ForeignFolderError
 from anomalib_moleflow.data.synthetic import (
     DEFECT_TYPES,
     DEMO_CATEGORIES,
@@ -18,7 +20,6 @@ from anomalib_moleflow.data.synthetic import (
     SyntheticConfig,
     generate_category,
     generate_dataset,
-    main,
     render_sample,
 )
 
@@ -200,13 +201,34 @@ def test_changed_config_regenerates(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["screw"]
 
 
-def test_folder_without_marker_is_replaced(tmp_path: Path) -> None:
+def test_folder_without_marker_is_left_untouched(tmp_path: Path) -> None:
+    # A folder named like a category but not made by the generator (e.g. a real MVTec AD category) is never replaced.
     config = SyntheticConfig(image_size=32, n_train=1, n_test_good=1, n_test_defect=1)
-    (tmp_path / "marble" / "train" / "good").mkdir(parents=True)
-    (tmp_path / "marble" / "train" / "good" / "999.png").write_bytes(b"not a png")
-    folder = generate_category(tmp_path, "marble", config)
-    assert [p.name for p in (folder / "train" / "good").iterdir()] == ["000.png"]
-    assert (folder / MARKER_NAME).is_file()
+    user_file = tmp_path / "marble" / "train" / "good" / "999.png"
+    user_file.parent.mkdir(parents=True)
+    user_file.write_bytes(b"the user's image")
+    with pytest.raises(ForeignFolderError, match="marble") as info:
+        generate_category(tmp_path, "marble", config)
+    assert isinstance(info.value, FileExistsError)
+    assert isinstance(info.value, DatasetError)
+    assert str(tmp_path / "marble") in str(info.value)
+    assert "root" in str(info.value)
+    assert user_file.read_bytes() == b"the user's image"
+    assert [p.relative_to(tmp_path) for p in sorted(tmp_path.rglob("*"))] == [
+        Path("marble"),
+        Path("marble/train"),
+        Path("marble/train/good"),
+        Path("marble/train/good/999.png"),
+    ]
+
+
+def test_generate_dataset_checks_every_folder_before_writing(tmp_path: Path) -> None:
+    (tmp_path / "screw").mkdir()
+    (tmp_path / "screw" / "notes.txt").write_text("mine")
+    with pytest.raises(ForeignFolderError, match="screw"):
+        generate_dataset(tmp_path, ["wood", "screw"], SMALL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["screw"]  # "wood" was not written either
+    assert (tmp_path / "screw" / "notes.txt").read_text() == "mine"
 
 
 def test_unknown_category(tmp_path: Path) -> None:
@@ -253,13 +275,37 @@ def test_anomalib_can_load_the_dataset(dataset_root: Path) -> None:
     assert bool(item.gt_mask.any())
 
 
+def main(argv: list[str]) -> int:
+    """``moleflow generate-demo ARGV``."""
+    from anomalib_moleflow.cli.main import main as moleflow
+
+    return moleflow(["generate-demo", *argv])
+
+
 def test_main(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = [str(tmp_path), "--categories", "wood", "pill", "--image-size", "32", "--n-train", "2", "--seed", "5"]
+    argv = [str(tmp_path), "--categories", "[wood, pill]", "--image_size", "32", "--n_train", "2", "--seed", "5"]
     assert main(argv) == 0
     assert "wood" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pill", "wood"]
     marker = json.loads((tmp_path / "wood" / MARKER_NAME).read_text())
     assert marker["config"]["seed"] == 5
     assert marker["config"]["n_train"] == 2
-    with pytest.raises(SystemExit):
-        main([str(tmp_path), "--image-size", "8"])
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path), "--image_size", "8"])
+    assert info.value.code == 1
+    assert "image_size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path), "--image-size", "32"])  # flags are spelled with underscores
+    assert info.value.code == 2
+    assert "moleflow" in capsys.readouterr().err
+
+
+def test_main_refuses_foreign_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "pill").mkdir()
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path), "--categories", "[wood, pill]", "--image_size", "32", "--n_train", "1"])
+    assert info.value.code == 1
+    error = capsys.readouterr().err
+    assert str(tmp_path / "pill") in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pill"]
+    assert not any((tmp_path / "pill").iterdir())

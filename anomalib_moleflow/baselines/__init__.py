@@ -1,0 +1,27 @@
+"""anomalib's own baselines (Fastflow, Patchcore) set up for the benchmark, and the router that picks between them.
+
+* :class:`TimmFastflow`: anomalib's ``Fastflow`` extended (by subclassing) to any timm CNN backbone and stages,
+  including ``tf_efficientnet_lite0`` with its offline ImageNet weights;
+* :class:`TimmPatchcore`: anomalib's ``Patchcore`` whose backbone weights come from the same place as MoLE-Flow's;
+* :class:`TaskRouter` and :class:`RoutedExperts`: one model per task, and MoLE-Flow's Mahalanobis router choosing
+  which model scores each image.
+
+All of them evaluate with the package's metrics (image/pixel AUROC and AUPR, pixel AUPRO), see
+:func:`anomalib_moleflow.metrics.default_evaluator`.
+"""
+
+from .common import non_backbone_size, tensor_size
+from .fastflow import TimmFastflow, TimmFastflowModel
+from .patchcore import TimmPatchcore
+from .routing import RoutedExperts, RoutedModels, TaskRouter
+
+__all__ = [
+    "RoutedExperts",
+    "RoutedModels",
+    "TaskRouter",
+    "TimmFastflow",
+    "TimmFastflowModel",
+    "TimmPatchcore",
+    "non_backbone_size",
+    "tensor_size",
+]

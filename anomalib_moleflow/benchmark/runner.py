@@ -1,0 +1,235 @@
+"""``run_benchmark``: every row on the same tasks, each row's failure contained, one report at the end."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib.models.components import AnomalibModule
+from jsonargparse import ArgumentParser, Namespace
+
+from anomalib_moleflow.baselines import TimmFastflow, TimmPatchcore
+from anomalib_moleflow.data import Task, build_tasks, check_datamodule
+from anomalib_moleflow.engine import (
+    ContinualEngine,
+    FinetuneStrategy,
+    JointStrategy,
+    MoleFlowStrategy,
+    SeparateStrategy,
+    Strategy,
+)
+from anomalib_moleflow.io import atomic_write_text
+from anomalib_moleflow.metrics import METRICS
+from anomalib_moleflow.models import MoleFlow
+from anomalib_moleflow.reports import COLUMNS, summarize, write_report
+from anomalib_moleflow.runtime import torch_threads
+
+from .config import SHARED_KEYS, RowSpec, benchmark_parser, parse_rows
+from .measure import PeakMemory, inference_ms_per_image, release_large_frees, resolve_device, sample_images
+
+logger = logging.getLogger(__name__)
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    return value.as_dict() if isinstance(value, Namespace) else dict(value or {})
+
+
+def row_settings(config: Namespace, row: RowSpec) -> dict[str, Any]:
+    """The row's model arguments: shared settings, its model's section, then overrides (model, row, labelled row)."""
+    settings = {key: config[key] for key in SHARED_KEYS}
+    settings.update(_as_dict(config[row.model]))
+    for key in (row.model, row.base, row.name):
+        settings.update(config.overrides.get(key, {}) if key in config.overrides else {})
+    settings["layers"] = tuple(settings["layers"])
+    return settings
+
+
+def router_settings(config: Namespace) -> dict[str, Any]:
+    """MoLE-Flow's router settings (backbone, stages, embedding size, ridge), for the ``separate`` rows."""
+    moleflow = row_settings(config, RowSpec.parse("moleflow"))
+    return {
+        "backbone": moleflow["backbone"],
+        "layers": moleflow["layers"],
+        "pre_trained": moleflow["pre_trained"],
+        "embed_dim": moleflow["embed_dim"],
+        "eps": moleflow["router_eps"],
+    }
+
+
+def make_strategy(config: Namespace, row: RowSpec, tasks: list[Task], device: torch.device) -> Strategy:
+    """The row's strategy: MoLE-Flow, or an anomalib baseline in its regime."""
+    settings = row_settings(config, row)
+    if row.model == "moleflow":
+        return MoleFlowStrategy(MoleFlow(**settings, visualizer=False))
+    cls = {"fastflow": TimmFastflow, "patchcore": TimmPatchcore}[row.model]
+
+    def make() -> AnomalibModule:
+        return cls(**settings, visualizer=False)
+
+    if row.regime == "finetune":
+        return FinetuneStrategy(make, row.model)
+    if row.regime == "separate":
+        return SeparateStrategy(make, row.model, router_settings(config), device)
+    return JointStrategy(make, row.model, tasks)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _record(row: RowSpec, results: dict[str, Any]) -> dict[str, Any]:
+    """The table row (and its details) from a row's continual results.
+
+    Raises:
+        FloatingPointError: If image AUROC is undefined on a task (non-finite scores).
+    """
+    tasks = results["tasks"]
+    summary = summarize(tasks, results["matrix"], results["routing_matrix"])
+    undefined = [name for name in tasks if summary["per_task_final"][name]["image_AUROC"] is None]
+    if undefined:
+        msg = f"Image AUROC is undefined on {undefined}: the scores are not finite (diverged model?)."
+        raise FloatingPointError(msg)
+    final = summary["final"]
+    per_task = results["params"]["per_task"]
+    return {
+        "row": row.name,
+        "model": row.model,
+        "regime": row.regime,
+        "status": "ok",
+        "reason": None,
+        **{metric: final[metric] for metric in METRICS},
+        "forgetting": summary["forgetting"]["image_AUROC"],
+        "routing_accuracy": summary["routing_accuracy"]["overall"],
+        "params_per_task": _mean([float(t["params"]) for t in per_task]),
+        "bytes_per_task": _mean([float(t["bytes"]) for t in per_task]),
+        "train_time_s": sum(results["timing"]["fit_s"].values()),
+        "details": {
+            "matrix": results["matrix"],
+            "routing_matrix": results["routing_matrix"],
+            "per_task_final": summary["per_task_final"],
+            "forgetting": summary["forgetting"],
+            "bwt": summary["bwt"],
+            "routing_accuracy": summary["routing_accuracy"],
+            "per_task": per_task,
+            "fit_s": results["timing"]["fit_s"],
+            "params": results["params"],
+        },
+    }
+
+
+def _failed(row: RowSpec, reason: str) -> dict[str, Any]:
+    record: dict[str, Any] = dict.fromkeys(COLUMNS)
+    record.update({"row": row.name, "model": row.model, "regime": row.regime, "status": "failed", "reason": reason})
+    return record
+
+
+def run_benchmark(config: Mapping[str, Any] | Namespace) -> dict[str, Any]:
+    """Run every row of ``config`` on the same tasks and write the table and the plot.
+
+    Args:
+        config: The parsed ``moleflow benchmark`` namespace, or a dictionary with the YAML keys (validated and
+            completed with the defaults by the same parser).
+
+    Returns:
+        The report also written to ``OUTPUT/benchmark.json``: ``rows`` (one dictionary per row, columns as in
+        :data:`~anomalib_moleflow.reports.COLUMNS` plus ``details``), ``tasks`` and the resolved config.
+
+    Raises:
+        ValueError: If the config has no tasks or names unknown rows.
+        anomalib_moleflow.data.DatasetError: If a dataset is missing (before any row runs).
+    """
+    parser = benchmark_parser()
+    if not isinstance(config, Namespace):
+        config = parser.parse_object(dict(config))
+    if config.tasks is None:
+        msg = "No tasks: give a `tasks:` section (see configs/benchmark/)."
+        raise ValueError(msg)
+    rows = parse_rows(list(config.rows), dict(config.overrides))
+    release_large_frees()
+    with torch_threads(config.threads):
+        return _run_rows(config, parser, rows)
+
+
+def _run_rows(config: Namespace, parser: ArgumentParser, rows: list[RowSpec]) -> dict[str, Any]:
+    """Build the tasks, run every row (each failure contained), write the report after each row."""
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    tasks: list[Task] = build_tasks(config.tasks)
+    names = [task.name for task in tasks]
+    for task in tasks:
+        for member in task.members:
+            check_datamodule(member)
+    for task in tasks:
+        task.datamodule.prepare_data()
+        task.datamodule.setup()
+    device = resolve_device(config.accelerator)
+    images = sample_images([t.datamodule for t in tasks], config.image_size, config.timing_images)
+    tasks_with_masks = [t.name for t in tasks if t.datamodule.test_data.task.value == "segmentation"]
+    report: dict[str, Any] = {
+        "tasks": names,
+        "tasks_with_masks": tasks_with_masks,
+        "backbone": config.backbone,
+        "layers": list(config.layers),
+        "image_size": config.image_size,
+        "device": str(device),
+        "memory_kind": PeakMemory(device).kind,
+        "columns": COLUMNS,
+        "rows": [],
+        "config": json.loads(parser.dump(config, skip_none=False, format="json")),
+    }
+    for index, row in enumerate(rows):
+        folder = output / "rows" / row.folder
+        (folder / "error.txt").unlink(missing_ok=True)  # from an earlier run into the same folder
+        start = time.perf_counter()
+        strategy: Strategy | None = None
+        meter = PeakMemory(device)
+        try:
+            with meter:
+                strategy = make_strategy(config, row, tasks, device)
+                engine = ContinualEngine(
+                    output_dir=folder,
+                    seed=config.seed,
+                    resume=config.resume,
+                    accelerator=config.accelerator,
+                    devices=config.devices,
+                    enable_progress_bar=config.progress_bar,
+                    overlays_per_task=0,
+                    config={"benchmark": {"row": row.name}},
+                )
+                record = _record(row, engine.run(strategy, tasks))
+                batch = int(getattr(tasks[0].datamodule, "eval_batch_size", 16))
+                record["inference_ms_per_image"] = inference_ms_per_image(
+                    strategy.final_module(), images, batch, device
+                )
+            record["peak_memory_mb"] = meter.peak_mib
+            record["memory_kind"] = meter.kind
+        except Exception as error:
+            reason = f"{type(error).__name__}: {error}".strip()
+            record = _failed(row, reason.splitlines()[0][:300])
+            record["peak_memory_mb"], record["memory_kind"] = meter.peak_mib, meter.kind
+            atomic_write_text(folder / "error.txt", traceback.format_exc())
+            logger.warning("Row %s failed: %s", row.name, reason)
+        finally:
+            del strategy
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        atomic_write_text(folder / "row.json", _dumps(record))
+        report["rows"].append(record)
+        write_report(report, output)  # partial tables survive an interruption
+        status = "ok" if record["status"] == "ok" else f"FAILED ({record['reason']})"
+        quality = "" if record["image_AUROC"] is None else f", img AUROC {100 * record['image_AUROC']:.2f}"
+        seconds = time.perf_counter() - start
+        logger.info("[row %d/%d] %s: %s in %.0fs%s", index + 1, len(rows), row.name, status, seconds, quality)
+    return report
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, indent=2, default=str)

@@ -1,0 +1,210 @@
+"""``moleflow``: ``continual`` (the study's protocol), ``benchmark``, ``generate-demo``, and ``anomalib`` (hand-off).
+
+Options come from the same typed signatures as the Python API (jsonargparse, like anomalib's CLI): every
+``MoleFlow`` argument is ``--model.NAME``, and YAML configs use the same keys. The study's flags are accepted as
+written (``--no_lora``, ``--no_dia``, ``--tail_weight 0``, ``--no_freeze_base``, ``--use_task_separated`` ...).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+#: The study's switches -> (model argument, value).
+STUDY_SWITCHES: dict[str, tuple[str, str]] = {
+    "--no_lora": ("use_lora", "false"),
+    "--no_dia": ("dia_blocks", "0"),
+    "--no_whitening_adapter": ("use_whitening_adapter", "false"),
+    "--no_pos_embedding": ("use_pos_embedding", "false"),
+    "--no_spatial_context": ("spatial_context_kernel", "0"),
+    "--no_scale_context": ("scale_context_kernel", "0"),
+    "--no_freeze_base": ("freeze_base", "false"),
+    "--freeze_base": ("freeze_base", "true"),
+    "--use_task_separated": ("task_separated", "true"),
+}
+_COMPONENT_ARGS = {"pre_processor", "post_processor", "evaluator", "visualizer"}
+_ANOMALIB_HELP = (
+    "moleflow anomalib ARGS...: anomalib's own CLI with the plugin registered, e.g. `moleflow anomalib benchmark "
+    "--config FILE` (its table accepts models reporting different metrics) or `moleflow anomalib train --model "
+    "anomalib_moleflow.MoleFlow ...`."
+)
+
+
+def model_argument_names() -> list[str]:
+    """Names of ``MoleFlow``'s own constructor arguments (the ones the study's ``--NAME VALUE`` flags address)."""
+    from anomalib_moleflow.models import MoleFlow
+
+    parameters = inspect.signature(MoleFlow.__init__).parameters
+    return [name for name in parameters if name not in {"self", *_COMPONENT_ARGS}]
+
+
+def translate_study_flags(argv: Sequence[str], model_args: Sequence[str]) -> list[str]:
+    """Rewrite the study's flags into ``--model.NAME VALUE`` form; everything else passes through."""
+    out: list[str] = []
+    for arg in argv:
+        name, sep, value = arg.partition("=")
+        if name in STUDY_SWITCHES and not sep:
+            key, switch_value = STUDY_SWITCHES[name]
+            out += [f"--model.{key}", switch_value]
+        elif name.startswith("--") and name[2:] in model_args:
+            out.append(f"--model.{name[2:]}{sep}{value}")
+        else:
+            out.append(arg)
+    return out
+
+
+def continual_parser() -> ArgumentParser:
+    """Parser of ``moleflow continual``."""
+    from anomalib_moleflow.models import MoleFlow
+
+    parser = ArgumentParser(description="Learn a task sequence with MoLE-Flow and report the study's metrics.")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (same keys as the options).")
+    parser.add_argument("--output", type=str, default="results/continual", help="Output folder.")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--routing",
+        type=Literal["router", "oracle"],
+        default="router",
+        help="router: the model picks each test image's task; oracle: the true task (ablations).",
+    )
+    parser.add_argument("--resume", type=bool, default=False, help="Continue after the last finished task.")
+    parser.add_argument("--stop_after", type=int | None, default=None, help="Stop after this many tasks.")
+    parser.add_argument("--from_checkpoint", type=str | None, default=None, help="Start from a saved model.")
+    parser.add_argument("--accelerator", type=str, default="auto")
+    parser.add_argument("--devices", type=int | str, default=1)
+    parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (default: automatic).")
+    parser.add_argument("--progress_bar", type=bool, default=True)
+    parser.add_argument("--overlays_per_task", type=int, default=4)
+    parser.add_class_arguments(MoleFlow, "model", skip=_COMPONENT_ARGS)
+    parser.add_argument("--tasks", type=dict | list | None, default=None, help="{dataset: {...}, categories: [...]}")
+    return parser
+
+
+def generate_demo_parser() -> ArgumentParser:
+    """Parser of ``moleflow generate-demo``."""
+    from anomalib_moleflow.data.synthetic import generate_demo
+
+    parser = ArgumentParser(description="Generate the offline demo dataset (MVTec AD layout, images and masks).")
+    parser.add_function_arguments(generate_demo, as_positional=True)
+    return parser
+
+
+def build_parser() -> ArgumentParser:
+    """The ``moleflow`` parser with its subcommands."""
+    from anomalib_moleflow.benchmark import benchmark_parser
+
+    parser = ArgumentParser(
+        prog="moleflow",
+        description="MoLE-Flow: continual anomaly detection as an anomalib plugin.",
+        epilog=_ANOMALIB_HELP,
+    )
+    subcommands = parser.add_subcommands(dest="command")
+    subcommands.add_subcommand("continual", continual_parser(), help="Learn a task sequence and report.")
+    subcommands.add_subcommand(
+        "benchmark", benchmark_parser(), help="MoLE-Flow vs anomalib's Fastflow and Patchcore on the same tasks."
+    )
+    subcommands.add_subcommand("generate-demo", generate_demo_parser(), help="Generate the offline demo dataset.")
+    return parser
+
+
+def run_continual(config: Namespace) -> dict[str, Any]:
+    """Run ``moleflow continual`` from its parsed options; returns the results."""
+    from lightning.pytorch import seed_everything
+
+    from anomalib_moleflow.data import build_tasks
+    from anomalib_moleflow.engine import ContinualEngine, MoleFlowStrategy
+    from anomalib_moleflow.models import MoleFlow
+
+    if config.tasks is None:
+        msg = "No tasks: pass --config with a `tasks:` section (see configs/continual/)."
+        raise ValueError(msg)
+    seed_everything(config.seed, verbose=False)
+    if config.from_checkpoint:
+        model = MoleFlow.load_from_checkpoint(config.from_checkpoint, visualizer=False)
+    else:
+        model = MoleFlow(**config.model.as_dict(), visualizer=False)
+    engine = ContinualEngine(
+        output_dir=config.output,
+        seed=config.seed,
+        resume=config.resume,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        enable_progress_bar=config.progress_bar,
+        overlays_per_task=config.overlays_per_task,
+        config={"cli": config.as_dict()},
+    )
+    return engine.run(MoleFlowStrategy(model, config.routing), build_tasks(config.tasks), stop_after=config.stop_after)
+
+
+def run_anomalib(argv: Sequence[str]) -> None:
+    """anomalib's CLI in this process, with the plugin registered and :mod:`anomalib_moleflow.benchmark`'s pipeline.
+
+    ``anomalib benchmark`` only loads models from anomalib's own namespaces, and its results table fails when the
+    models report different metrics; here both work. anomalib itself is left as shipped for every other program.
+    """
+    from anomalib.cli import cli as anomalib_cli
+    from anomalib.cli.pipelines import PIPELINE_REGISTRY
+
+    import anomalib_moleflow  # noqa: F401  (registers the plugin with anomalib)
+    from anomalib_moleflow.benchmark.anomalib_pipeline import Benchmark
+
+    if PIPELINE_REGISTRY is not None:
+        PIPELINE_REGISTRY["benchmark"] = Benchmark
+    anomalib_cli.AnomalibCLI(args=list(argv))
+
+
+def _quiet_third_party() -> None:
+    """Keep the libraries' import-time deprecation notices and CUDA probing out of our commands' output."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``moleflow`` command."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    _quiet_third_party()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("anomalib_moleflow").setLevel(logging.INFO)
+    if args[:1] == ["anomalib"]:
+        run_anomalib(args[1:])
+        return 0
+    if args[:1] == ["continual"]:
+        args = ["continual", *translate_study_flags(args[1:], model_argument_names())]
+    from anomalib_moleflow.data import DatasetError
+
+    parser = build_parser()
+    config = parser.parse_args(args)
+    command = config.command
+    options = config[command]
+    try:
+        if command == "continual":
+            from anomalib_moleflow.runtime import torch_threads
+
+            with torch_threads(options.threads):
+                run_continual(options)
+            sys.stdout.write((Path(options.output) / "results.md").read_text())
+        elif command == "benchmark":
+            from anomalib_moleflow.benchmark import run_benchmark
+
+            run_benchmark(options)
+            sys.stdout.write((Path(options.output) / "benchmark.md").read_text())
+        else:
+            from anomalib_moleflow.data.synthetic import generate_demo
+
+            folders = generate_demo(**options.as_dict())
+            sys.stdout.write("".join(f"{folder}\n" for folder in folders))
+    except (ValueError, FileExistsError, FileNotFoundError, DatasetError) as error:
+        parser.exit(1, f"moleflow {command}: error: {error}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

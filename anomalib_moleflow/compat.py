@@ -1,0 +1,48 @@
+"""Every use of anomalib's private attributes, in one place (each assumption is pinned by ``tests/test_compat.py``).
+
+anomalib 2.7 has no public API for these:
+
+* ``PostProcessor``: its single set of statistics (``_image_threshold``, ``_pixel_threshold``, ``image_min`` ...),
+  its min-max normalisation ``_normalize`` and thresholding ``_apply_threshold``. :class:`TaskPostProcessor` keeps
+  one set per task and reuses anomalib's arithmetic instead of re-deriving it.
+* ``MemoryBankMixin`` (Patchcore): ``_is_fitted``, and ``PatchcoreModel.embedding_store``. A fitted Patchcore never
+  refits; retraining it on a new task (the fine-tuning baseline) needs both reset.
+"""
+
+from __future__ import annotations
+
+import torch
+from anomalib.models import Patchcore
+from anomalib.post_processing import PostProcessor
+
+#: PostProcessor buffers holding its single set of statistics, in the order of ``TaskPostProcessor``'s columns.
+POST_PROCESSOR_BUFFERS: tuple[str, ...] = (
+    "_image_threshold",
+    "_pixel_threshold",
+    "image_min",
+    "image_max",
+    "pixel_min",
+    "pixel_max",
+)
+
+
+def set_single_statistics(post_processor: PostProcessor, values: torch.Tensor) -> None:
+    """Copy six statistics (order of :data:`POST_PROCESSOR_BUFFERS`) into anomalib's single-set buffers."""
+    for name, value in zip(POST_PROCESSOR_BUFFERS, values, strict=True):
+        getattr(post_processor, name).copy_(value)
+
+
+def normalize(values: torch.Tensor, low: torch.Tensor, high: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """anomalib's min-max normalisation: ``low`` -> 0, ``threshold`` -> 0.5, ``high`` -> 1, clipped to [0, 1]."""
+    return PostProcessor._normalize(values, low, high, threshold)
+
+
+def apply_threshold(values: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """anomalib's thresholding (``values > threshold``)."""
+    return PostProcessor._apply_threshold(values, threshold)
+
+
+def reset_memory_bank(model: Patchcore) -> None:
+    """Let the next ``fit`` of a Patchcore build a new memory bank from its own data (replacing the current one)."""
+    model.model.embedding_store.clear()
+    model._is_fitted = torch.tensor([False], device=model._is_fitted.device)

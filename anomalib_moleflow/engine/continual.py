@@ -1,0 +1,236 @@
+"""Continual engine: learn tasks one after another, test every task seen so far, report.
+
+The protocol is written here once, for MoLE-Flow and for every baseline regime (:mod:`.strategies`): for task
+``i``, the strategy learns it (a fresh anomalib ``Engine`` per fit), then every task the strategy tests after ``i``
+(by default ``0..i``) is tested with anomalib's metrics and routing accuracy is read from the routing log. After
+every task the strategy's checkpoint and the run's state are written atomically, so ``resume=True`` continues after
+the last finished task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib.data import AnomalibDataModule
+from lightning.pytorch import seed_everything
+
+from anomalib_moleflow.data import Task, TaskLike, check_datamodule, resolve_tasks
+from anomalib_moleflow.io import atomic_write, atomic_write_text
+from anomalib_moleflow.metrics import METRICS
+from anomalib_moleflow.models import MoleFlow
+from anomalib_moleflow.reports import (
+    clean,
+    plot_final_bars,
+    plot_matrix_heatmaps,
+    save_overlays,
+    summarize,
+    write_results,
+)
+
+from .strategies import MoleFlowStrategy, Strategy
+from .trainer import TaskTrainer
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+CHECKPOINT_FILE = "model.ckpt"
+Tasks = Sequence[TaskLike | Task] | Mapping[str, AnomalibDataModule | Sequence[AnomalibDataModule]]
+
+
+class ContinualEngine:
+    """Run a strategy (MoLE-Flow by default) over a task sequence, with the study's protocol.
+
+    Args:
+        output_dir: Where checkpoints, results, plots and overlays go.
+        seed: Seed; each task ``i`` trains under ``seed + i`` so that resumed runs equal uninterrupted ones.
+        resume: Continue after the last finished task recorded in ``output_dir``.
+        accelerator: Lightning accelerator.
+        devices: Lightning devices.
+        enable_progress_bar: Lightning's progress bars inside a task.
+        overlays_per_task: Anomaly-map overlays saved per task at the end (0: none).
+        config: Extra configuration to store in ``results.json`` (the CLI passes the whole resolved config).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path = "results/continual",
+        seed: int = 42,
+        resume: bool = False,
+        accelerator: str = "auto",
+        devices: int | str = 1,
+        enable_progress_bar: bool = True,
+        overlays_per_task: int = 4,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.seed = seed
+        self.resume = resume
+        self.trainer = TaskTrainer(accelerator, devices, enable_progress_bar)
+        self.overlays_per_task = overlays_per_task
+        self.config = config or {}
+
+    # ---------------------------------------------------------------- helpers
+    def _run_config(self, strategy: Strategy, tasks: list[Task]) -> dict[str, Any]:
+        config = {
+            "engine": {
+                "seed": self.seed,
+                "accelerator": self.trainer.accelerator,
+                "devices": self.trainer.devices,
+            },
+            **strategy.describe(),
+            "tasks": [
+                {"name": t.name, "datamodules": [f"{type(m).__name__}:{getattr(m, 'category', '')}" for m in t.members]}
+                for t in tasks
+            ],
+            "versions": {"torch": torch.__version__, "python": platform.python_version()},
+            **self.config,
+        }
+        return json.loads(json.dumps(config, default=str))
+
+    def _test(self, strategy: Strategy, index: int, task: Task, folder: Path) -> tuple[dict[str, Any], float | None]:
+        """Test one task; returns its metrics (``None`` where undefined) and routing accuracy (``None``: no routing)."""
+        with strategy.testing(index) as (module, routing_log):
+            metrics = self.trainer.test(module, task.datamodule, folder, calibrate=strategy.calibrate)
+        accuracy = routing_log.accuracy(index) if routing_log is not None else None
+        return {metric: clean(metrics.get(metric)) for metric in METRICS}, clean(accuracy)
+
+    def _save(self, strategy: Strategy, state: dict[str, Any]) -> None:
+        """Checkpoint then state, each atomically: the state never names a task whose checkpoint is incomplete."""
+        atomic_write(self.output_dir / CHECKPOINT_FILE, lambda path: strategy.save(path, self.trainer))
+        atomic_write_text(self.output_dir / STATE_FILE, json.dumps(state, indent=2))
+
+    def _load_state(self, strategy: Strategy, tasks: list[Task], config: dict[str, Any]) -> dict[str, Any] | None:
+        path = self.output_dir / STATE_FILE
+        if not (self.resume and path.exists()):
+            return None
+        state = json.loads(path.read_text())
+        ignored = {"cli", "versions"}  # the CLI's own options (output, resume ...) and library versions
+        saved = {key: value for key, value in state["config"].items() if key not in ignored}
+        current = {key: value for key, value in config.items() if key not in ignored}
+        differing = sorted(key for key in {*saved, *current} if saved.get(key) != current.get(key))
+        if differing:
+            msg = (
+                f"Cannot resume: '{self.output_dir}' was produced with other settings ({', '.join(differing)} "
+                "differ). Use the same configuration, or another --output for a new run."
+            )
+            raise ValueError(msg)
+        done = state["tasks"]
+        if done != [t.name for t in tasks][: len(done)]:
+            msg = f"Cannot resume: finished tasks {done} are not a prefix of the requested tasks."
+            raise ValueError(msg)
+        strategy.load(self.output_dir / CHECKPOINT_FILE)
+        logger.info("Resumed after %d finished task(s): %s", len(done), done)
+        return state
+
+    # -------------------------------------------------------------------- run
+    def run(self, strategy: Strategy | MoleFlow, tasks: Tasks, stop_after: int | None = None) -> dict[str, Any]:
+        """Learn ``tasks`` in order; after each, test the tasks the strategy tests (every task seen so far).
+
+        Args:
+            strategy: A :class:`Strategy`, or a MoleFlow model (routed :class:`MoleFlowStrategy`). A model may
+                already hold tasks (learned earlier, e.g. loaded from a checkpoint): those are tested but never
+                retrained, and their data is not needed for training.
+            tasks: The task sequence (see :func:`~anomalib_moleflow.data.resolve_tasks`). Tasks already learned
+                must come first.
+            stop_after: Stop after this many tasks in total (to simulate an interruption, or to split a run).
+
+        Returns:
+            The results dictionary also written to ``output_dir/results.json``.
+        """
+        if isinstance(strategy, MoleFlow):
+            strategy = MoleFlowStrategy(strategy)
+        task_list = resolve_tasks(tasks)
+        for task in task_list:
+            for member in task.members:
+                check_datamodule(member)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        config = self._run_config(strategy, task_list)
+        state = self._load_state(strategy, task_list, config) or {
+            "tasks": [],
+            "matrix": {metric: [] for metric in METRICS},
+            "routing": [],
+            "timing": {"fit_s": {}, "test_s": {}},
+            "config": config,
+        }
+        known = strategy.learned()
+        if known and known != [t.name for t in task_list][: len(known)]:
+            msg = f"The model already holds tasks {known}; the task list must start with them."
+            raise ValueError(msg)
+        start = len(state["tasks"])
+        end = len(task_list) if stop_after is None else min(stop_after, len(task_list))
+        run_start = time.perf_counter()
+        for index in range(start, end):
+            task = task_list[index]
+            task_dir = self.output_dir / "tasks" / f"{index:02d}_{task.name}"
+            seed_everything(self.seed + index, workers=True, verbose=False)
+            fit_start = time.perf_counter()
+            strategy.learn(index, task, self.trainer, task_dir)
+            state["timing"]["fit_s"][task.name] = time.perf_counter() - fit_start
+            test_start = time.perf_counter()
+            row: dict[str, list[float | None]] = {metric: [None] * len(task_list) for metric in METRICS}
+            routing_row: list[float | None] = [None] * len(task_list)
+            for j in strategy.tested_after(index, len(task_list)):
+                values, routing_row[j] = self._test(strategy, j, task_list[j], task_dir / "test" / task_list[j].name)
+                for metric in METRICS:
+                    row[metric][j] = values[metric]
+            state["timing"]["test_s"][task.name] = time.perf_counter() - test_start
+            state["tasks"].append(task.name)
+            for metric in METRICS:
+                state["matrix"][metric].append(row[metric])
+            state["routing"].append(routing_row)
+            self._save(strategy, state)
+            self._log_progress(state, index, end, time.perf_counter() - run_start, start)
+        return self.finish(strategy, task_list[: len(state["tasks"])], state)
+
+    @staticmethod
+    def _log_progress(state: dict[str, Any], index: int, end: int, elapsed: float, start: int) -> None:
+        eta = elapsed / (index + 1 - start) * (end - index - 1)
+
+        def mean_so_far(metric: str) -> str:
+            values = [v for v in state["matrix"][metric][-1][: index + 1] if v is not None]
+            return f"{100 * sum(values) / len(values):.2f}" if values else "n/a"
+
+        routing = [v for v in state["routing"][-1] if v is not None]
+        logger.info(
+            "[task %d/%d] %s: elapsed %.0fs, ETA %.0fs | mean so far: img AUROC %s, pix AUROC %s, pix AP %s, "
+            "routing %s",
+            index + 1,
+            end,
+            state["tasks"][-1],
+            elapsed,
+            eta,
+            mean_so_far("image_AUROC"),
+            mean_so_far("pixel_AUROC"),
+            mean_so_far("pixel_AUPR"),
+            f"{100 * sum(routing) / len(routing):.1f}%" if routing else "n/a",
+        )
+
+    def finish(self, strategy: Strategy, tasks: list[Task], state: dict[str, Any]) -> dict[str, Any]:
+        """Build and write the results, plots and overlays from the recorded state."""
+        names = state["tasks"]
+        n = len(names)
+        matrix = {metric: [row[:n] for row in rows] for metric, rows in state["matrix"].items()}
+        routing = [row[:n] for row in state["routing"]]
+        results = {
+            "tasks": names,
+            "matrix": matrix,
+            **summarize(names, matrix, routing),
+            "routing_matrix": routing,
+            "params": strategy.costs(),
+            "timing": state["timing"],
+            "config": state["config"],
+        }
+        write_results(results, self.output_dir)
+        plot_matrix_heatmaps(results, self.output_dir)
+        plot_final_bars(results, self.output_dir)
+        for index, task in enumerate(tasks if self.overlays_per_task > 0 else []):
+            with strategy.testing(index) as (module, _):
+                save_overlays(module, task.datamodule, task.name, self.output_dir, self.overlays_per_task)
+        return results

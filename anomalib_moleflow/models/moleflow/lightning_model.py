@@ -1,0 +1,324 @@
+"""MoLE-Flow as an anomalib ``AnomalibModule``: continual normalizing-flow anomaly detection.
+
+Example:
+    >>> from anomalib.data import MVTecAD
+    >>> from anomalib.engine import Engine
+    >>> from anomalib_moleflow import MoleFlow
+    >>> model = MoleFlow()
+    >>> for category in ("bottle", "cable"):
+    ...     model.add_task(category)
+    ...     Engine().fit(model, datamodule=MVTecAD(category=category))  # a new Engine per task
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch, InferenceBatch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn, optim
+
+from anomalib_moleflow.metrics import default_evaluator
+
+from .components.router import RoutingLog
+from .loss import MoleFlowLoss
+from .post_processor import TaskPostProcessor
+from .torch_model import MoleFlowModel, model_settings
+
+logger = logging.getLogger(__name__)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+class MoleFlow(AnomalibModule):
+    """MoLE-Flow: one frozen normalizing flow, a low-rank expert per task, and a router.
+
+    Tasks are added with :meth:`add_task`; each ``fit`` trains the latest task. When ``fit`` runs on a model with no
+    task (e.g. ``anomalib train``), a task named after the datamodule's category is added automatically. At test
+    and predict time every image is routed to its task; ``with model.oracle(task):`` uses the true task instead.
+
+    The architecture arguments are those of :class:`MoleFlowModel` (documented there); this class adds training,
+    loss and anomalib's components.
+
+    Args:
+        backbone: timm backbone (frozen).
+        layers: Backbone stages used for the patch embedding.
+        pre_trained: Load ImageNet weights into the backbone.
+        image_size: Input side length; the pre-processor resizes to it.
+        embed_dim: Patch embedding size D (multiple of 4).
+        num_coupling_layers: MoLE coupling blocks (0: DIA only).
+        dia_blocks: DIA blocks per task (0: MoLE only).
+        lora_rank: LoRA rank of the experts.
+        use_lora: Low-rank experts; ``False``: per-task full-rank linear.
+        use_whitening_adapter: Per-task whitening adapter.
+        use_pos_embedding: 2D sinusoidal positional embedding.
+        spatial_context_kernel: Shared spatial context kernel (0: off).
+        scale_context_kernel: Scale context kernel inside each coupling subnet (0: off).
+        tail_weight: Weight of the tail term of the loss.
+        tail_top_k_ratio: Fraction of patches in the tail term.
+        lambda_logdet: Weight of the log-determinant regulariser.
+        score_aggregation_top_k: Image score = mean of the k highest patch scores.
+        freeze_base: Freeze the shared base after the first task (``False``: sequential fine-tuning).
+        task_separated: A whole flow per task (the parameter-hungry upper bound).
+        lr: Adam learning rate.
+        max_epochs: Epochs per task (passed to the trainer).
+        lora_alpha: LoRA alpha; defaults to ``lora_rank`` (scale 1).
+        router_eps: Relative ridge of the router covariances.
+        pre_processor: anomalib pre-processor, or ``True`` for resize to ``image_size`` + ImageNet normalisation. A
+            custom one must resize to ``image_size``.
+        post_processor: Post-processor, or ``True`` for the per-task :class:`TaskPostProcessor`.
+        evaluator: Evaluator, or ``True`` for image/pixel AUROC, AUPR and pixel AUPRO.
+        visualizer: Visualizer, or ``True`` for anomalib's default.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] = ("layer2", "layer3"),
+        pre_trained: bool = True,
+        image_size: int = 224,
+        embed_dim: int = 768,
+        num_coupling_layers: int = 6,
+        dia_blocks: int = 2,
+        lora_rank: int = 64,
+        use_lora: bool = True,
+        use_whitening_adapter: bool = True,
+        use_pos_embedding: bool = True,
+        spatial_context_kernel: int = 3,
+        scale_context_kernel: int = 5,
+        tail_weight: float = 0.7,
+        tail_top_k_ratio: float = 0.02,
+        lambda_logdet: float = 1e-4,
+        score_aggregation_top_k: int = 3,
+        freeze_base: bool = True,
+        task_separated: bool = False,
+        lr: float = 3e-4,
+        max_epochs: int = 60,
+        lora_alpha: float | None = None,
+        router_eps: float = 0.01,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        _check(lr > 0, f"lr must be > 0, got {lr}.")
+        _check(max_epochs >= 1, f"max_epochs must be >= 1, got {max_epochs}.")
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor((image_size, image_size))
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        try:
+            size = self.input_size  # anomalib probes the pre-processor with a dummy image
+        except (AttributeError, TypeError, RuntimeError):
+            size = None  # a custom transform that cannot be probed: nothing to compare
+        if size is not None and tuple(size) != (image_size, image_size):
+            msg = (
+                f"The pre-processor resizes images to {tuple(size)}, but image_size is {image_size}: the patch grid "
+                f"would not match. Pass image_size={size[0]} or a pre-processor that resizes to {image_size}."
+            )
+            raise ValueError(msg)
+        self.loss = MoleFlowLoss(tail_weight, tail_top_k_ratio, lambda_logdet)
+        # MoleFlowModel's own signature is the one list of architecture settings; it validates them.
+        self.model: MoleFlowModel = MoleFlowModel(**model_settings(locals()))
+        self.freeze_base = freeze_base
+        self.lr = lr
+        self.max_epochs = max_epochs
+        self._oracle_task: int | None = None
+        self._routing_logs: list[RoutingLog] = []
+
+    # ----------------------------------------------------------- components
+    def configure_post_processor(self) -> PostProcessor:
+        """Per-task thresholds and normalisation."""
+        return TaskPostProcessor()
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """The study's metrics: image AUROC/AUPR and pixel AUROC/AUPR ("pixel AP")/AUPRO."""
+        return default_evaluator()
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No gradient clipping, ``max_epochs`` epochs, no sanity validation."""
+        return {"gradient_clip_val": 0, "max_epochs": self.max_epochs, "num_sanity_val_steps": 0}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """One-class: trained on normal images only."""
+        return LearningType.ONE_CLASS
+
+    # ---------------------------------------------------------------- tasks
+    @property
+    def task_names(self) -> list[str]:
+        """Names of the tasks learned (or being learned), in order."""
+        return list(self.model.task_names)
+
+    @property
+    def training_task(self) -> int:
+        """Index of the task that ``fit`` trains: the latest one."""
+        if self.model.num_tasks == 0:
+            msg = "MoLE-Flow has no task: call `model.add_task(name)` first."
+            raise RuntimeError(msg)
+        return self.model.num_tasks - 1
+
+    def add_task(self, name: str) -> int:
+        """Add a task (expert, whitening adapter, DIA, router prototype, post-processing row).
+
+        The next ``fit`` trains it; earlier tasks are never modified when ``freeze_base`` is set.
+
+        Returns:
+            The task's index.
+        """
+        index = self.model.add_task(name)
+        if isinstance(self.post_processor, TaskPostProcessor):
+            self.post_processor.ensure_tasks(self.model.num_tasks)
+        logger.info("Added task %d '%s'.", index, name)
+        return index
+
+    def task_index(self, name: str) -> int:
+        """Index of a task by name."""
+        if name not in self.model.task_names:
+            msg = f"Unknown task '{name}'. Known tasks: {self.model.task_names}."
+            raise KeyError(msg)
+        return self.model.task_names.index(name)
+
+    @contextmanager
+    def oracle(self, task: int) -> Iterator[None]:
+        """Inside the block, test/predict/forward score every image with ``task``'s expert instead of routing.
+
+        For ablations that need the true task (the study's oracle mode).
+        """
+        if not 0 <= task < self.model.num_tasks:
+            msg = f"Oracle task {task} does not exist: the model has {self.model.num_tasks} task(s)."
+            raise IndexError(msg)
+        previous, self._oracle_task = self._oracle_task, task
+        try:
+            yield
+        finally:
+            self._oracle_task = previous
+
+    @contextmanager
+    def record_routing(self) -> Iterator[RoutingLog]:
+        """Inside the block, record the task that scored each evaluated or predicted image."""
+        log = RoutingLog()
+        self._routing_logs.append(log)
+        try:
+            yield log
+        finally:
+            self._routing_logs.remove(log)
+
+    def setup(self, stage: str) -> None:
+        """Before fitting a model that has no task (and no checkpoint to restore tasks from), add one.
+
+        The task is named after the datamodule's category, or ``task_0``.
+        """
+        if stage != "fit" or self.model.num_tasks > 0 or getattr(self.trainer, "ckpt_path", None):
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self.add_task(str(getattr(datamodule, "category", None) or "task_0"))
+
+    def configure_optimizers(self) -> optim.Optimizer:
+        """Adam over the training task's own parameters, plus the shared base on the first task or when not frozen.
+
+        Everything else gets ``requires_grad=False`` and stays out of the optimizer, so it cannot change.
+        """
+        task = self.training_task
+        params = self.model.set_trainable(task, train_shared=task == 0 or not self.freeze_base)
+        return optim.Adam(params, lr=self.lr)
+
+    # ------------------------------------------------------------- training
+    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        """One step of the training task: tail-aware NLL + log-det regularisation; feeds the router."""
+        del args, kwargs
+        task = self.training_task
+        nll, log_det, image_embedding = self.model.forward_train(batch.image, task)
+        loss = self.loss(nll, log_det)
+        if not torch.isfinite(loss):
+            msg = (
+                f"Non-finite training loss ({loss.item()}) on task {task} '{self.model.task_names[task]}' at epoch "
+                f"{self.current_epoch}. Stopped before the optimizer step, so no weight was changed by it and earlier "
+                "tasks are untouched. Lower `lr`, use fewer `num_coupling_layers`, or check the images for NaN."
+            )
+            raise FloatingPointError(msg)
+        prototype = self.model.router.prototypes[task]
+        if not prototype.ready:
+            prototype.accumulate(image_embedding)
+        self.log("train_loss", loss.detach(), on_epoch=True, prog_bar=True, batch_size=batch.image.shape[0])
+        return {"loss": loss}
+
+    def on_train_epoch_end(self) -> None:
+        """Fit the training task's router prototype once its first epoch of embeddings is collected."""
+        prototype = self.model.router.prototypes[self.training_task]
+        if not prototype.ready:
+            prototype.finalize()
+
+    # ------------------------------------------------------------ inference
+    def _given_tasks(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
+        """Task ids to use instead of routing: the training task during a running fit, else the oracle's task."""
+        trainer = self._trainer
+        # Lightning keeps state.fn == FITTING after fit ends: only a running fit forces the training task.
+        fitting = (
+            trainer is not None
+            and trainer.state.fn == TrainerFn.FITTING
+            and trainer.state.status == TrainerStatus.RUNNING
+        )
+        task = self.training_task if fitting else self._oracle_task
+        return None if task is None else torch.full((batch_size,), task, device=device, dtype=torch.long)
+
+    def _score(self, images: torch.Tensor) -> tuple[InferenceBatch, torch.Tensor]:
+        """Raw predictions and the task id used for each image (recorded in every open routing log)."""
+        predictions, task_ids = self.model.predict(images, self._given_tasks(images.shape[0], images.device))
+        for log in self._routing_logs:
+            log.append(task_ids)
+        return predictions, task_ids
+
+    def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        """Score validation images (with the training task's expert during ``fit``); gather per-task statistics."""
+        del args, kwargs
+        predictions, task_ids = self._score(batch.image)
+        batch.update(**predictions._asdict())
+        if isinstance(self.post_processor, TaskPostProcessor):
+            self.post_processor.update_statistics(batch, task_ids)
+        return batch
+
+    def test_step(self, batch: Batch, batch_idx: int, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        """Score test images, each routed to its task and normalised with that task's statistics."""
+        del batch_idx, args, kwargs
+        return self._score_and_post_process(batch)
+
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> STEP_OUTPUT:
+        """Score images, each routed to its task and normalised with that task's statistics."""
+        del batch_idx, dataloader_idx
+        return self._score_and_post_process(batch)
+
+    def _score_and_post_process(self, batch: Batch) -> Batch:
+        predictions, task_ids = self._score(batch.image)
+        batch.update(**predictions._asdict())
+        if isinstance(self.post_processor, TaskPostProcessor):
+            self.post_processor.post_process_batch(batch, task_ids)
+        return batch
+
+    def forward(self, batch: torch.Tensor, *args: Any, **kwargs: Any) -> InferenceBatch:
+        """Pre-process, score with routing, and post-process each image with its task's statistics."""
+        del args, kwargs
+        images = self.pre_processor(batch) if self.pre_processor else batch
+        predictions, task_ids = self._score(images)
+        if isinstance(self.post_processor, TaskPostProcessor):
+            return self.post_processor(predictions, task_ids=task_ids)
+        return self.post_processor(predictions) if self.post_processor else predictions

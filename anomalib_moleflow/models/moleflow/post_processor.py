@@ -1,0 +1,166 @@
+"""anomalib ``PostProcessor`` that keeps thresholds and min/max statistics for every task.
+
+anomalib's PostProcessor holds one set of statistics, overwritten at each validation. A continual model needs one
+set per task: each image is normalised with the statistics of the task it was routed to. The task ids travel as
+arguments: :class:`~anomalib_moleflow.models.MoleFlow` passes them from its validation/test/predict steps and its
+``forward``; the callback hooks that anomalib's PostProcessor uses for the same work are therefore no-ops here.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from anomalib.data import Batch, InferenceBatch
+from anomalib.metrics import F1AdaptiveThreshold, MinMax
+from anomalib.models.components.base import DynamicBufferMixin
+from anomalib.post_processing import PostProcessor
+from lightning import LightningModule, Trainer
+
+from anomalib_moleflow.compat import apply_threshold, normalize, set_single_statistics
+
+#: Columns of ``task_stats``.
+STAT_COLUMNS = ("image_threshold", "pixel_threshold", "image_min", "image_max", "pixel_min", "pixel_max")
+_FIELDS = ("pred_score", "gt_label", "anomaly_map", "gt_mask")
+
+
+class TaskPostProcessor(DynamicBufferMixin, PostProcessor):
+    """Per-task thresholds and normalisation.
+
+    ``task_stats[t]`` holds, for task ``t``, the columns of :data:`STAT_COLUMNS` (NaN until validated). The table
+    grows with the tasks; anomalib's ``DynamicBufferMixin`` resizes it when a checkpoint with more tasks is loaded.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("task_stats", torch.full((0, len(STAT_COLUMNS)), float("nan")))
+        self.task_stats: torch.Tensor
+        self._task_metrics: dict[int, dict[str, Any]] = {}
+
+    def ensure_tasks(self, num_tasks: int) -> None:
+        """Grow the statistics table to ``num_tasks`` rows (new rows are NaN: not yet validated)."""
+        missing = num_tasks - self.task_stats.shape[0]
+        if missing > 0:
+            pad = self.task_stats.new_full((missing, len(STAT_COLUMNS)), float("nan"))
+            self.task_stats = torch.cat([self.task_stats, pad])
+
+    def stats_of(self, task: int) -> dict[str, float]:
+        """Statistics of one task as a dictionary."""
+        return dict(zip(STAT_COLUMNS, self.task_stats[task].tolist(), strict=True))
+
+    # -------------------------------------------------------------- validation
+    def _metrics(self, task: int) -> dict[str, Any]:
+        if task not in self._task_metrics:
+            self._task_metrics[task] = {
+                "image_threshold": F1AdaptiveThreshold(fields=["pred_score", "gt_label"], strict=False),
+                "pixel_threshold": F1AdaptiveThreshold(fields=["anomaly_map", "gt_mask"], strict=False),
+                "image_minmax": MinMax(fields=["pred_score"], strict=False),
+                "pixel_minmax": MinMax(fields=["anomaly_map"], strict=False),
+            }
+        return self._task_metrics[task]
+
+    def update_statistics(self, batch: Batch, task_ids: torch.Tensor) -> None:
+        """Accumulate validation statistics of each image under its task ``task_ids[i]``."""
+        for task in task_ids.unique().tolist():
+            selected = (task_ids == task).to(batch.pred_score.device)
+            view = SimpleNamespace(
+                **{
+                    field: None if getattr(batch, field, None) is None else getattr(batch, field)[selected]
+                    for field in _FIELDS
+                }
+            )
+            metrics = self._metrics(task)
+            if self.enable_thresholding:
+                metrics["image_threshold"].update(view)
+                metrics["pixel_threshold"].update(view)
+            if self.enable_normalization:
+                metrics["image_minmax"].update(view)
+                metrics["pixel_minmax"].update(view)
+
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing: the model calls :meth:`update_statistics` with the batch's task ids."""
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Write each validated task's statistics to its row (and the last one to anomalib's single set)."""
+        del trainer, pl_module
+        for task, metrics in sorted(self._task_metrics.items()):
+            self.ensure_tasks(task + 1)
+            row = self.task_stats[task]
+            for column, key in ((0, "image_threshold"), (1, "pixel_threshold")):
+                if metrics[key].update_called:
+                    row[column] = metrics[key].compute()
+            for column, key in ((2, "image_minmax"), (4, "pixel_minmax")):
+                if metrics[key].update_called:
+                    low, high = metrics[key].compute()
+                    row[column], row[column + 1] = low, high
+            # anomalib's single set (read by plain tools and export) holds the latest validated task.
+            set_single_statistics(self, row)
+            for metric in metrics.values():
+                metric.reset()
+        self._task_metrics.clear()
+
+    # ------------------------------------------------------------ test/predict
+    def _per_image(self, task_ids: torch.Tensor, column: str) -> torch.Tensor:
+        return self.task_stats[task_ids.to(self.task_stats.device), STAT_COLUMNS.index(column)]
+
+    def _thresholds(self, task_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image, pixel = self._per_image(task_ids, "image_threshold"), self._per_image(task_ids, "pixel_threshold")
+        if self.enable_threshold_matching:
+            image, pixel = torch.where(image.isnan(), pixel, image), torch.where(pixel.isnan(), image, pixel)
+        return image, pixel
+
+    def normalize_per_task(
+        self,
+        pred_score: torch.Tensor | None,
+        anomaly_map: torch.Tensor | None,
+        task_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Normalise each image's score and map with the statistics of its task."""
+        self.ensure_tasks(int(task_ids.max()) + 1)
+        image_threshold, pixel_threshold = self._thresholds(task_ids)
+        if pred_score is not None:
+            pred_score = normalize(
+                pred_score,
+                self._per_image(task_ids, "image_min").to(pred_score),
+                self._per_image(task_ids, "image_max").to(pred_score),
+                image_threshold.to(pred_score),
+            )
+        if anomaly_map is not None:
+            shape = (-1,) + (1,) * (anomaly_map.dim() - 1)
+            anomaly_map = normalize(
+                anomaly_map,
+                self._per_image(task_ids, "pixel_min").to(anomaly_map).view(shape),
+                self._per_image(task_ids, "pixel_max").to(anomaly_map).view(shape),
+                pixel_threshold.to(anomaly_map).view(shape),
+            )
+        return pred_score, anomaly_map
+
+    def post_process_batch(self, batch: Batch, task_ids: torch.Tensor | None = None) -> None:
+        """Normalise per task (when task ids are given), then threshold like anomalib."""
+        if task_ids is None:
+            super().post_process_batch(batch)
+            return
+        if self.enable_normalization:
+            batch.pred_score, batch.anomaly_map = self.normalize_per_task(batch.pred_score, batch.anomaly_map, task_ids)
+        if self.enable_thresholding:
+            self.threshold_batch(batch)
+
+    def on_test_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing: the model calls :meth:`post_process_batch` with the batch's task ids."""
+
+    def on_predict_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing: the model calls :meth:`post_process_batch` with the batch's task ids."""
+
+    def forward(self, predictions: InferenceBatch, task_ids: torch.Tensor | None = None) -> InferenceBatch:
+        """Post-process raw predictions; with ``task_ids``, per task (the model's ``forward`` passes them)."""
+        if task_ids is None or not self.enable_normalization:
+            return super().forward(predictions)
+        pred_score, anomaly_map = self.normalize_per_task(predictions.pred_score, predictions.anomaly_map, task_ids)
+        normalized = InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+        if not self.enable_thresholding:
+            return normalized
+        return normalized._replace(
+            pred_label=apply_threshold(pred_score, self.normalized_image_threshold),
+            pred_mask=apply_threshold(anomaly_map, self.normalized_pixel_threshold),
+        )

@@ -1,0 +1,356 @@
+"""PyTorch model of MoLE-Flow: frozen backbone, shared flow with per-task experts, per-task adapters, router."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from anomalib.data import InferenceBatch
+from einops import rearrange
+from torch import nn
+
+from .anomaly_map import AnomalyMapGenerator, top_k_image_score
+from .components.adapters import WhiteningAdapter
+from .components.backbone import build_feature_extractor
+from .components.coupling import MoLEFlow
+from .components.dia import DeepInvertibleAdapter
+from .components.embedding import PatchEmbedding, sinusoidal_position_embedding
+from .components.router import MahalanobisRouter
+
+#: Bumped when the layout of the state dict changes.
+CHECKPOINT_FORMAT = 2
+
+
+#: Settings that do not change what a saved state dict means (free to differ between a checkpoint and a model).
+RUNTIME_SETTINGS: frozenset[str] = frozenset({"score_aggregation_top_k", "router_eps"})
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def model_settings(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``arguments`` that :class:`MoleFlowModel` takes (its signature is the one list of them)."""
+    names = [name for name in inspect.signature(MoleFlowModel.__init__).parameters if name != "self"]
+    return {name: arguments[name] for name in names if name in arguments}
+
+
+class MoleFlowModel(nn.Module):
+    """MoLE-Flow network holding every task learned so far.
+
+    Args:
+        backbone: timm backbone name.
+        layers: Backbone stages whose features form the patch embedding.
+        pre_trained: Load ImageNet weights into the backbone.
+        image_size: Input side length in pixels.
+        embed_dim: Patch embedding size D (a positive multiple of 4).
+        num_coupling_layers: MoLE coupling blocks (0: DIA only).
+        dia_blocks: DIA blocks per task (0: MoLE only).
+        lora_rank: Rank of the LoRA experts.
+        lora_alpha: LoRA alpha (update scaled by alpha / rank); ``None``: ``lora_rank``.
+        use_lora: Low-rank experts; ``False`` for per-task full-rank linears.
+        use_whitening_adapter: Per-task whitening adapter.
+        use_pos_embedding: Add the 2D sinusoidal positional embedding.
+        spatial_context_kernel: Kernel of the shared spatial context (0: off, else odd).
+        scale_context_kernel: Kernel of the scale context in each coupling subnet (0: off, else odd).
+        score_aggregation_top_k: Image score = mean of the top-k patch scores.
+        task_separated: One whole flow per task instead of a shared base.
+        router_eps: Relative ridge of the router covariances.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] = ("layer2", "layer3"),
+        pre_trained: bool = True,
+        image_size: int = 224,
+        embed_dim: int = 768,
+        num_coupling_layers: int = 6,
+        dia_blocks: int = 2,
+        lora_rank: int = 64,
+        lora_alpha: float | None = None,
+        use_lora: bool = True,
+        use_whitening_adapter: bool = True,
+        use_pos_embedding: bool = True,
+        spatial_context_kernel: int = 3,
+        scale_context_kernel: int = 5,
+        score_aggregation_top_k: int = 3,
+        task_separated: bool = False,
+        router_eps: float = 0.01,
+    ) -> None:
+        super().__init__()
+        layers = tuple(layers)
+        _check(len(layers) >= 1, "layers must name at least one backbone stage.")
+        _check(image_size >= 32, f"image_size must be >= 32, got {image_size}.")
+        _check(embed_dim >= 4 and embed_dim % 4 == 0, f"embed_dim must be a positive multiple of 4, got {embed_dim}.")
+        _check(num_coupling_layers >= 0, f"num_coupling_layers must be >= 0, got {num_coupling_layers}.")
+        _check(dia_blocks >= 0, f"dia_blocks must be >= 0, got {dia_blocks}.")
+        _check(num_coupling_layers + dia_blocks > 0, "num_coupling_layers and dia_blocks cannot both be 0.")
+        _check(lora_rank >= 1, f"lora_rank must be >= 1, got {lora_rank}.")
+        for name, kernel in (
+            ("spatial_context_kernel", spatial_context_kernel),
+            ("scale_context_kernel", scale_context_kernel),
+        ):
+            _check(kernel == 0 or (kernel > 0 and kernel % 2 == 1), f"{name} must be 0 (off) or odd, got {kernel}.")
+        _check(score_aggregation_top_k >= 1, f"score_aggregation_top_k must be >= 1, got {score_aggregation_top_k}.")
+        _check(router_eps > 0, f"router_eps must be > 0, got {router_eps}.")
+        #: Every constructor argument, as given (``lora_alpha`` resolved): the checkpoint fingerprint's source.
+        self.settings: dict[str, Any] = {
+            **model_settings(locals()),
+            "layers": list(layers),
+            "lora_alpha": float(lora_alpha if lora_alpha is not None else lora_rank),
+        }
+        self.image_size = (image_size, image_size)
+        self.embed_dim = embed_dim
+        self.num_coupling_layers = num_coupling_layers
+        self.dia_blocks = dia_blocks
+        self.lora_rank = lora_rank
+        self.lora_alpha = self.settings["lora_alpha"]
+        self.use_lora = use_lora
+        self.use_whitening_adapter = use_whitening_adapter
+        self.spatial_context_kernel = spatial_context_kernel
+        self.scale_context_kernel = scale_context_kernel
+        self.score_aggregation_top_k = score_aggregation_top_k
+        self.task_separated = task_separated
+
+        self.feature_extractor = build_feature_extractor(backbone, layers, pre_trained)
+        self.patch_embedding = PatchEmbedding(embed_dim)
+        with torch.no_grad():
+            probe = self.feature_extractor(torch.zeros(1, 3, image_size, image_size))
+        self.grid: tuple[int, int] = tuple(next(iter(probe.values())).shape[-2:])  # type: ignore[assignment]
+        self.pos_embedding: torch.Tensor | None
+        if use_pos_embedding:
+            self.register_buffer(
+                "pos_embedding", sinusoidal_position_embedding(*self.grid, embed_dim), persistent=False
+            )
+        else:
+            self.pos_embedding = None
+
+        self.router = MahalanobisRouter(embed_dim, eps=router_eps)
+        self.task_names: list[str] = []
+        self.whitening = nn.ModuleList()
+        self.dias = nn.ModuleList()
+        self.flows = nn.ModuleList()
+        if not task_separated:
+            self.flows.append(self._new_flow())
+        self.anomaly_map_generator = AnomalyMapGenerator(sigma=4.0)
+
+    # ------------------------------------------------------------------ tasks
+    def _new_flow(self) -> MoLEFlow:
+        return MoLEFlow(
+            dim=self.embed_dim,
+            num_blocks=self.num_coupling_layers,
+            spatial_context_kernel=self.spatial_context_kernel,
+            scale_context_kernel=self.scale_context_kernel,
+            rank=self.lora_rank,
+            alpha=self.lora_alpha,
+            use_lora=self.use_lora,
+        )
+
+    @property
+    def num_tasks(self) -> int:
+        """Number of tasks added so far."""
+        return len(self.task_names)
+
+    def flow_for(self, task: int) -> MoLEFlow:
+        """The coupling flow that serves ``task``."""
+        return self.flows[task if self.task_separated else 0]
+
+    def add_task(self, name: str) -> int:
+        """Create the expert, whitening adapter, DIA and router prototype of a new task.
+
+        Every new part starts as the identity / the base, so the model's output for the new task equals the
+        shared base's until it is trained.
+
+        Returns:
+            The new task's index.
+        """
+        if not name or name in self.task_names:
+            msg = f"Task names must be unique and non-empty; '{name}' is already used or empty: {self.task_names}."
+            raise ValueError(msg)
+        index = len(self.task_names)
+        self.task_names.append(name)
+        self.whitening.append(WhiteningAdapter(self.embed_dim) if self.use_whitening_adapter else nn.Identity())
+        self.dias.append(DeepInvertibleAdapter(self.embed_dim, self.dia_blocks) if self.dia_blocks else nn.Identity())
+        self.router.add_task()
+        if self.task_separated:
+            self.flows.append(self._new_flow())
+        self.flow_for(index).add_expert(str(index))
+        self.to(next(self.feature_extractor.parameters()).device)
+        return index
+
+    def task_parameters(self, task: int) -> list[nn.Parameter]:
+        """Parameters owned by ``task`` alone (expert, whitening, DIA; the whole flow when task-separated)."""
+        params = [*self.whitening[task].parameters(), *self.dias[task].parameters()]
+        params += self.flow_for(task).expert_parameters(str(task))
+        if self.task_separated:
+            params += self.flows[task].base_parameters()
+        return params
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters shared by all tasks (empty when task-separated)."""
+        return [] if self.task_separated else self.flows[0].base_parameters()
+
+    def set_trainable(self, task: int, train_shared: bool) -> list[nn.Parameter]:
+        """Freeze everything except ``task``'s own parameters (and the shared ones if ``train_shared``).
+
+        Returns:
+            The parameters left trainable.
+        """
+        self.requires_grad_(requires_grad=False)
+        trainable = self.task_parameters(task) + (self.shared_parameters() if train_shared else [])
+        for parameter in trainable:
+            parameter.requires_grad_(requires_grad=True)
+        return trainable
+
+    def parameter_report(self) -> dict[str, Any]:
+        """Parameter and byte counts: backbone, shared, and added per task (router statistics included in bytes)."""
+
+        def size(tensors: list[torch.Tensor]) -> tuple[int, int]:
+            unique = {id(t): t for t in tensors}.values()
+            return sum(t.numel() for t in unique), sum(t.numel() * t.element_size() for t in unique)
+
+        per_task = []
+        for task, name in enumerate(self.task_names):
+            params, param_bytes = size(self.task_parameters(task))
+            _, router_bytes = size(list(self.router.prototypes[task].state_dict().values()))
+            per_task.append({"task": name, "params": params, "bytes": param_bytes + router_bytes})
+        backbone_params, backbone_bytes = size(list(self.feature_extractor.parameters()))
+        shared_params, shared_bytes = size(self.shared_parameters())
+        return {
+            "backbone": {"params": backbone_params, "bytes": backbone_bytes},
+            "shared": {"params": shared_params, "bytes": shared_bytes},
+            "per_task": per_task,
+        }
+
+    # ------------------------------------------------------------ checkpoints
+    def fingerprint(self) -> dict[str, Any]:
+        """Settings that must match for a checkpoint to load into this model (all but :data:`RUNTIME_SETTINGS`)."""
+        settings = {key: value for key, value in self.settings.items() if key not in RUNTIME_SETTINGS}
+        return {"format": CHECKPOINT_FORMAT, **settings}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """Task names and settings, saved in the state dict so that loading can recreate every task."""
+        return {"task_names": list(self.task_names), "fingerprint": self.fingerprint()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Recreate the saved tasks before their tensors are loaded (torch loads the parent before its children).
+
+        Raises:
+            ValueError: If the checkpoint was made with other settings or other tasks.
+        """
+        saved, current = state.get("fingerprint", {}), self.fingerprint()
+        diff = {key: (saved.get(key), value) for key, value in current.items() if saved.get(key) != value}
+        if diff:
+            details = ", ".join(f"{key}: checkpoint {old} vs model {new}" for key, (old, new) in diff.items())
+            msg = (
+                f"This checkpoint was made with another MoLE-Flow configuration ({details}). "
+                "Build the model with the checkpoint's settings, e.g. `MoleFlow.load_from_checkpoint(path)`."
+            )
+            raise ValueError(msg)
+        names = list(state.get("task_names", []))
+        if names[: self.num_tasks] != self.task_names:
+            msg = f"Checkpoint tasks {names} do not extend the model's tasks {self.task_names}."
+            raise ValueError(msg)
+        for name in names[self.num_tasks :]:
+            self.add_task(name)
+
+    # ---------------------------------------------------------------- forward
+    def train(self, mode: bool = True) -> MoleFlowModel:
+        """Set train mode, keeping the backbone in eval mode (frozen batch-norm statistics)."""
+        super().train(mode)
+        self.feature_extractor.eval()
+        return self
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch embeddings ``(b, h, w, d)`` and image embeddings ``(b, d)`` (global average, for routing)."""
+        with torch.no_grad():
+            features = list(self.feature_extractor(images).values())
+            patches = self.patch_embedding(features)
+        return patches, patches.mean(dim=(1, 2))
+
+    def encode(self, patches: torch.Tensor, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map ``(b, h, w, d)`` patch embeddings through ``task``'s path to latents.
+
+        Returns:
+            Latent tokens ``((b h w), d)`` and per-token log-determinants ``((b h w),)``.
+        """
+        x = patches if self.pos_embedding is None else patches + self.pos_embedding
+        x = self.whitening[task](x)
+        flow = self.flow_for(task)
+        x = flow.context(x)
+        tokens = rearrange(x, "b h w d -> (b h w) d")
+        z, log_det = flow(tokens, str(task), grid=tuple(x.shape[1:3]))
+        if self.dia_blocks:
+            z, dia_log_det = self.dias[task](z)
+            log_det = log_det + dia_log_det
+        return z, log_det
+
+    def invert(self, z: torch.Tensor, task: int, grid: tuple[int, int]) -> torch.Tensor:
+        """Invert the invertible part (MoLE blocks then DIA) of ``task``: latents back to flow inputs."""
+        tokens = z
+        if self.dia_blocks:
+            tokens, _ = self.dias[task](tokens, rev=True)
+        tokens, _ = self.flow_for(task)(tokens, str(task), grid=grid, rev=True)
+        return tokens
+
+    def flow_inputs(self, patches: torch.Tensor, task: int) -> torch.Tensor:
+        """The tokens ``((b h w), d)`` that enter the invertible part for ``task``."""
+        x = patches if self.pos_embedding is None else patches + self.pos_embedding
+        x = self.flow_for(task).context(self.whitening[task](x))
+        return rearrange(x, "b h w d -> (b h w) d")
+
+    @staticmethod
+    def patch_nll(z: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood per patch: ``0.5 * ||z||^2 - log|det J|``."""
+        return 0.5 * z.pow(2).sum(dim=-1) - log_det
+
+    def forward_train(self, images: torch.Tensor, task: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training pass for one task.
+
+        Returns:
+            Patch NLL ``(b, h*w)``, patch log-determinants ``(b, h*w)`` and image embeddings ``(b, d)``.
+        """
+        patches, image_embedding = self.embed(images)
+        z, log_det = self.encode(patches, task)
+        batch = images.shape[0]
+        nll = rearrange(self.patch_nll(z, log_det), "(b n) -> b n", b=batch)
+        return nll, rearrange(log_det, "(b n) -> b n", b=batch), image_embedding
+
+    def route(self, image_embedding: torch.Tensor) -> torch.Tensor:
+        """Task index ``(b,)`` of each image, chosen by the Mahalanobis router."""
+        return self.router(image_embedding)
+
+    def predict(self, images: torch.Tensor, tasks: torch.Tensor | None = None) -> tuple[InferenceBatch, torch.Tensor]:
+        """Score images, each with the expert of its routed (or given) task.
+
+        Args:
+            images: ``(b, 3, H, W)`` pre-processed images.
+            tasks: Optional true task index per image (oracle routing); routed when ``None``.
+
+        Returns:
+            The predictions and the task index used for each image.
+        """
+        if self.num_tasks == 0:
+            msg = "MoLE-Flow has no task yet: call `add_task(name)` and train before predicting."
+            raise RuntimeError(msg)
+        patches, image_embedding = self.embed(images)
+        task_ids = self.route(image_embedding) if tasks is None else tasks.to(images.device).long()
+        height, width = patches.shape[1:3]
+        scores = patches.new_zeros(patches.shape[:3])
+        for task in task_ids.unique().tolist():
+            selected = task_ids == task
+            z, log_det = self.encode(patches[selected], task)
+            nll = self.patch_nll(z, log_det)
+            scores[selected] = rearrange(nll, "(b h w) -> b h w", h=height, w=width)
+        anomaly_map = self.anomaly_map_generator(scores, tuple(images.shape[-2:]))
+        pred_score = top_k_image_score(scores, self.score_aggregation_top_k)
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map), task_ids
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        """Routed inference (used by export and by ``AnomalibModule.forward``)."""
+        predictions, _ = self.predict(images)
+        return predictions

@@ -1,0 +1,102 @@
+"""PNG plots: task x task heatmaps, per-task final bars, anomaly-map overlays (anomalib's visualizer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib as mpl
+
+mpl.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from anomalib.visualization import visualize_image_item
+
+from anomalib_moleflow.metrics import METRICS
+
+
+def plot_matrix_heatmaps(results: dict[str, Any], output_dir: Path) -> list[Path]:
+    """One heatmap per metric of ``matrix[metric][i][j]`` (row: after task i, column: tested on task j)."""
+    tasks = results["tasks"]
+    paths = []
+    for metric, rows in results["matrix"].items():
+        values = np.array([[np.nan if v is None else 100 * v for v in row] for row in rows], dtype=float)
+        if np.all(np.isnan(values)):
+            continue
+        size = max(4.0, 0.6 * len(tasks) + 2)
+        fig, ax = plt.subplots(figsize=(size, size * 0.85))
+        image = ax.imshow(values, vmin=np.nanmin(values), vmax=100, cmap="viridis")
+        ax.set_xticks(range(len(tasks)), tasks, rotation=60, ha="right")
+        ax.set_yticks(range(len(tasks)), tasks)
+        ax.set_xlabel("evaluated task")
+        ax.set_ylabel("after training task")
+        ax.set_title(f"{METRICS.get(metric, metric)} (%)")
+        if len(tasks) <= 16:
+            for (i, j), value in np.ndenumerate(values):
+                if not np.isnan(value):
+                    ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="w", fontsize=7)
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        path = output_dir / f"heatmap_{metric}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_final_bars(results: dict[str, Any], output_dir: Path) -> Path:
+    """Grouped bars of each task's final value for every metric that has values."""
+    tasks = results["tasks"]
+    metrics = [m for m in METRICS if results["final"].get(m) is not None]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(tasks) * max(1, len(metrics)) / 2), 4))
+    width = 0.8 / max(1, len(metrics))
+    for k, metric in enumerate(metrics):
+        heights = [100 * (results["per_task_final"][t][metric] or 0.0) for t in tasks]
+        ax.bar(np.arange(len(tasks)) + k * width, heights, width, label=METRICS[metric])
+    ax.set_xticks(np.arange(len(tasks)) + width * (len(metrics) - 1) / 2, tasks, rotation=45, ha="right")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.set_title("Final value per task")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = output_dir / "final_per_task.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_overlays(model: torch.nn.Module, datamodule: Any, task_name: str, output_dir: Path, count: int) -> list[Path]:
+    """Save anomaly-map overlays of the first ``count`` test images (defective first) with anomalib's visualizer.
+
+    The model scores the images with routing and per-task post-processing, as at test time.
+    """
+    if count <= 0:
+        return []
+    datamodule.setup("test")
+    dataset = datamodule.test_data
+    labels = dataset.samples["label_index"].to_numpy()
+    order = [*np.flatnonzero(labels == 1)[: max(1, count - 1)], *np.flatnonzero(labels == 0)][:count]
+    folder = output_dir / "overlays" / task_name
+    folder.mkdir(parents=True, exist_ok=True)
+    batch = dataset.collate_fn([dataset[int(i)] for i in order])
+    model.eval()
+    with torch.no_grad():
+        predictions = model(batch.image)
+    batch = batch.update(**predictions._asdict())
+    paths = []
+    has_mask = batch.gt_mask is not None
+    for index, item in enumerate(batch):
+        fields = ["image", "gt_mask"] if has_mask else ["image"]
+        overlays = (
+            [("image", ["anomaly_map"]), ("image", ["pred_mask"])]
+            if item.pred_mask is not None
+            else [("image", ["anomaly_map"])]
+        )
+        picture = visualize_image_item(item, fields=fields, overlay_fields=overlays)
+        if picture is None:
+            continue
+        path = folder / f"{index:02d}_{Path(str(item.image_path)).stem}.png"
+        picture.save(path)
+        paths.append(path)
+    return paths

@@ -1,1 +1,0 @@
-"""Building blocks of MoLE-Flow, one DESIGN.md row per module."""
