@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -123,7 +124,10 @@ def test_anomalib_cli_train_then_test(tiny_mvtec_root: Path, tmp_path: Path) -> 
     )
     assert tested.returncode == 0, tested.stderr[-3000:]
     for key in METRIC_KEYS:
-        assert key in tested.stdout
+        # anomalib prints a table "metric | value": each metric must have a real value in [0, 1]
+        found = re.search(rf"{key}\b[^\w\n]*([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?|nan)", tested.stdout)
+        assert found, f"{key} has no value in:\n{tested.stdout[-3000:]}"
+        assert 0.0 <= float(found.group(1)) <= 1.0, (key, found.group(1))
 
 
 @pytest.mark.parametrize("config", ["configs/moleflow.yaml"])
@@ -134,6 +138,8 @@ def test_main_config_matches_the_constructor_defaults(config: str) -> None:
     import inspect
 
     defaults = {k: p.default for k, p in inspect.signature(MoleFlow.__init__).parameters.items()}
+    architecture = {"backbone", "layers", "image_size", "embed_dim", "num_coupling_layers", "dia_blocks", "lora_rank"}
+    assert architecture | {"lr", "max_epochs", "freeze_base"} <= set(init_args)  # the config spells the main settings
     for key, value in init_args.items():
         expected = list(defaults[key]) if isinstance(defaults[key], tuple) else defaults[key]
         assert value == expected, key

@@ -42,7 +42,7 @@ def test_apply_threshold_is_strictly_greater() -> None:
 def test_reset_memory_bank_lets_patchcore_refit() -> None:
     model = Patchcore(backbone="resnet18", layers=("layer2",), pre_trained=False)
     model.model.embedding_store.append(torch.zeros(2, 3))
-    model._is_fitted = torch.tensor([True])  # noqa: SLF001
+    model._is_fitted = torch.tensor([True])
     reset_memory_bank(model)
     assert model.model.embedding_store == []
-    assert not bool(model._is_fitted)  # noqa: SLF001
+    assert not bool(model._is_fitted)

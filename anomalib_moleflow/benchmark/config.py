@@ -87,6 +87,8 @@ def benchmark_parser() -> ArgumentParser:
     parser.add_argument(
         "--resume",
         type=bool,
+        nargs="?",
+        const=True,
         default=False,
         help="Continue each row after its last finished task (rows keep their state under OUTPUT/rows/).",
     )

@@ -74,13 +74,15 @@ def continual_parser() -> ArgumentParser:
         default="router",
         help="router: the model picks each test image's task; oracle: the true task (ablations).",
     )
-    parser.add_argument("--resume", type=bool, default=False, help="Continue after the last finished task.")
+    parser.add_argument(
+        "--resume", type=bool, nargs="?", const=True, default=False, help="Continue after the last finished task."
+    )
     parser.add_argument("--stop_after", type=int | None, default=None, help="Stop after this many tasks.")
     parser.add_argument("--from_checkpoint", type=str | None, default=None, help="Start from a saved model.")
     parser.add_argument("--accelerator", type=str, default="auto")
     parser.add_argument("--devices", type=int | str, default=1)
     parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (default: automatic).")
-    parser.add_argument("--progress_bar", type=bool, default=True)
+    parser.add_argument("--progress_bar", type=bool, nargs="?", const=True, default=True)
     parser.add_argument("--overlays_per_task", type=int, default=4)
     parser.add_class_arguments(MoleFlow, "model", skip=_COMPONENT_ARGS)
     parser.add_argument("--tasks", type=dict | list | None, default=None, help="{dataset: {...}, categories: [...]}")

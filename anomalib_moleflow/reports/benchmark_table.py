@@ -152,7 +152,8 @@ def plot_bars(report: dict[str, Any], path: Path) -> Path:
     sizes = [row["bytes_per_task"] if row["status"] == "ok" else None for row in rows]
     cost.barh(x, [(size or 0) / 2**10 for size in sizes], color="gray")
     positive = [size / 2**10 for size in sizes if size]
-    cost.set_xscale("log")
+    if positive:  # a log axis needs a positive value (a table of finetune rows adds nothing per task)
+        cost.set_xscale("log")
     cost.set_xlim(min(positive, default=1.0) / 3, max(positive, default=1.0) * 30)
     for i, size in enumerate(sizes):
         text = "failed" if rows[i]["status"] != "ok" else _bytes(size)

@@ -3,7 +3,7 @@
 All three learn the same generated demo category (one task) with the same backbone, stages and image size, each in
 its own child process (so peak memory is the model's own), then the script prints the ratios MoLE-Flow / baseline:
 
-    python scripts/benchmarks/speed_memory.py --threads 1           # tf_efficientnet_lite0 (offline ImageNet weights), CPU
+    python scripts/benchmarks/speed_memory.py --threads 1  # tf_efficientnet_lite0 (offline ImageNet weights), CPU
     python scripts/benchmarks/speed_memory.py --backbone wide_resnet50_2 --layers layer2 layer3 --image_size 224  # GPU
 
 Training time per epoch counts the training batches only (not the validation anomalib runs after each epoch);
