@@ -7,8 +7,8 @@ its routing accuracy is measured, not assumed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 from anomalib_moleflow.metrics import default_evaluator
 from anomalib_moleflow.models.moleflow.components.backbone import build_feature_extractor
 from anomalib_moleflow.models.moleflow.components.embedding import PatchEmbedding
-from anomalib_moleflow.models.moleflow.components.router import MahalanobisRouter, RoutingLog
+from anomalib_moleflow.models.moleflow.components.router import MahalanobisRouter, RoutingLog, RoutingRecorder
 
 from .common import tensor_size
 
@@ -101,23 +101,16 @@ class RoutedModels(nn.Module):
             raise ValueError(msg)
         self.router = router
         self.experts = nn.ModuleList(experts)
-        self._routing_logs: list[RoutingLog] = []
+        self._routing = RoutingRecorder()
 
-    @contextmanager
-    def record_routing(self) -> Iterator[RoutingLog]:
-        """Inside the block, record the model (task) that scored each image."""
-        log = RoutingLog()
-        self._routing_logs.append(log)
-        try:
-            yield log
-        finally:
-            self._routing_logs.remove(log)
+    def record_routing(self) -> AbstractContextManager[RoutingLog]:
+        """Inside the ``with`` block, record the model (task) that scored each image."""
+        return self._routing.record()
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Routed, per-task normalised predictions of pre-processed images."""
         task_ids = self.router(images)
-        for log in self._routing_logs:
-            log.append(task_ids)
+        self._routing.append(task_ids)
         pred_score: torch.Tensor | None = None
         anomaly_map: torch.Tensor | None = None
         for task in task_ids.unique().tolist():

@@ -177,11 +177,13 @@ class _BaselineStrategy(Strategy):
         """Names of the tasks learned so far."""
         return list(self._learned)
 
+    @abstractmethod
     def _state(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The objects to pickle (besides the learned task names)."""
 
+    @abstractmethod
     def _restore(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Take back what :meth:`_state` gave."""
 
     def save(self, path: Path, trainer: TaskTrainer) -> None:
         """Pickle the models (anomalib's baselines have no per-task checkpoint format to reuse)."""
@@ -199,23 +201,14 @@ class _BaselineStrategy(Strategy):
         return {"strategy": type(self).__name__, "model": self.name}
 
 
-class FinetuneStrategy(_BaselineStrategy):
-    """One model trained task after task (each ``fit`` on the new task's data only), tested on every seen task."""
+class _SingleModelStrategy(_BaselineStrategy):
+    """One model serves every task (no routing); its post-processing is re-fitted on each tested task."""
 
     calibrate = True
 
     def __init__(self, make: ModelFactory, name: str) -> None:
         super().__init__(make, name)
         self.model = make()
-
-    def learn(self, index: int, task: Task, trainer: TaskTrainer, folder: Path) -> None:
-        """Train the one model on the task (Patchcore's memory bank is rebuilt from the new task's data)."""
-        del index
-        if isinstance(self.model, TimmPatchcore):
-            self.model.reset_memory_bank()
-        trainer.fit(self.model, task.datamodule, folder)
-        check_finite(self.model, task.name)
-        self._learned.append(task.name)
 
     @contextmanager
     def testing(self, index: int) -> Iterator[tuple[AnomalibModule, RoutingLog | None]]:
@@ -229,13 +222,26 @@ class FinetuneStrategy(_BaselineStrategy):
     def _restore(self, state: dict[str, Any]) -> None:
         self.model = state["model"]
 
-    def costs(self) -> dict[str, Any]:
-        """Nothing is added per task: one model, overwritten."""
-        return {"per_task": [{"task": name, "params": 0, "bytes": 0} for name in self._learned]}
-
     def final_module(self) -> torch.nn.Module:
         """The one model."""
         return self.model
+
+
+class FinetuneStrategy(_SingleModelStrategy):
+    """One model trained task after task (each ``fit`` on the new task's data only), tested on every seen task."""
+
+    def learn(self, index: int, task: Task, trainer: TaskTrainer, folder: Path) -> None:
+        """Train the one model on the task (Patchcore's memory bank is rebuilt from the new task's data)."""
+        del index
+        if isinstance(self.model, TimmPatchcore):
+            self.model.reset_memory_bank()
+        trainer.fit(self.model, task.datamodule, folder)
+        check_finite(self.model, task.name)
+        self._learned.append(task.name)
+
+    def costs(self) -> dict[str, Any]:
+        """Nothing is added per task: one model, overwritten."""
+        return {"per_task": [{"task": name, "params": 0, "bytes": 0} for name in self._learned]}
 
 
 class SeparateStrategy(_BaselineStrategy):
@@ -300,7 +306,7 @@ class SeparateStrategy(_BaselineStrategy):
         return self._ensemble()
 
 
-class JointStrategy(_BaselineStrategy):
+class JointStrategy(_SingleModelStrategy):
     """One model on every task's training data at once (not continual), trained and tested after the last task.
 
     Args:
@@ -309,12 +315,9 @@ class JointStrategy(_BaselineStrategy):
         tasks: The whole task sequence (the joint training set).
     """
 
-    calibrate = True
-
     def __init__(self, make: ModelFactory, name: str, tasks: Sequence[Task]) -> None:
         super().__init__(make, name)
         self.tasks = list(tasks)
-        self.model = make()
 
     def learn(self, index: int, task: Task, trainer: TaskTrainer, folder: Path) -> None:
         """Nothing until the last task; then train on all tasks' data together."""
@@ -327,18 +330,6 @@ class JointStrategy(_BaselineStrategy):
         """Every task, once, after the last one."""
         return range(num_tasks) if index == num_tasks - 1 else range(0)
 
-    @contextmanager
-    def testing(self, index: int) -> Iterator[tuple[AnomalibModule, RoutingLog | None]]:
-        """The one model (no routing)."""
-        del index
-        yield self.model, None
-
-    def _state(self) -> dict[str, Any]:
-        return {"model": self.model}
-
-    def _restore(self, state: dict[str, Any]) -> None:
-        self.model = state["model"]
-
     def costs(self) -> dict[str, Any]:
         """Patchcore: an equal share of the joint memory bank per task; Fastflow: nothing added per task."""
         n = len(self.tasks)
@@ -346,10 +337,6 @@ class JointStrategy(_BaselineStrategy):
             params, size = self.model.memory_bank_size()
             return {"per_task": [{"task": t.name, "params": params / n, "bytes": size / n} for t in self.tasks]}
         return {"per_task": [{"task": t.name, "params": 0, "bytes": 0} for t in self.tasks]}
-
-    def final_module(self) -> torch.nn.Module:
-        """The one model."""
-        return self.model
 
 
 def _train_batches(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from torch import nn, optim
 
 from anomalib_moleflow.metrics import default_evaluator
 
-from .components.router import RoutingLog
+from .components.router import RoutingLog, RoutingRecorder
 from .loss import MoleFlowLoss
 from .post_processor import TaskPostProcessor
 from .torch_model import MoleFlowModel, model_settings
@@ -141,7 +141,7 @@ class MoleFlow(AnomalibModule):
         self.lr = lr
         self.max_epochs = max_epochs
         self._oracle_task: int | None = None
-        self._routing_logs: list[RoutingLog] = []
+        self._routing = RoutingRecorder()
 
     # ----------------------------------------------------------- components
     def configure_post_processor(self) -> PostProcessor:
@@ -213,15 +213,9 @@ class MoleFlow(AnomalibModule):
         finally:
             self._oracle_task = previous
 
-    @contextmanager
-    def record_routing(self) -> Iterator[RoutingLog]:
-        """Inside the block, record the task that scored each evaluated or predicted image."""
-        log = RoutingLog()
-        self._routing_logs.append(log)
-        try:
-            yield log
-        finally:
-            self._routing_logs.remove(log)
+    def record_routing(self) -> AbstractContextManager[RoutingLog]:
+        """Inside the ``with`` block, record the task that scored each evaluated or predicted image."""
+        return self._routing.record()
 
     def setup(self, stage: str) -> None:
         """Before fitting a model that has no task (and no checkpoint to restore tasks from), add one.
@@ -284,8 +278,7 @@ class MoleFlow(AnomalibModule):
     def _score(self, images: torch.Tensor) -> tuple[InferenceBatch, torch.Tensor]:
         """Raw predictions and the task id used for each image (recorded in every open routing log)."""
         predictions, task_ids = self.model.predict(images, self._given_tasks(images.shape[0], images.device))
-        for log in self._routing_logs:
-            log.append(task_ids)
+        self._routing.append(task_ids)
         return predictions, task_ids
 
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:

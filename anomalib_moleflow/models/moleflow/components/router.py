@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -80,6 +83,28 @@ class RoutingLog:
         """Share of the recorded images sent to ``task`` (``None`` when nothing was recorded)."""
         tasks = self.tasks()
         return float((tasks == task).float().mean()) if tasks.numel() else None
+
+
+class RoutingRecorder:
+    """The routing logs open on a model: :meth:`record` opens one for a block, :meth:`append` feeds every open one."""
+
+    def __init__(self) -> None:
+        self._logs: list[RoutingLog] = []
+
+    @contextmanager
+    def record(self) -> Iterator[RoutingLog]:
+        """Inside the block, the returned log receives the task ids of every scored batch."""
+        log = RoutingLog()
+        self._logs.append(log)
+        try:
+            yield log
+        finally:
+            self._logs.remove(log)
+
+    def append(self, task_ids: torch.Tensor) -> None:
+        """Record the task ids ``(b,)`` of one batch in every open log."""
+        for log in self._logs:
+            log.append(task_ids)
 
 
 class MahalanobisRouter(nn.Module):
