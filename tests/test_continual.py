@@ -192,6 +192,10 @@ def test_cli_runs_reduced_demo_config(tmp_path: Path) -> None:
     ]  # fmt: skip
     completed = subprocess.run(command, check=True, capture_output=True, text=True, cwd=tmp_path)
     assert "| **mean** |" in completed.stdout
+    output = completed.stdout + completed.stderr
+    for noise in ("Tip:", "GPU available", "FutureWarning", "in eval mode", "weights_only"):
+        assert noise not in output, f"third-party noise in the command's output: {noise!r}"
+    assert "[task 3/3]" in output  # our own progress lines are kept
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["config"]["model"]["use_lora"] is False
     assert results["config"]["model"]["backbone"] == "tf_efficientnet_lite0"

@@ -167,6 +167,15 @@ def _quiet_third_party() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    # Lightning announces devices, product tips and checkpoint defaults at INFO for every fit and test (dozens per
+    # continual run); the backbone is frozen in eval mode on purpose.
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning_fabric.utilities.rank_zero",
+        "lightning.pytorch.trainer.connectors.checkpoint_connector",
+    ):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
