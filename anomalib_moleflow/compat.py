@@ -5,6 +5,7 @@ anomalib 2.7 has no public API for these:
 * ``PostProcessor``: its single set of statistics (``_image_threshold``, ``_pixel_threshold``, ``image_min`` ...),
   its min-max normalisation ``_normalize`` and thresholding ``_apply_threshold``. :class:`TaskPostProcessor` keeps
   one set per task and reuses anomalib's arithmetic instead of re-deriving it.
+* ``padim.torch_model._N_FEATURES_DEFAULTS``: the channels Padim keeps per backbone (``None`` for others).
 * ``MemoryBankMixin`` (Patchcore): ``_is_fitted``, and ``PatchcoreModel.embedding_store``. A fitted Patchcore never
   refits; retraining it on a new task (the fine-tuning baseline) needs both reset.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from anomalib.models import Patchcore
+from anomalib.models.image.padim import torch_model as padim_torch_model
 from anomalib.post_processing import PostProcessor
 
 #: PostProcessor buffers holding its single set of statistics, in the order of ``TaskPostProcessor``'s columns.
@@ -46,3 +48,8 @@ def reset_memory_bank(model: Patchcore) -> None:
     """Let the next ``fit`` of a Patchcore build a new memory bank from its own data (replacing the current one)."""
     model.model.embedding_store.clear()
     model._is_fitted = torch.tensor([False], device=model._is_fitted.device)
+
+
+def padim_default_features(backbone: str) -> int | None:
+    """Channels anomalib's Padim keeps for ``backbone`` when ``n_features`` is not given (``None``: no default)."""
+    return padim_torch_model._N_FEATURES_DEFAULTS.get(backbone)

@@ -175,7 +175,7 @@ def test_outputs(bench: tuple[dict, Path]) -> None:
 def test_row_names_and_overrides_are_checked() -> None:
     assert RowSpec.parse("moleflow") == RowSpec("moleflow", "moleflow", "continual")
     assert RowSpec.parse("fastflow/separate#wide").regime == "separate"
-    for bad in ("fastflow", "patchcore/continual", "moleflow/finetune", "padim/joint", "fastflow/joint#"):
+    for bad in ("fastflow", "patchcore/continual", "moleflow/finetune", "knn/joint", "fastflow/joint#"):
         with pytest.raises(ValueError, match=r"(?i)row"):
             RowSpec.parse(bad)
     with pytest.raises(ValueError, match="unique"):
@@ -190,6 +190,9 @@ def test_shipped_configs_parse() -> None:
         config = parser.parse_args(["--config", str(REPO / "configs" / "benchmark" / f"{name}.yaml")])
         parse_rows(config.rows, config.overrides)
         assert list(config.rows) == list(ROWS)
+    quality = parser.parse_args(["--config", str(REPO / "configs" / "benchmark" / "quality.yaml")])
+    assert [RowSpec.parse(row).regime for row in quality.rows] == ["continual", "separate", "separate", "separate"]
+    assert len(quality.seeds) == 3
     mvtec = parser.parse_args(["--config", str(REPO / "configs" / "benchmark" / "mvtec_1x1.yaml")])
     assert mvtec.tasks["categories"] == sorted(mvtec.tasks["categories"])
     assert len(mvtec.tasks["categories"]) == 15
@@ -376,3 +379,49 @@ def test_anomalib_benchmark_cli_with_baselines(tmp_path: Path) -> None:
     ]
     assert all(0.0 <= float(row["image_AUROC"]) <= 1.0 for row in rows)
     assert [bool(row["model.init_args.embed_dim"]) for row in rows] == [True, False, False]  # union of the keys
+
+
+def test_padim_baseline_uses_anomalibs_default_or_every_channel() -> None:
+    from anomalib_moleflow.baselines import TimmPadim
+
+    # anomalib's default for resnet18 (100) is capped by the stages' channels (64 for layer1 alone)
+    narrow = TimmPadim(backbone="resnet18", layers=["layer1"], pre_trained=False, image_size=64, visualizer=False)
+    assert narrow.model.n_features == 64
+    wide = TimmPadim(backbone="resnet18", layers=["layer1", "layer2"], pre_trained=False, image_size=64)
+    assert wide.model.n_features == 100
+    # the backbone is the one built by MoLE-Flow's builder (its offline weights path), frozen
+    assert not any(p.requires_grad for p in wide.backbone_module().parameters())
+
+
+def test_seed_summary_is_the_mean_and_half_range_and_names_failed_seeds() -> None:
+    from anomalib_moleflow.reports import seeds_markdown, summarize_seeds
+
+    def report(image_auroc: float | None, status: str = "ok") -> dict:
+        row = {"row": "moleflow", "status": status, "image_AUROC": image_auroc, "image_AUPR": 0.5}
+        row.update(pixel_AUROC=None, pixel_AUPR=None, routing_accuracy=1.0)
+        return {"rows": [row]}
+
+    summary = summarize_seeds({0: report(0.8), 1: report(0.9), 2: report(None, "failed")})
+    row = summary["rows"][0]
+    assert summary["seeds"] == [0, 1, 2]
+    assert row["image_AUROC"]["mean"] == pytest.approx(0.85)
+    assert row["image_AUROC"]["spread"] == pytest.approx(0.05)
+    assert row["pixel_AUROC"] is None
+    assert row["status"] == "failed in seeds [2]"
+    table = seeds_markdown(summary, ["a", "b"])
+    assert "| moleflow | 85.00 ± 5.00 | 50.00 ± 0.00 | - | - | 100.00 ± 0.00 | failed in seeds [2] |" in table
+
+
+def test_seeds_run_the_table_once_per_seed(tmp_path: Path) -> None:
+    config = tiny_config(tmp_path / "data", tmp_path / "out")
+    config.update(rows=["padim/separate"], overrides={}, seeds=[3, 4])
+    config["tasks"]["categories"] = ["woven"]
+    report = run_benchmark(config)
+    assert report["seeds"] == [3, 4]
+    for seed in (3, 4):
+        single = json.loads((tmp_path / "out" / f"seed_{seed}" / "benchmark.json").read_text())
+        assert single["config"]["seed"] == seed
+        assert single["rows"][0]["status"] == "ok"
+    values = report["rows"][0]["image_AUROC"]["values"]
+    assert len(values) == 2
+    assert "padim/separate" in (tmp_path / "out" / "seeds.md").read_text()

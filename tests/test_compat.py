@@ -46,3 +46,12 @@ def test_reset_memory_bank_lets_patchcore_refit() -> None:
     reset_memory_bank(model)
     assert model.model.embedding_store == []
     assert not bool(model._is_fitted)
+
+
+def test_padim_default_features_are_anomalibs() -> None:
+    from anomalib.models.image.padim.torch_model import PadimModel
+
+    from anomalib_moleflow.compat import padim_default_features
+
+    assert padim_default_features("resnet18") == PadimModel("resnet18", pre_trained=False).n_features == 100
+    assert padim_default_features("tf_efficientnet_lite0") is None

@@ -260,6 +260,75 @@ def test_log_det_matches_autograd_jacobian(num_coupling_layers: int, dia_blocks:
         torch.testing.assert_close(log_det, expected.view(1), rtol=1e-6, atol=1e-8)
 
 
+def test_exact_likelihood_counts_the_whitening_affine_in_the_log_det() -> None:
+    """From the whitening LayerNorm's output y to z, encode()'s log-det is log|det dz/dy| only if the likelihood is
+    exact: the study's training leaves out the affine's sum(log gamma), so shrinking gamma lowers the NLL for free."""
+    torch.manual_seed(0)
+    logs = {}
+    for exact in (True, False):
+        model = small_model(
+            embed_dim=8,
+            num_coupling_layers=2,
+            dia_blocks=1,
+            use_pos_embedding=False,
+            spatial_context_kernel=0,
+            scale_context_kernel=3,
+            exact_likelihood=exact,
+        )
+        model.add_task("a")
+        model = model.double().eval()
+        perturb(model, scale=0.5, seed=4)
+        adapter = model.whitening[0]
+        with torch.no_grad():
+            adapter.gamma_raw.copy_(torch.linspace(-3, 3, 8, dtype=torch.float64))  # gamma far from 1
+        token = torch.randn(1, 1, 1, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        y = torch.nn.functional.layer_norm(token, (8,))
+
+        def from_whitened(v: torch.Tensor, model: MoleFlowModel = model, adapter: nn.Module = adapter) -> torch.Tensor:
+            x = v.view(1, 1, 1, 8) * adapter.gamma + adapter.beta
+            z, _ = model.flow_for(0)(x.view(1, 8), "0", grid=(1, 1))
+            return model.dias[0](z)[0].view(8)
+
+        _, expected = torch.linalg.slogdet(torch.autograd.functional.jacobian(from_whitened, y.view(8)))
+        _, log_det = model.encode(token, 0)
+        logs[exact] = (log_det.item(), expected.item())
+    assert abs(logs[True][1] - logs[True][0]) < 1e-8
+    gap = logs[False][1] - logs[False][0]  # what the study's NLL leaves out
+    assert abs(gap - model.whitening[0].log_abs_det().item()) < 1e-8
+    assert abs(gap) > 0.5
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "study"])
+def test_exact_likelihood_decides_whether_the_spatial_context_is_trained(exact: bool) -> None:
+    model = small_model(embed_dim=8, num_coupling_layers=1, dia_blocks=0, exact_likelihood=exact)
+    model.add_task("a")
+    trainable = {id(p) for p in model.set_trainable(0, train_shared=True)}
+    spatial = {id(p) for p in model.flows[0].spatial_context.parameters()}
+    assert spatial
+    assert not spatial & trainable if exact else spatial <= trainable
+    assert all(p.requires_grad is not exact for p in model.flows[0].spatial_context.parameters())
+    # it is part of the fingerprint: a study checkpoint does not load into an exact model, and vice versa
+    assert model.fingerprint()["exact_likelihood"] is exact
+    other = small_model(embed_dim=8, num_coupling_layers=1, dia_blocks=0, exact_likelihood=not exact)
+    with pytest.raises(ValueError, match="exact_likelihood"):
+        other.load_state_dict(model.state_dict())
+
+
+def test_embed_dim_defaults_to_the_backbone_channels(caplog: pytest.LogCaptureFixture) -> None:
+    from anomalib_moleflow.models.moleflow.components.embedding import default_embed_dim
+
+    assert default_embed_dim(512 + 1024) == 768  # WRN50 layer2 + layer3: the study's D
+    assert default_embed_dim(40 + 112) == 152  # tf_efficientnet_lite0 blocks.2 + blocks.4
+    assert default_embed_dim(64 + 128 + 3) == 192
+    model = small_model(embed_dim=None)
+    channels = sum(model.feature_extractor.out_dims)
+    assert model.embed_dim == model.settings["embed_dim"] == default_embed_dim(channels)
+    assert model.fingerprint()["embed_dim"] == model.embed_dim
+    with caplog.at_level("WARNING"):
+        small_model(embed_dim=4 * channels)
+    assert "copies" in caplog.text
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. new experts / DIAs / adapters start at the base / identity
 # ----------------------------------------------------------------------------------------------------------------------
@@ -356,10 +425,14 @@ def test_first_task_trains_the_shared_base(continual_run: ContinualRun) -> None:
     added, after = continual_run.snapshots["add0"], continual_run.snapshots["fit0"]
     shared = {id(p) for p in model.model.shared_parameters()}
     shared_keys = [f"model.{name}" for name, p in model.model.named_parameters() if id(p) in shared]
-    assert any("spatial_context" in key for key in shared_keys)
     assert any("scale_conv" in key for key in shared_keys)
     unchanged = [key for key in shared_keys if same_bits(added[key], after[key])]
     assert unchanged == [], f"shared tensors not trained on the first task: {unchanged}"
+    # exact likelihood (the default): the spatial context, whose Jacobian the NLL does not count, stays as built
+    spatial = [key for key in added if ".spatial_context." in key]
+    assert spatial
+    assert not set(spatial) & set(shared_keys)
+    assert all(same_bits(added[key], after[key]) for key in spatial)
     # the backbone (including batch-norm running statistics) never changes
     backbone = [key for key in added if key.startswith("model.feature_extractor.")]
     assert backbone
@@ -657,7 +730,8 @@ def test_flag_task_separated_builds_one_flow_per_task(tiny_model_kwargs: dict[st
     assert len(separated.model.flows) == 2
     assert separated.model.flow_for(0) is not separated.model.flow_for(1)
     assert separated.model.shared_parameters() == []
-    base_ids = {id(p) for p in separated.model.flows[1].base_parameters()}
+    spatial = {id(p) for p in separated.model.flows[1].spatial_context.parameters()}  # fixed (exact likelihood)
+    base_ids = {id(p) for p in separated.model.flows[1].base_parameters()} - spatial
     assert base_ids <= {id(p) for p in separated.model.task_parameters(1)}
     assert not base_ids & {id(p) for p in separated.model.task_parameters(0)}
     report_shared = shared.model.parameter_report()["per_task"][1]["params"]

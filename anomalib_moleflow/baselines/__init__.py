@@ -1,8 +1,9 @@
-"""anomalib's own baselines (Fastflow, Patchcore) set up for the benchmark, and the router that picks between them.
+"""anomalib's own baselines (Fastflow, Patchcore, Padim) set up for the benchmark, and the router that picks one.
 
 * :class:`TimmFastflow`: anomalib's ``Fastflow`` extended (by subclassing) to any timm CNN backbone and stages,
   including ``tf_efficientnet_lite0`` with its offline ImageNet weights;
-* :class:`TimmPatchcore`: anomalib's ``Patchcore`` whose backbone weights come from the same place as MoLE-Flow's;
+* :class:`TimmPatchcore` and :class:`TimmPadim`: anomalib's ``Patchcore`` and ``Padim`` whose backbone weights come
+  from the same place as MoLE-Flow's;
 * :class:`TaskRouter` and :class:`RoutedExperts`: one model per task, and MoLE-Flow's Mahalanobis router choosing
   which model scores each image.
 
@@ -12,6 +13,7 @@ All of them evaluate with the package's metrics (image/pixel AUROC and AUPR, pix
 
 from .common import non_backbone_size, tensor_size
 from .fastflow import TimmFastflow, TimmFastflowModel
+from .padim import TimmPadim
 from .patchcore import TimmPatchcore
 from .routing import RoutedExperts, RoutedModels, TaskRouter
 
@@ -21,6 +23,7 @@ __all__ = [
     "TaskRouter",
     "TimmFastflow",
     "TimmFastflowModel",
+    "TimmPadim",
     "TimmPatchcore",
     "non_backbone_size",
     "tensor_size",

@@ -21,7 +21,7 @@ from torch import nn
 
 from anomalib_moleflow.metrics import default_evaluator
 from anomalib_moleflow.models.moleflow.components.backbone import build_feature_extractor
-from anomalib_moleflow.models.moleflow.components.embedding import PatchEmbedding
+from anomalib_moleflow.models.moleflow.components.embedding import PatchEmbedding, default_embed_dim
 from anomalib_moleflow.models.moleflow.components.router import MahalanobisRouter, RoutingLog, RoutingRecorder
 
 from .common import tensor_size
@@ -34,7 +34,7 @@ class TaskRouter(nn.Module):
         backbone: timm backbone (frozen).
         layers: Backbone stages of the patch embedding.
         pre_trained: ImageNet weights.
-        embed_dim: Patch embedding size D.
+        embed_dim: Patch embedding size D; ``None``: MoLE-Flow's default for the backbone.
         eps: Relative ridge of the covariances.
     """
 
@@ -43,11 +43,12 @@ class TaskRouter(nn.Module):
         backbone: str,
         layers: Sequence[str],
         pre_trained: bool = True,
-        embed_dim: int = 768,
+        embed_dim: int | None = None,
         eps: float = 0.01,
     ) -> None:
         super().__init__()
         self.feature_extractor = build_feature_extractor(backbone, layers, pre_trained)
+        embed_dim = embed_dim or default_embed_dim(sum(self.feature_extractor.out_dims))
         self.patch_embedding = PatchEmbedding(embed_dim)
         self.router = MahalanobisRouter(embed_dim, eps=eps)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from anomalib_moleflow.baselines import TimmFastflow, TimmPatchcore
+from anomalib_moleflow.baselines import TimmFastflow, TimmPadim, TimmPatchcore
 from anomalib_moleflow.models import MoleFlow
 
 #: Every row of the standard table, in order.
@@ -19,8 +19,9 @@ ROWS: tuple[str, ...] = (
     "patchcore/finetune",
     "patchcore/separate",
     "patchcore/joint",
+    "padim/separate",
 )
-MODELS: tuple[str, ...] = ("moleflow", "fastflow", "patchcore")
+MODELS: tuple[str, ...] = ("moleflow", "fastflow", "patchcore", "padim")
 REGIMES: tuple[str, ...] = ("finetune", "separate", "joint")
 #: Settings every row shares (same backbone, stages and image size for every method).
 SHARED_KEYS: tuple[str, ...] = ("backbone", "layers", "pre_trained", "image_size")
@@ -33,7 +34,7 @@ class RowSpec:
 
     Attributes:
         name: As written in the config: ``moleflow``, ``MODEL/REGIME``, optionally followed by ``#LABEL``.
-        model: ``moleflow``, ``fastflow`` or ``patchcore``.
+        model: ``moleflow``, ``fastflow``, ``patchcore`` or ``padim``.
         regime: ``continual`` (MoLE-Flow, frozen base), ``finetune``, ``separate`` or ``joint``.
     """
 
@@ -78,12 +79,18 @@ def benchmark_parser() -> ArgumentParser:
     """Parser of ``moleflow benchmark`` (YAML configs use the same keys)."""
     parser = ArgumentParser(
         prog="moleflow benchmark",
-        description="MoLE-Flow vs anomalib's Fastflow and Patchcore (finetune / separate + router / joint) on the same "
-        "task sequence, backbone and image size: one table, one plot.",
+        description="MoLE-Flow vs anomalib's Fastflow, Patchcore and Padim (finetune / separate + router / joint) on "
+        "the same task sequence, backbone and image size: one table, one plot.",
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (same keys as the options).")
     parser.add_argument("--output", type=str, default="results/benchmark", help="Output folder.")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--seeds",
+        type=list[int] | None,
+        default=None,
+        help="Run the whole table once per seed (into OUTPUT/seed_N) and write OUTPUT/seeds.md: mean ± half-range.",
+    )
     parser.add_argument(
         "--resume",
         type=bool,
@@ -110,6 +117,7 @@ def benchmark_parser() -> ArgumentParser:
     parser.add_class_arguments(MoleFlow, "moleflow", skip=_SKIPPED)
     parser.add_class_arguments(TimmFastflow, "fastflow", skip=_SKIPPED)
     parser.add_class_arguments(TimmPatchcore, "patchcore", skip=_SKIPPED)
+    parser.add_class_arguments(TimmPadim, "padim", skip=_SKIPPED)
     parser.add_argument(
         "--overrides",
         type=dict[str, dict[str, Any]],

@@ -15,7 +15,7 @@ import torch
 from anomalib.models.components import AnomalibModule
 from jsonargparse import ArgumentParser, Namespace
 
-from anomalib_moleflow.baselines import TimmFastflow, TimmPatchcore
+from anomalib_moleflow.baselines import TimmFastflow, TimmPadim, TimmPatchcore
 from anomalib_moleflow.data import Task, build_tasks, check_datamodule
 from anomalib_moleflow.engine import (
     ContinualEngine,
@@ -28,7 +28,7 @@ from anomalib_moleflow.engine import (
 from anomalib_moleflow.io import atomic_write_text
 from anomalib_moleflow.metrics import METRICS
 from anomalib_moleflow.models import MoleFlow
-from anomalib_moleflow.reports import COLUMNS, summarize, write_report
+from anomalib_moleflow.reports import COLUMNS, seeds_markdown, summarize, summarize_seeds, write_report
 from anomalib_moleflow.runtime import torch_threads
 
 from .config import SHARED_KEYS, RowSpec, benchmark_parser, parse_rows
@@ -68,7 +68,7 @@ def make_strategy(config: Namespace, row: RowSpec, tasks: list[Task], device: to
     settings = row_settings(config, row)
     if row.model == "moleflow":
         return MoleFlowStrategy(MoleFlow(**settings, visualizer=False))
-    cls = {"fastflow": TimmFastflow, "patchcore": TimmPatchcore}[row.model]
+    cls = {"fastflow": TimmFastflow, "patchcore": TimmPatchcore, "padim": TimmPadim}[row.model]
 
     def make() -> AnomalibModule:
         return cls(**settings, visualizer=False)
@@ -154,7 +154,28 @@ def run_benchmark(config: Mapping[str, Any] | Namespace) -> dict[str, Any]:
     rows = parse_rows(list(config.rows), dict(config.overrides))
     release_large_frees()
     with torch_threads(config.threads):
-        return _run_rows(config, parser, rows)
+        if not config.seeds:
+            return _run_rows(config, parser, rows)
+        return _run_seeds(config, parser, rows)
+
+
+def _run_seeds(config: Namespace, parser: ArgumentParser, rows: list[RowSpec]) -> dict[str, Any]:
+    """The whole table once per seed (``OUTPUT/seed_N``), then the mean ± half-range table (``OUTPUT/seeds.md``)."""
+    output = Path(config.output)
+    if len(set(config.seeds)) != len(config.seeds):
+        msg = f"seeds must be distinct, got {config.seeds}."
+        raise ValueError(msg)
+    reports = {}
+    for seed in config.seeds:
+        single = config.clone()
+        single.seed, single.seeds, single.output = seed, None, str(output / f"seed_{seed}")
+        reports[seed] = _run_rows(single, parser, rows)
+    summary = summarize_seeds(reports)
+    tasks = reports[config.seeds[0]]["tasks"]
+    report = {**summary, "tasks": tasks, "config": json.loads(parser.dump(config, skip_none=False, format="json"))}
+    atomic_write_text(output / "seeds.json", _dumps(report))
+    atomic_write_text(output / "seeds.md", seeds_markdown(summary, tasks))
+    return report
 
 
 def _run_rows(config: Namespace, parser: ArgumentParser, rows: list[RowSpec]) -> dict[str, Any]:

@@ -206,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from anomalib_moleflow.benchmark import run_benchmark
 
             run_benchmark(options)
-            sys.stdout.write((Path(options.output) / "benchmark.md").read_text())
+            table = "seeds.md" if options.seeds else "benchmark.md"
+            sys.stdout.write((Path(options.output) / table).read_text())
         else:
             from anomalib_moleflow.data.synthetic import generate_demo
 

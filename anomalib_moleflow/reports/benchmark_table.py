@@ -39,7 +39,9 @@ COLUMNS: dict[str, str] = {
 }
 _QUALITY = ("image_AUROC", "pixel_AUROC", "pixel_AUPR", "pixel_AUPRO")
 _LABELS = {"image_AUROC": "Img AUROC", "pixel_AUROC": "Pix AUROC", "pixel_AUPR": "Pix AP", "pixel_AUPRO": "Pix AUPRO"}
-_MODEL_NAMES = {"moleflow": "MoLE-Flow", "fastflow": "Fastflow", "patchcore": "Patchcore"}
+_MODEL_NAMES = {"moleflow": "MoLE-Flow", "fastflow": "Fastflow", "patchcore": "Patchcore", "padim": "Padim"}
+#: Columns of the seed summary: mean ± half-range over seeds.
+SEED_COLUMNS: tuple[str, ...] = ("image_AUROC", "image_AUPR", "pixel_AUROC", "pixel_AUPR", "routing_accuracy")
 
 
 def _percent(value: float | None) -> str:
@@ -167,6 +169,51 @@ def plot_bars(report: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def summarize_seeds(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Mean and half-range (spread) over seeds of each row's quality columns; a row failed in any seed is marked.
+
+    Args:
+        reports: One benchmark report per seed.
+
+    Returns:
+        ``{"seeds": [...], "rows": [{"row", "status", COLUMN: {"mean", "spread", "values"}}, ...]}``.
+    """
+    seeds = sorted(reports)
+    names = [row["row"] for row in reports[seeds[0]]["rows"]]
+    rows = []
+    for name in names:
+        records = [next(r for r in reports[seed]["rows"] if r["row"] == name) for seed in seeds]
+        failed = [seed for seed, r in zip(seeds, records, strict=True) if r["status"] != "ok"]
+        summary: dict[str, Any] = {"row": name, "status": "ok" if not failed else f"failed in seeds {failed}"}
+        for column in SEED_COLUMNS:
+            values = [r[column] for r in records if r["status"] == "ok" and r.get(column) is not None]
+            summary[column] = (
+                {"mean": float(np.mean(values)), "spread": (max(values) - min(values)) / 2, "values": values}
+                if values
+                else None
+            )
+        rows.append(summary)
+    return {"seeds": seeds, "rows": rows}
+
+
+def seeds_markdown(summary: dict[str, Any], tasks: list[str]) -> str:
+    """The seed summary as a markdown table (percent, mean ± half-range)."""
+    labels = {**_LABELS, "image_AUPR": "Img AP", "routing_accuracy": "Rt Acc"}
+    lines = [
+        f"Mean ± half-range over seeds {summary['seeds']}; tasks: {', '.join(tasks)}.",
+        "",
+        "| row | " + " | ".join(labels[c] for c in SEED_COLUMNS) + " | status |",
+        "|---" * (len(SEED_COLUMNS) + 2) + "|",
+    ]
+    for row in summary["rows"]:
+        cells = [
+            "-" if row[c] is None else f"{100 * row[c]['mean']:.2f} ± {100 * row[c]['spread']:.2f}"
+            for c in SEED_COLUMNS
+        ]
+        lines.append(f"| {row['row']} | " + " | ".join(cells) + f" | {row['status']} |")
+    return "\n".join(lines) + "\n"
 
 
 def write_report(report: dict[str, Any], output: Path) -> dict[str, Path]:

@@ -58,7 +58,7 @@ class MoleFlow(AnomalibModule):
         layers: Backbone stages used for the patch embedding.
         pre_trained: Load ImageNet weights into the backbone.
         image_size: Input side length; the pre-processor resizes to it.
-        embed_dim: Patch embedding size D (multiple of 4).
+        embed_dim: Patch embedding size D (multiple of 4); ``None``: from the backbone's channels, at most 768.
         num_coupling_layers: MoLE coupling blocks (0: DIA only).
         dia_blocks: DIA blocks per task (0: MoLE only).
         lora_rank: LoRA rank of the experts.
@@ -77,6 +77,8 @@ class MoleFlow(AnomalibModule):
         max_epochs: Epochs per task (passed to the trainer).
         lora_alpha: LoRA alpha; defaults to ``lora_rank`` (scale 1).
         router_eps: Relative ridge of the router covariances.
+        exact_likelihood: Train only what the NLL's log-det counts (``False``: the study's training, see
+            :class:`MoleFlowModel`).
         pre_processor: anomalib pre-processor, or ``True`` for resize to ``image_size`` + ImageNet normalisation. A
             custom one must resize to ``image_size``.
         post_processor: Post-processor, or ``True`` for the per-task :class:`TaskPostProcessor`.
@@ -90,7 +92,7 @@ class MoleFlow(AnomalibModule):
         layers: Sequence[str] = ("layer2", "layer3"),
         pre_trained: bool = True,
         image_size: int = 224,
-        embed_dim: int = 768,
+        embed_dim: int | None = None,
         num_coupling_layers: int = 6,
         dia_blocks: int = 2,
         lora_rank: int = 64,
@@ -109,6 +111,7 @@ class MoleFlow(AnomalibModule):
         max_epochs: int = 60,
         lora_alpha: float | None = None,
         router_eps: float = 0.01,
+        exact_likelihood: bool = True,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,8 +17,10 @@ from .components.adapters import WhiteningAdapter
 from .components.backbone import build_feature_extractor
 from .components.coupling import MoLEFlow
 from .components.dia import DeepInvertibleAdapter
-from .components.embedding import PatchEmbedding, sinusoidal_position_embedding
+from .components.embedding import PatchEmbedding, default_embed_dim, sinusoidal_position_embedding
 from .components.router import MahalanobisRouter
+
+logger = logging.getLogger(__name__)
 
 #: Bumped when the layout of the state dict changes.
 CHECKPOINT_FORMAT = 2
@@ -46,7 +49,8 @@ class MoleFlowModel(nn.Module):
         layers: Backbone stages whose features form the patch embedding.
         pre_trained: Load ImageNet weights into the backbone.
         image_size: Input side length in pixels.
-        embed_dim: Patch embedding size D (a positive multiple of 4).
+        embed_dim: Patch embedding size D (a positive multiple of 4); ``None``: from the backbone, the stages'
+            channel count rounded down to a multiple of 4, at most 768 (WRN50 layer2+layer3: 768; lite0: 152).
         num_coupling_layers: MoLE coupling blocks (0: DIA only).
         dia_blocks: DIA blocks per task (0: MoLE only).
         lora_rank: Rank of the LoRA experts.
@@ -59,6 +63,10 @@ class MoleFlowModel(nn.Module):
         score_aggregation_top_k: Image score = mean of the top-k patch scores.
         task_separated: One whole flow per task instead of a shared base.
         router_eps: Relative ridge of the router covariances.
+        exact_likelihood: Train only transforms whose log-determinant the NLL counts: the whitening affine's
+            ``sum(log gamma)`` is added to every patch's log-det and the spatial context keeps its initial gate
+            and box kernel. ``False`` reproduces the study, which trains both without their Jacobian, so that
+            maximum likelihood rewards them for shrinking the features (see ``docs/quality.md``).
     """
 
     def __init__(
@@ -67,7 +75,7 @@ class MoleFlowModel(nn.Module):
         layers: Sequence[str] = ("layer2", "layer3"),
         pre_trained: bool = True,
         image_size: int = 224,
-        embed_dim: int = 768,
+        embed_dim: int | None = None,
         num_coupling_layers: int = 6,
         dia_blocks: int = 2,
         lora_rank: int = 64,
@@ -80,11 +88,27 @@ class MoleFlowModel(nn.Module):
         score_aggregation_top_k: int = 3,
         task_separated: bool = False,
         router_eps: float = 0.01,
+        exact_likelihood: bool = True,
     ) -> None:
         super().__init__()
         layers = tuple(layers)
         _check(len(layers) >= 1, "layers must name at least one backbone stage.")
         _check(image_size >= 32, f"image_size must be >= 32, got {image_size}.")
+        feature_extractor = build_feature_extractor(backbone, layers, pre_trained)
+        channels = sum(feature_extractor.out_dims)
+        if embed_dim is None:
+            embed_dim = default_embed_dim(channels)
+            logger.info("embed_dim: %d (from %s %s: %d channels).", embed_dim, backbone, list(layers), channels)
+        elif embed_dim > channels:
+            logger.warning(
+                "embed_dim %d exceeds the %d channels of %s %s: the extra channels are copies. embed_dim=None picks "
+                "%d.",
+                embed_dim,
+                channels,
+                backbone,
+                list(layers),
+                default_embed_dim(channels),
+            )
         _check(embed_dim >= 4 and embed_dim % 4 == 0, f"embed_dim must be a positive multiple of 4, got {embed_dim}.")
         _check(num_coupling_layers >= 0, f"num_coupling_layers must be >= 0, got {num_coupling_layers}.")
         _check(dia_blocks >= 0, f"dia_blocks must be >= 0, got {dia_blocks}.")
@@ -97,9 +121,10 @@ class MoleFlowModel(nn.Module):
             _check(kernel == 0 or (kernel > 0 and kernel % 2 == 1), f"{name} must be 0 (off) or odd, got {kernel}.")
         _check(score_aggregation_top_k >= 1, f"score_aggregation_top_k must be >= 1, got {score_aggregation_top_k}.")
         _check(router_eps > 0, f"router_eps must be > 0, got {router_eps}.")
-        #: Every constructor argument, as given (``lora_alpha`` resolved): the checkpoint fingerprint's source.
+        #: Every constructor argument (``embed_dim`` and ``lora_alpha`` resolved): the checkpoint fingerprint's source.
         self.settings: dict[str, Any] = {
             **model_settings(locals()),
+            "embed_dim": embed_dim,
             "layers": list(layers),
             "lora_alpha": float(lora_alpha if lora_alpha is not None else lora_rank),
         }
@@ -115,8 +140,9 @@ class MoleFlowModel(nn.Module):
         self.scale_context_kernel = scale_context_kernel
         self.score_aggregation_top_k = score_aggregation_top_k
         self.task_separated = task_separated
+        self.exact_likelihood = exact_likelihood
 
-        self.feature_extractor = build_feature_extractor(backbone, layers, pre_trained)
+        self.feature_extractor = feature_extractor
         self.patch_embedding = PatchEmbedding(embed_dim)
         with torch.no_grad():
             probe = self.feature_extractor(torch.zeros(1, 3, image_size, image_size))
@@ -187,12 +213,19 @@ class MoleFlowModel(nn.Module):
         params = [*self.whitening[task].parameters(), *self.dias[task].parameters()]
         params += self.flow_for(task).expert_parameters(str(task))
         if self.task_separated:
-            params += self.flows[task].base_parameters()
+            params += self._flow_parameters(self.flows[task])
         return params
+
+    def _flow_parameters(self, flow: MoLEFlow) -> list[nn.Parameter]:
+        """A flow's trained base parameters: without the spatial context when the likelihood is exact."""
+        fixed = set()
+        if self.exact_likelihood and flow.spatial_context is not None:
+            fixed = {id(p) for p in flow.spatial_context.parameters()}
+        return [p for p in flow.base_parameters() if id(p) not in fixed]
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters shared by all tasks (empty when task-separated)."""
-        return [] if self.task_separated else self.flows[0].base_parameters()
+        return [] if self.task_separated else self._flow_parameters(self.flows[0])
 
     def set_trainable(self, task: int, train_shared: bool) -> list[nn.Parameter]:
         """Freeze everything except ``task``'s own parameters (and the shared ones if ``train_shared``).
@@ -287,6 +320,8 @@ class MoleFlowModel(nn.Module):
         if self.dia_blocks:
             z, dia_log_det = self.dias[task](z)
             log_det = log_det + dia_log_det
+        if self.exact_likelihood and self.use_whitening_adapter:
+            log_det = log_det + self.whitening[task].log_abs_det()
         return z, log_det
 
     def invert(self, z: torch.Tensor, task: int, grid: tuple[int, int]) -> torch.Tensor:

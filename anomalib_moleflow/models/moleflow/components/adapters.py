@@ -38,6 +38,10 @@ class WhiteningAdapter(nn.Module):
         """The bounded shift."""
         return 2.0 * torch.tanh(self.beta_raw)
 
+    def log_abs_det(self) -> torch.Tensor:
+        """``log|det|`` of the affine part per patch, ``sum(log gamma)`` (the LayerNorm has no parameters)."""
+        return self.gamma.log().sum()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Whiten ``(..., d)`` features."""
         return F.layer_norm(x, (self.dim,)) * self.gamma + self.beta

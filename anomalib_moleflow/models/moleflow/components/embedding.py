@@ -46,6 +46,19 @@ class PatchEmbedding(nn.Module):
         return rearrange(reduced, "(b h w) 1 d -> b h w d", h=height, w=width)
 
 
+#: Largest default embedding size: the study's D for WRN50 (layer2 + layer3 = 1536 channels).
+MAX_DEFAULT_EMBED_DIM = 768
+
+
+def default_embed_dim(channels: int) -> int:
+    """The default D for a backbone whose chosen stages give ``channels`` channels in all.
+
+    Adaptive average pooling to more channels than there are only repeats channels (no information, a bigger flow),
+    so D is ``channels`` rounded down to a multiple of 4, capped at the study's 768 (WRN50: 1536 channels -> 768).
+    """
+    return max(4, min(MAX_DEFAULT_EMBED_DIM, channels - channels % 4))
+
+
 def sinusoidal_position_embedding(height: int, width: int, dim: int) -> torch.Tensor:
     """Fixed 2D sine/cosine code: the first half of the channels encode the row, the second half the column.
 

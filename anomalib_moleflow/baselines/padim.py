@@ -1,0 +1,72 @@
+"""anomalib's Padim with backbone weights from the same place as MoLE-Flow's (offline ones included)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from anomalib.metrics import Evaluator
+from anomalib.models import Padim
+from anomalib.visualization import Visualizer
+from torch import nn
+
+from anomalib_moleflow.compat import padim_default_features
+from anomalib_moleflow.metrics import default_evaluator
+from anomalib_moleflow.models.moleflow.components.backbone import build_feature_extractor
+
+
+class TimmPadim(Padim):
+    """anomalib's ``Padim``; its backbone is built by :func:`build_feature_extractor` (like :class:`TimmPatchcore`).
+
+    Embedding, random channel selection, per-position Gaussians, Mahalanobis maps and scores are anomalib's.
+
+    Args:
+        backbone: timm model name.
+        layers: Backbone stages whose features form the embedding.
+        pre_trained: ImageNet weights.
+        image_size: Input side length; the pre-processor resizes to it.
+        n_features: Channels kept by Padim's random selection; ``None``: anomalib's default for the backbone (at
+            most the stages' channels), or every channel for backbones anomalib has no default for.
+        pre_processor: Pre-processor, or ``True`` for resize to ``image_size`` + ImageNet normalisation.
+        post_processor: Post-processor, or ``True`` for anomalib's default.
+        evaluator: Evaluator, or ``True`` for :func:`~anomalib_moleflow.metrics.default_evaluator`.
+        visualizer: Visualizer, or ``True`` for anomalib's default.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] = ("layer2", "layer3"),
+        pre_trained: bool = True,
+        image_size: int = 224,
+        n_features: int | None = None,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        extractor = build_feature_extractor(backbone, layers, pre_trained)  # fails early on a bad backbone/layer
+        if n_features is None:
+            channels = sum(extractor.out_dims)
+            n_features = min(padim_default_features(backbone) or channels, channels)
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor((image_size, image_size))
+        super().__init__(
+            backbone=backbone,
+            layers=list(layers),
+            pre_trained=False,
+            n_features=n_features,
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.model.feature_extractor = extractor
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """The benchmark's metrics (MoLE-Flow's)."""
+        return default_evaluator()
+
+    def backbone_module(self) -> nn.Module:
+        """The frozen feature extractor."""
+        return self.model.feature_extractor

@@ -1,0 +1,343 @@
+"""Why does MoLE-Flow's patch score localise worse than Padim/Patchcore on the same features? (issue 12, step 2)
+
+A research script, not a test: the backbone pass runs once per image (features cached in memory), then every variant
+trains only the flow part on the cached patch embeddings and is scored with scikit-learn on the raw scores. Beside
+them, Padim-style (per-position Gaussian) and Patchcore-style (nearest neighbour in the full memory bank) scores on
+the very same patch embeddings give the bar that the features allow.
+
+    python scripts/experiments/patch_score.py --data demo --variants study,study+no_ln,exact --epochs 20 --seeds 0,1,2
+
+Prints one markdown table (mean ± spread over seeds) per dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from einops import rearrange
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from anomalib_moleflow.models.moleflow.loss import MoleFlowLoss
+from anomalib_moleflow.models.moleflow.torch_model import MoleFlowModel
+from anomalib_moleflow.runtime import pick_threads
+
+# ---------------------------------------------------------------- data
+
+
+def load_split(datamodule: object, image_size: int) -> dict[str, torch.Tensor]:
+    """Pre-processed train images, test images, labels and masks (masks at ``image_size``, nearest)."""
+    from anomalib_moleflow.models.moleflow.lightning_model import MoleFlow
+
+    pre = MoleFlow.configure_pre_processor((image_size, image_size)).transform
+    datamodule.prepare_data()
+    datamodule.setup()
+    out: dict[str, list[torch.Tensor]] = {"train": [], "test": [], "label": [], "mask": []}
+    for batch in datamodule.train_dataloader():
+        out["train"].append(pre(batch.image))
+    for batch in datamodule.test_dataloader():
+        out["test"].append(pre(batch.image))
+        out["label"].append(batch.gt_label.long())
+        if batch.gt_mask is not None:
+            mask = F.interpolate(batch.gt_mask.float().reshape(-1, 1, *batch.gt_mask.shape[-2:]), image_size)
+            out["mask"].append(mask[:, 0] > 0.5)
+    return {key: torch.cat(value) for key, value in out.items() if value}
+
+
+def datasets(name: str, root: Path) -> dict[str, object]:
+    """Named datamodules of one benchmark family."""
+    if name == "demo":
+        from anomalib_moleflow.data import SyntheticMVTecAD
+
+        return {
+            c: SyntheticMVTecAD(
+                root=root / "demo_big", category=c, n_train=60, n_test_good=20, n_test_defect=8, num_workers=0
+            )
+            for c in ("woven", "wood", "pill", "screw")
+        }
+    if name == "elpv":
+        from anomalib_moleflow.data.elpv import ELPV
+
+        return {
+            c: ELPV(root=root / "elpv_q", category=c, n_train=200, n_test_good=100, n_test_defect=100, num_workers=0)
+            for c in ("mono", "poly")
+        }
+    raise ValueError(name)
+
+
+# ------------------------------------------------------------ variants
+
+
+def _no_ln(model: MoleFlowModel) -> None:
+    for adapter in model.whitening:
+        adapter.forward = lambda x, a=adapter: x * a.gamma + a.beta
+
+
+def _channel_standardize(model: MoleFlowModel, train_patches: torch.Tensor) -> None:
+    """Per-channel standardisation with the task's training statistics instead of per-patch LayerNorm."""
+    x = train_patches if model.pos_embedding is None else train_patches + model.pos_embedding
+    mean = x.mean(dim=(0, 1, 2))
+    std = x.std(dim=(0, 1, 2)) + 1e-6
+    for adapter in model.whitening:
+        adapter.forward = lambda v, a=adapter: (v - mean) / std * a.gamma + a.beta
+
+
+def _pos_after(model: MoleFlowModel, scale: float = 1.0) -> None:
+    """Positional code added after whitening (and scaled), instead of before it."""
+    pos = model.pos_embedding * scale
+    model.pos_embedding = None
+    for adapter in model.whitening:
+        original = adapter.forward
+        adapter.forward = lambda v, o=original: o(v) + pos
+
+
+#: Modifiers of a run ``BASE[+MODIFIER]``: BASE is ``study`` (exact_likelihood=False) or ``exact`` (the default).
+VARIANTS: dict[str, dict] = {
+    "": {},
+    "no_pos": {"settings": {"use_pos_embedding": False}},
+    "no_whiten": {"settings": {"use_whitening_adapter": False}},
+    "no_ln": {"patch": _no_ln},
+    "chan_std": {"fit": _channel_standardize},
+    "pos_after": {"patch": _pos_after},
+    "pos_after_0.1": {"patch": lambda m: _pos_after(m, 0.1)},
+    "chan_std_pos_after_0.1": {"fit": _channel_standardize, "patch_after": lambda m: _pos_after(m, 0.1)},
+    "no_ctx": {"settings": {"spatial_context_kernel": 0, "scale_context_kernel": 0}},
+    "no_spatial": {"settings": {"spatial_context_kernel": 0}},
+    "no_scale": {"settings": {"scale_context_kernel": 0}},
+    "spatial_fixed": {"frozen": "spatial_context"},
+    "whiten_logdet": {"whiten_logdet": True},
+    "whiten_fixed": {"frozen": "whitening"},
+    "spatial_fixed_whiten_logdet": {"frozen": "spatial_context", "whiten_logdet": True},
+    "dim_full": {"embed_dim": "full"},
+}
+
+
+def _count_whitening_log_det(model: MoleFlowModel) -> None:
+    """Add the whitening affine's ``sum(log gamma)`` to the log-det (one half of ``exact_likelihood``)."""
+    encode = model.encode
+
+    def encode_counted(x: torch.Tensor, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        z, log_det = encode(x, task)
+        return z, log_det + model.whitening[task].log_abs_det()
+
+    model.encode = encode_counted
+
+
+# --------------------------------------------------------------- scoring
+
+
+def metrics(scores_map: torch.Tensor, image_scores: torch.Tensor, split: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Image AUROC/AP and pixel AUROC/AP (pixels where masks exist)."""
+    labels = split["label"].numpy()
+    result = {
+        "img_auroc": 100 * roc_auc_score(labels, image_scores.numpy()),
+        "img_ap": 100 * average_precision_score(labels, image_scores.numpy()),
+    }
+    if "mask" in split:
+        gt = split["mask"].flatten().numpy()
+        pred = scores_map.flatten().numpy()
+        result["pix_auroc"] = 100 * roc_auc_score(gt, pred)
+        result["pix_ap"] = 100 * average_precision_score(gt, pred)
+    return result
+
+
+def to_map(model: MoleFlowModel, patch_scores: torch.Tensor, size: int) -> torch.Tensor:
+    """Patch scores ``(b, h, w)`` to the model's blurred image-size map ``(b, H, W)``."""
+    return model.anomaly_map_generator(patch_scores, (size, size))[:, 0]
+
+
+def top_k(patch_scores: torch.Tensor, k: int = 3) -> torch.Tensor:
+    return patch_scores.flatten(1).topk(k, dim=1).values.mean(1)
+
+
+def padim_scores(train: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """Mahalanobis distance to a per-position Gaussian (Padim's score) ``(b, h, w)``."""
+    mean = train.mean(0)  # (h, w, d)
+    centred = train - mean
+    n, _, _, d = train.shape
+    cov = torch.einsum("nhwi,nhwj->hwij", centred, centred) / max(n - 1, 1) + 0.01 * torch.eye(d)
+    inv = torch.linalg.inv(cov)
+    diff = test - mean
+    return torch.einsum("bhwi,hwij,bhwj->bhw", diff, inv, diff).clamp_min(0).sqrt()
+
+
+def patchcore_scores(train: torch.Tensor, test: torch.Tensor, bank_size: int = 20000) -> torch.Tensor:
+    """Distance to the nearest training patch (full or random-subsampled bank) ``(b, h, w)``."""
+    bank = rearrange(train, "n h w d -> (n h w) d")
+    if bank.shape[0] > bank_size:
+        bank = bank[torch.randperm(bank.shape[0], generator=torch.Generator().manual_seed(0))[:bank_size]]
+    flat = rearrange(test, "b h w d -> (b h w) d")
+    dists = torch.cat([torch.cdist(chunk, bank).min(1).values for chunk in flat.split(2048)])
+    return rearrange(dists, "(b h w) -> b h w", b=test.shape[0], h=test.shape[1])
+
+
+# -------------------------------------------------------------- training
+
+
+def train_flow(
+    model: MoleFlowModel, patches: torch.Tensor, epochs: int, lr: float, batch: int, seed: int, frozen: str = ""
+) -> list[float]:
+    """Adam on task 0's parameters (base included) over cached patch embeddings; the study's loss."""
+    loss_fn = MoleFlowLoss()
+    params = model.set_trainable(0, train_shared=True)
+    if frozen:
+        excluded = {id(p) for name, p in model.named_parameters() if frozen in name}
+        params = [p for p in params if id(p) not in excluded]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    losses = []
+    for _ in range(epochs):
+        order = torch.randperm(patches.shape[0], generator=generator)
+        total = 0.0
+        for idx in order.split(batch):
+            x = patches[idx]
+            z, log_det = model.encode(x, 0)
+            nll = rearrange(model.patch_nll(z, log_det), "(b n) -> b n", b=x.shape[0])
+            loss = loss_fn(nll, rearrange(log_det, "(b n) -> b n", b=x.shape[0]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * x.shape[0]
+        losses.append(total / patches.shape[0])
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def flow_scores(model: MoleFlowModel, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Patch scores ``(b, h, w)``: full NLL and the ``0.5||z||^2`` part alone."""
+    nll, quad = [], []
+    for x in patches.split(32):
+        z, log_det = model.encode(x, 0)
+        shape = {"b": x.shape[0], "h": x.shape[1], "w": x.shape[2]}
+        nll.append(rearrange(model.patch_nll(z, log_det), "(b h w) -> b h w", **shape))
+        quad.append(rearrange(0.5 * z.pow(2).sum(-1), "(b h w) -> b h w", **shape))
+    return {"nll": torch.cat(nll), "quad": torch.cat(quad)}
+
+
+# ------------------------------------------------------------------ main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="demo", choices=["demo", "elpv"])
+    parser.add_argument("--root", type=Path, default=Path("./datasets"))
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--layers", default="blocks.2,blocks.4")
+    parser.add_argument("--image_size", type=int, default=160)
+    parser.add_argument("--embed_dim", type=int, default=128)
+    parser.add_argument("--variants", default="study,exact")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--baselines", action="store_true")
+    parser.add_argument("--sigma", type=float, default=4.0)
+    args = parser.parse_args()
+    torch.set_num_threads(pick_threads())
+    layers = args.layers.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows: dict[str, list[dict[str, float]]] = {}
+
+    def add(name: str, values: dict[str, float]) -> None:
+        rows.setdefault(name, []).append(values)
+
+    for category, datamodule in datasets(args.data, args.root).items():
+        split = load_split(datamodule, args.image_size)
+        extractor = MoleFlowModel(backbone=args.backbone, layers=layers, image_size=args.image_size, embed_dim=4)
+        # features of each stage at native resolution, for the patch embedding
+        with torch.no_grad():
+            stage_feats = {
+                key: [list(extractor.feature_extractor(x).values()) for x in split[key].split(32)]
+                for key in ("train", "test")
+            }
+        channels = sum(f.shape[1] for f in stage_feats["train"][0])
+        print(f"{category}: train {tuple(split['train'].shape)} test {tuple(split['test'].shape)} channels {channels}")
+
+        def patches_for(model: MoleFlowModel, key: str, cached: dict = stage_feats) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.cat([model.patch_embedding(stages) for stages in cached[key]])
+
+        if args.baselines:
+            base = MoleFlowModel(
+                backbone=args.backbone,
+                layers=layers,
+                image_size=args.image_size,
+                embed_dim=args.embed_dim,
+                pre_trained=True,
+            )
+            train_p, test_p = patches_for(base, "train"), patches_for(base, "test")
+            print(
+                f"  patch norm: train mean {train_p.norm(dim=-1).mean():.3f}, pos-emb norm "
+                f"{base.pos_embedding.norm(dim=-1).mean():.3f}"
+            )
+            for name, fn in (("padim", padim_scores), ("patchcore", patchcore_scores)):
+                s = fn(train_p, test_p)
+                add(f"{category}|{name}", metrics(to_map(base, s, args.image_size), top_k(s, 1), split))
+        for variant in args.variants.split(","):
+            base, _, modifier = variant.partition("+")
+            spec = VARIANTS[modifier]
+            settings = {"exact_likelihood": {"study": False, "exact": True}[base], **spec.get("settings", {})}
+            for seed in seeds:
+                torch.manual_seed(seed)
+                dim = channels if spec.get("embed_dim") == "full" else args.embed_dim
+                dim = dim - dim % 4
+                model = MoleFlowModel(
+                    backbone=args.backbone,
+                    layers=layers,
+                    image_size=args.image_size,
+                    embed_dim=dim,
+                    lora_rank=16,
+                    **settings,
+                )
+                model.anomaly_map_generator = type(model.anomaly_map_generator)(sigma=args.sigma)
+                model.add_task("t")
+                train_p, test_p = patches_for(model, "train"), patches_for(model, "test")
+                if "patch" in spec:
+                    spec["patch"](model)
+                if "fit" in spec:
+                    spec["fit"](model, train_p)
+                if "patch_after" in spec:
+                    spec["patch_after"](model)
+                start = time.perf_counter()
+                if spec.get("whiten_logdet"):
+                    _count_whitening_log_det(model)
+                losses = train_flow(model, train_p, args.epochs, args.lr, args.batch, seed, spec.get("frozen", ""))
+                scores = flow_scores(model, test_p)
+                for kind, s in scores.items():
+                    values = metrics(to_map(model, s, args.image_size), top_k(s), split)
+                    add(f"{category}|{variant}:{kind}", values)
+                print(
+                    f"  {variant} seed {seed}: loss {losses[0]:.1f} -> {losses[-1]:.1f} "
+                    f"({time.perf_counter() - start:.0f} s) {rows[f'{category}|{variant}:nll'][-1]}"
+                )
+
+    # mean over categories per method, mean ± spread over seeds
+    methods = sorted({key.split("|")[1] for key in rows})
+    columns = ["img_auroc", "img_ap", "pix_auroc", "pix_ap"]
+    print(f"\n| method ({args.data}) | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    categories = sorted({key.split("|")[0] for key in rows})
+    for method in methods:
+        cells = []
+        for column in columns:
+            per_seed = []
+            runs = [rows[f"{c}|{method}"] for c in categories if f"{c}|{method}" in rows]
+            if not runs or column not in runs[0][0]:
+                cells.append("-")
+                continue
+            for i in range(len(runs[0])):
+                per_seed.append(np.mean([r[i][column] for r in runs]))
+            spread = (max(per_seed) - min(per_seed)) / 2 if len(per_seed) > 1 else 0.0
+            cells.append(f"{np.mean(per_seed):.1f} ± {spread:.1f}" if not math.isnan(np.mean(per_seed)) else "-")
+        print(f"| {method} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
