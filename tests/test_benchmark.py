@@ -175,7 +175,8 @@ def test_outputs(bench: tuple[dict, Path]) -> None:
 def test_row_names_and_overrides_are_checked() -> None:
     assert RowSpec.parse("moleflow") == RowSpec("moleflow", "moleflow", "continual")
     assert RowSpec.parse("fastflow/separate#wide").regime == "separate"
-    for bad in ("fastflow", "patchcore/continual", "moleflow/finetune", "knn/joint", "fastflow/joint#"):
+    bad_rows = ("fastflow", "patchcore/continual", "moleflow/finetune", "knn/joint", "fastflow/joint#", "padim/finetune")
+    for bad in bad_rows:
         with pytest.raises(ValueError, match=r"(?i)row"):
             RowSpec.parse(bad)
     with pytest.raises(ValueError, match="unique"):
@@ -398,7 +399,7 @@ def test_seed_summary_is_the_mean_and_half_range_and_names_failed_seeds() -> Non
 
     def report(image_auroc: float | None, status: str = "ok") -> dict:
         row = {"row": "moleflow", "status": status, "image_AUROC": image_auroc, "image_AUPR": 0.5}
-        row.update(pixel_AUROC=None, pixel_AUPR=None, routing_accuracy=1.0)
+        row.update(pixel_AUROC=None, pixel_AUPR=None, pixel_AUPRO=None, routing_accuracy=1.0)
         return {"rows": [row]}
 
     summary = summarize_seeds({0: report(0.8), 1: report(0.9), 2: report(None, "failed")})
@@ -409,7 +410,7 @@ def test_seed_summary_is_the_mean_and_half_range_and_names_failed_seeds() -> Non
     assert row["pixel_AUROC"] is None
     assert row["status"] == "failed in seeds [2]"
     table = seeds_markdown(summary, ["a", "b"])
-    assert "| moleflow | 85.00 ± 5.00 | 50.00 ± 0.00 | - | - | 100.00 ± 0.00 | failed in seeds [2] |" in table
+    assert "| moleflow | 85.00 ± 5.00 | 50.00 ± 0.00 | - | - | - | 100.00 ± 0.00 | failed in seeds [2] |" in table
 
 
 def test_seeds_run_the_table_once_per_seed(tmp_path: Path) -> None:

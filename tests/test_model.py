@@ -1160,3 +1160,14 @@ def test_anomalib_is_unchanged_without_the_plugin() -> None:
     result = run_python(code)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.strip().splitlines()[-1] == "False True"
+
+
+def test_checkpoint_of_another_format_is_refused_with_a_clear_message() -> None:
+    import copy
+
+    model = small_model()
+    model.add_task("a")
+    state = copy.deepcopy(model.state_dict())
+    state["_extra_state"]["fingerprint"]["format"] = 2
+    with pytest.raises(ValueError, match="another version of anomalib-moleflow"):
+        small_model().load_state_dict(state)

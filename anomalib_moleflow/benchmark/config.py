@@ -56,6 +56,12 @@ class RowSpec:
         if base == "moleflow":
             return cls(name, "moleflow", "continual")
         model, _, regime = base.partition("/")
+        if model == "padim" and regime == "finetune":
+            msg = (
+                f"Row '{name}': anomalib's Padim fits its Gaussians once and never refits, so it cannot be fine-tuned "
+                "task after task; use 'padim/separate' or 'padim/joint'."
+            )
+            raise ValueError(msg)
         if model not in MODELS[1:] or regime not in REGIMES:
             msg = (
                 f"Unknown row '{name}'. Rows are 'moleflow' or MODEL/REGIME with MODEL in {MODELS[1:]} and REGIME in "

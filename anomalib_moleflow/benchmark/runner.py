@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from anomalib.models.components import AnomalibModule
 from jsonargparse import ArgumentParser, Namespace
+from lightning.pytorch import seed_everything
 
 from anomalib_moleflow.baselines import TimmFastflow, TimmPadim, TimmPatchcore
 from anomalib_moleflow.data import Task, build_tasks, check_datamodule
@@ -213,6 +214,7 @@ def _run_rows(config: Namespace, parser: ArgumentParser, rows: list[RowSpec]) ->
         meter = PeakMemory(device)
         try:
             with meter:
+                seed_everything(config.seed, verbose=False)  # initial weights depend on the seed, not on earlier rows
                 strategy = make_strategy(config, row, tasks, device)
                 engine = ContinualEngine(
                     output_dir=folder,

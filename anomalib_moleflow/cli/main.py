@@ -110,7 +110,7 @@ def build_parser() -> ArgumentParser:
     subcommands = parser.add_subcommands(dest="command")
     subcommands.add_subcommand("continual", continual_parser(), help="Learn a task sequence and report.")
     subcommands.add_subcommand(
-        "benchmark", benchmark_parser(), help="MoLE-Flow vs anomalib's Fastflow and Patchcore on the same tasks."
+        "benchmark", benchmark_parser(), help="MoLE-Flow vs anomalib's Fastflow, Patchcore and Padim on the same tasks."
     )
     subcommands.add_subcommand("generate-demo", generate_demo_parser(), help="Generate the offline demo dataset.")
     return parser

@@ -161,6 +161,7 @@ class MoleFlowStrategy(Strategy):
     def describe(self) -> dict[str, Any]:
         """Strategy, routing and the model's settings."""
         model = {key: value for key, value in dict(self.model.hparams).items() if not key.startswith("_")}
+        model.update(self.model.model.settings)  # resolved values (embed_dim=None -> the D actually used)
         return {"strategy": "moleflow", "routing": self.routing, "model": model}
 
 

@@ -19,7 +19,7 @@ from anomalib_moleflow.io import atomic_write_text
 #: Columns of every row, with their meaning (also written into ``results.json``).
 COLUMNS: dict[str, str] = {
     "row": "row name (moleflow, MODEL/REGIME[#label])",
-    "model": "MoLE-Flow, or anomalib's Fastflow / Patchcore",
+    "model": "MoLE-Flow, or anomalib's Fastflow / Patchcore / Padim",
     "regime": "continual (MoLE-Flow, frozen base) | finetune | separate (+ router) | joint (all data, upper bound)",
     "status": "ok | failed",
     "reason": "why the row failed",
@@ -41,7 +41,14 @@ _QUALITY = ("image_AUROC", "pixel_AUROC", "pixel_AUPR", "pixel_AUPRO")
 _LABELS = {"image_AUROC": "Img AUROC", "pixel_AUROC": "Pix AUROC", "pixel_AUPR": "Pix AP", "pixel_AUPRO": "Pix AUPRO"}
 _MODEL_NAMES = {"moleflow": "MoLE-Flow", "fastflow": "Fastflow", "patchcore": "Patchcore", "padim": "Padim"}
 #: Columns of the seed summary: mean ± half-range over seeds.
-SEED_COLUMNS: tuple[str, ...] = ("image_AUROC", "image_AUPR", "pixel_AUROC", "pixel_AUPR", "routing_accuracy")
+SEED_COLUMNS: tuple[str, ...] = (
+    "image_AUROC",
+    "image_AUPR",
+    "pixel_AUROC",
+    "pixel_AUPR",
+    "pixel_AUPRO",
+    "routing_accuracy",
+)
 
 
 def _percent(value: float | None) -> str:
@@ -200,7 +207,7 @@ def summarize_seeds(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 def seeds_markdown(summary: dict[str, Any], tasks: list[str]) -> str:
     """The seed summary as a markdown table (percent, mean ± half-range)."""
-    labels = {**_LABELS, "image_AUPR": "Img AP", "routing_accuracy": "Rt Acc"}
+    labels = {**_LABELS, "image_AUPR": "Img AP", "routing_accuracy": "Rt Acc"}  # _LABELS has pixel_AUPRO
     lines = [
         f"Mean ± half-range over seeds {summary['seeds']}; tasks: {', '.join(tasks)}.",
         "",

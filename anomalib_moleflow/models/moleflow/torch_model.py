@@ -22,8 +22,8 @@ from .components.router import MahalanobisRouter
 
 logger = logging.getLogger(__name__)
 
-#: Bumped when the layout of the state dict changes.
-CHECKPOINT_FORMAT = 2
+#: Bumped when the layout or the meaning of the state dict changes (3: ``exact_likelihood``, ``embed_dim=None``).
+CHECKPOINT_FORMAT = 3
 
 
 #: Settings that do not change what a saved state dict means (free to differ between a checkpoint and a model).
@@ -216,10 +216,10 @@ class MoleFlowModel(nn.Module):
             params += self._flow_parameters(self.flows[task])
         return params
 
-    def _flow_parameters(self, flow: MoLEFlow) -> list[nn.Parameter]:
-        """A flow's trained base parameters: without the spatial context when the likelihood is exact."""
+    def _flow_parameters(self, flow: MoLEFlow, trained_only: bool = True) -> list[nn.Parameter]:
+        """A flow's base parameters; when ``trained_only``, without the spatial context if the likelihood is exact."""
         fixed = set()
-        if self.exact_likelihood and flow.spatial_context is not None:
+        if trained_only and self.exact_likelihood and flow.spatial_context is not None:
             fixed = {id(p) for p in flow.spatial_context.parameters()}
         return [p for p in flow.base_parameters() if id(p) not in fixed]
 
@@ -248,11 +248,11 @@ class MoleFlowModel(nn.Module):
 
         per_task = []
         for task, name in enumerate(self.task_names):
-            params, param_bytes = size(self.task_parameters(task))
+            params, param_bytes = size(self.task_parameters(task, trained_only=False))
             _, router_bytes = size(list(self.router.prototypes[task].state_dict().values()))
             per_task.append({"task": name, "params": params, "bytes": param_bytes + router_bytes})
         backbone_params, backbone_bytes = size(list(self.feature_extractor.parameters()))
-        shared_params, shared_bytes = size(self.shared_parameters())
+        shared_params, shared_bytes = size(self.shared_parameters(trained_only=False))
         return {
             "backbone": {"params": backbone_params, "bytes": backbone_bytes},
             "shared": {"params": shared_params, "bytes": shared_bytes},
@@ -276,6 +276,13 @@ class MoleFlowModel(nn.Module):
             ValueError: If the checkpoint was made with other settings or other tasks.
         """
         saved, current = state.get("fingerprint", {}), self.fingerprint()
+        if saved.get("format") != CHECKPOINT_FORMAT:
+            msg = (
+                f"This checkpoint was written by another version of anomalib-moleflow (checkpoint format "
+                f"{saved.get('format')}; this version reads format {CHECKPOINT_FORMAT}). Train the tasks again with "
+                "this version, or load the checkpoint with the version that wrote it."
+            )
+            raise ValueError(msg)
         diff = {key: (saved.get(key), value) for key, value in current.items() if saved.get(key) != value}
         if diff:
             details = ", ".join(f"{key}: checkpoint {old} vs model {new}" for key, (old, new) in diff.items())
