@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from anomalib.metrics import Evaluator
 from anomalib.models import Padim
 from anomalib.visualization import Visualizer
@@ -61,6 +62,20 @@ class TimmPadim(Padim):
             visualizer=visualizer,
         )
         self.model.feature_extractor = extractor
+
+    def fit(self) -> None:
+        """anomalib's Gaussian fit, with one CPU thread.
+
+        torch 2.14's batched ``torch.linalg.inv`` on CPU fails with more than one MKL thread ("Pivots given to
+        lu_solve must all be greater or equal to 1"), and Padim inverts one covariance per patch position.
+        """
+        previous = torch.get_num_threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            super().fit()
+        finally:
+            torch.set_num_threads(previous)
 
     @staticmethod
     def configure_evaluator() -> Evaluator:

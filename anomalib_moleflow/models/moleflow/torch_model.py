@@ -208,12 +208,15 @@ class MoleFlowModel(nn.Module):
         self.to(next(self.feature_extractor.parameters()).device)
         return index
 
-    def task_parameters(self, task: int) -> list[nn.Parameter]:
-        """Parameters owned by ``task`` alone (expert, whitening, DIA; the whole flow when task-separated)."""
+    def task_parameters(self, task: int, trained_only: bool = True) -> list[nn.Parameter]:
+        """Parameters owned by ``task`` alone (expert, whitening, DIA; the whole flow when task-separated).
+
+        ``trained_only=False`` adds the fixed spatial context of a task-separated flow (for size accounting).
+        """
         params = [*self.whitening[task].parameters(), *self.dias[task].parameters()]
         params += self.flow_for(task).expert_parameters(str(task))
         if self.task_separated:
-            params += self._flow_parameters(self.flows[task])
+            params += self._flow_parameters(self.flows[task], trained_only)
         return params
 
     def _flow_parameters(self, flow: MoLEFlow, trained_only: bool = True) -> list[nn.Parameter]:
@@ -223,9 +226,9 @@ class MoleFlowModel(nn.Module):
             fixed = {id(p) for p in flow.spatial_context.parameters()}
         return [p for p in flow.base_parameters() if id(p) not in fixed]
 
-    def shared_parameters(self) -> list[nn.Parameter]:
-        """Trainable parameters shared by all tasks (empty when task-separated)."""
-        return [] if self.task_separated else self._flow_parameters(self.flows[0])
+    def shared_parameters(self, trained_only: bool = True) -> list[nn.Parameter]:
+        """Parameters shared by all tasks (empty when task-separated); trained ones only unless told otherwise."""
+        return [] if self.task_separated else self._flow_parameters(self.flows[0], trained_only)
 
     def set_trainable(self, task: int, train_shared: bool) -> list[nn.Parameter]:
         """Freeze everything except ``task``'s own parameters (and the shared ones if ``train_shared``).
