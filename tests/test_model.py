@@ -1171,3 +1171,19 @@ def test_checkpoint_of_another_format_is_refused_with_a_clear_message() -> None:
     state["_extra_state"]["fingerprint"]["format"] = 2
     with pytest.raises(ValueError, match="another version of anomalib-moleflow"):
         small_model().load_state_dict(state)
+
+
+def test_patch_size_sets_the_local_average_of_the_patch_embedding() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 32, 32)
+    pooled, plain = small_model(patch_size=3), small_model(patch_size=1)
+    plain.feature_extractor.load_state_dict(pooled.feature_extractor.state_dict())
+    raw = next(iter(plain.feature_extractor(images).values()))  # (b, c, h, w), c = 64 channels
+    plain_patches, _ = plain.embed(images)
+    pooled_patches, _ = pooled.embed(images)
+    # with D = 8 of 64 channels, each output channel is the mean of 8 consecutive input channels
+    expected = raw.permute(0, 2, 3, 1).reshape(2, 8, 8, 8, 8).mean(-1)
+    torch.testing.assert_close(plain_patches, expected)
+    assert (pooled_patches - plain_patches).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="patch_size"):
+        small_model(patch_size=2)

@@ -23,6 +23,7 @@ import torch.nn.functional as F  # noqa: N812
 from einops import rearrange
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from anomalib_moleflow.models.moleflow.components.embedding import PatchEmbedding
 from anomalib_moleflow.models.moleflow.loss import MoleFlowLoss
 from anomalib_moleflow.models.moleflow.torch_model import MoleFlowModel
 from anomalib_moleflow.runtime import pick_threads
@@ -114,6 +115,7 @@ VARIANTS: dict[str, dict] = {
     "whiten_fixed": {"frozen": "whitening"},
     "spatial_fixed_whiten_logdet": {"frozen": "spatial_context", "whiten_logdet": True},
     "dim_full": {"embed_dim": "full"},
+    "pool1": {"patch_size": 1},
 }
 
 
@@ -161,7 +163,7 @@ def padim_scores(train: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
     centred = train - mean
     n, _, _, d = train.shape
     cov = torch.einsum("nhwi,nhwj->hwij", centred, centred) / max(n - 1, 1) + 0.01 * torch.eye(d)
-    inv = torch.linalg.inv(cov)
+    inv = torch.cholesky_inverse(torch.linalg.cholesky(cov))  # batched linalg.inv fails with >1 MKL thread here
     diff = test - mean
     return torch.einsum("bhwi,hwij,bhwj->bhw", diff, inv, diff).clamp_min(0).sqrt()
 
@@ -280,6 +282,9 @@ def main() -> None:
             for name, fn in (("padim", padim_scores), ("patchcore", patchcore_scores)):
                 s = fn(train_p, test_p)
                 add(f"{category}|{name}", metrics(to_map(base, s, args.image_size), top_k(s, 1), split))
+            base.patch_embedding = PatchEmbedding(args.embed_dim, patch_size=1)
+            s = padim_scores(patches_for(base, "train"), patches_for(base, "test"))
+            add(f"{category}|padim_pool1", metrics(to_map(base, s, args.image_size), top_k(s, 1), split))
         for variant in args.variants.split(","):
             base, _, modifier = variant.partition("+")
             spec = VARIANTS[modifier]
@@ -297,6 +302,8 @@ def main() -> None:
                     **settings,
                 )
                 model.anomaly_map_generator = type(model.anomaly_map_generator)(sigma=args.sigma)
+                if "patch_size" in spec:
+                    model.patch_embedding = PatchEmbedding(dim, patch_size=spec["patch_size"])
                 model.add_task("t")
                 train_p, test_p = patches_for(model, "train"), patches_for(model, "test")
                 if "patch" in spec:

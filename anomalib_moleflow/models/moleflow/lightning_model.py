@@ -59,6 +59,7 @@ class MoleFlow(AnomalibModule):
         pre_trained: Load ImageNet weights into the backbone.
         image_size: Input side length; the pre-processor resizes to it.
         embed_dim: Patch embedding size D (multiple of 4); ``None``: from the backbone's channels, at most 768.
+        patch_size: Local averaging window of the patch embedding (odd; 1: none).
         num_coupling_layers: MoLE coupling blocks (0: DIA only).
         dia_blocks: DIA blocks per task (0: MoLE only).
         lora_rank: LoRA rank of the experts.
@@ -93,6 +94,7 @@ class MoleFlow(AnomalibModule):
         pre_trained: bool = True,
         image_size: int = 224,
         embed_dim: int | None = None,
+        patch_size: int = 3,
         num_coupling_layers: int = 6,
         dia_blocks: int = 2,
         lora_rank: int = 64,

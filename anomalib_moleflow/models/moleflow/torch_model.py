@@ -51,6 +51,8 @@ class MoleFlowModel(nn.Module):
         image_size: Input side length in pixels.
         embed_dim: Patch embedding size D (a positive multiple of 4); ``None``: from the backbone, the stages'
             channel count rounded down to a multiple of 4, at most 768 (WRN50 layer2+layer3: 768; lite0: 152).
+        patch_size: Local averaging window of the patch embedding (PatchCore's neighbourhood aggregation, odd;
+            1: none). The study uses 3; 1 localises small defects better (``docs/quality.md``).
         num_coupling_layers: MoLE coupling blocks (0: DIA only).
         dia_blocks: DIA blocks per task (0: MoLE only).
         lora_rank: Rank of the LoRA experts.
@@ -76,6 +78,7 @@ class MoleFlowModel(nn.Module):
         pre_trained: bool = True,
         image_size: int = 224,
         embed_dim: int | None = None,
+        patch_size: int = 3,
         num_coupling_layers: int = 6,
         dia_blocks: int = 2,
         lora_rank: int = 64,
@@ -110,6 +113,7 @@ class MoleFlowModel(nn.Module):
                 default_embed_dim(channels),
             )
         _check(embed_dim >= 4 and embed_dim % 4 == 0, f"embed_dim must be a positive multiple of 4, got {embed_dim}.")
+        _check(patch_size >= 1 and patch_size % 2 == 1, f"patch_size must be a positive odd number, got {patch_size}.")
         _check(num_coupling_layers >= 0, f"num_coupling_layers must be >= 0, got {num_coupling_layers}.")
         _check(dia_blocks >= 0, f"dia_blocks must be >= 0, got {dia_blocks}.")
         _check(num_coupling_layers + dia_blocks > 0, "num_coupling_layers and dia_blocks cannot both be 0.")
@@ -143,7 +147,7 @@ class MoleFlowModel(nn.Module):
         self.exact_likelihood = exact_likelihood
 
         self.feature_extractor = feature_extractor
-        self.patch_embedding = PatchEmbedding(embed_dim)
+        self.patch_embedding = PatchEmbedding(embed_dim, patch_size)
         with torch.no_grad():
             probe = self.feature_extractor(torch.zeros(1, 3, image_size, image_size))
         self.grid: tuple[int, int] = tuple(next(iter(probe.values())).shape[-2:])  # type: ignore[assignment]
