@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from anomalib.metrics import Evaluator
 from torch import nn
+
+from anomalib_moleflow.metrics import default_evaluator
 
 
 def tensor_size(tensors: Iterable[torch.Tensor]) -> tuple[int, int]:
@@ -25,3 +28,21 @@ def non_backbone_size(model: nn.Module, backbone: nn.Module) -> tuple[int, int]:
     count, _ = tensor_size(params)
     _, size = tensor_size(params + buffers)
     return count, size
+
+
+class BenchmarkBaseline:
+    """What every anomalib baseline of the benchmark shares: MoLE-Flow's metrics and access to its frozen backbone.
+
+    Put it first in the bases (``class TimmPadim(BenchmarkBaseline, Padim)``) so that its methods win.
+    """
+
+    model: nn.Module
+
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """The benchmark's metrics (MoLE-Flow's)."""
+        return default_evaluator()
+
+    def backbone_module(self) -> nn.Module:
+        """The frozen feature extractor (shared by every task, not a per-task cost)."""
+        return self.model.feature_extractor

@@ -22,8 +22,9 @@ from anomalib.models.image.fastflow.torch_model import FastflowModel, create_fas
 from anomalib.visualization import Visualizer
 from torch import nn
 
-from anomalib_moleflow.metrics import default_evaluator
 from anomalib_moleflow.models.moleflow.components.backbone import build_feature_extractor
+
+from .common import BenchmarkBaseline
 
 
 class TimmFastflowModel(FastflowModel):
@@ -76,7 +77,7 @@ class TimmFastflowModel(FastflowModel):
         return [norm(feature) for norm, feature in zip(self.norms, features, strict=True)]
 
 
-class TimmFastflow(Fastflow):
+class TimmFastflow(BenchmarkBaseline, Fastflow):
     """anomalib's ``Fastflow`` Lightning module with :class:`TimmFastflowModel` inside.
 
     Training (loss, Adam with anomalib's learning rate, validation) is anomalib's; only the backbone choice, the input
@@ -144,16 +145,7 @@ class TimmFastflow(Fastflow):
         )
         self.loss = FastflowLoss()
 
-    @staticmethod
-    def configure_evaluator() -> Evaluator:
-        """The benchmark's metrics (MoLE-Flow's)."""
-        return default_evaluator()
-
     @property
     def trainer_arguments(self) -> dict[str, Any]:
         """anomalib's Fastflow arguments plus ``max_epochs``."""
         return {**super().trainer_arguments, "max_epochs": self.max_epochs}
-
-    def backbone_module(self) -> nn.Module:
-        """The frozen feature extractor (shared knowledge, not a per-task cost)."""
-        return self.model.feature_extractor

@@ -11,11 +11,12 @@ from anomalib.visualization import Visualizer
 from torch import nn
 
 from anomalib_moleflow.compat import padim_default_features
-from anomalib_moleflow.metrics import default_evaluator
 from anomalib_moleflow.models.moleflow.components.backbone import build_feature_extractor
 
+from .common import BenchmarkBaseline
 
-class TimmPadim(Padim):
+
+class TimmPadim(BenchmarkBaseline, Padim):
     """anomalib's ``Padim``; its backbone is built by :func:`build_feature_extractor` (like :class:`TimmPatchcore`).
 
     Embedding, random channel selection, per-position Gaussians, Mahalanobis maps and scores are anomalib's.
@@ -76,12 +77,3 @@ class TimmPadim(Padim):
             super().fit()
         finally:
             torch.set_num_threads(previous)
-
-    @staticmethod
-    def configure_evaluator() -> Evaluator:
-        """The benchmark's metrics (MoLE-Flow's)."""
-        return default_evaluator()
-
-    def backbone_module(self) -> nn.Module:
-        """The frozen feature extractor."""
-        return self.model.feature_extractor

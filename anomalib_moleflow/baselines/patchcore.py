@@ -12,11 +12,12 @@ from anomalib.visualization import Visualizer
 from torch import nn
 
 from anomalib_moleflow.compat import reset_memory_bank
-from anomalib_moleflow.metrics import default_evaluator
 from anomalib_moleflow.models.moleflow.components.backbone import build_feature_extractor
 
+from .common import BenchmarkBaseline
 
-class TimmPatchcore(Patchcore):
+
+class TimmPatchcore(BenchmarkBaseline, Patchcore):
     """anomalib's ``Patchcore``; its backbone is built by :func:`build_feature_extractor`.
 
     anomalib's ``PatchcoreModel`` loads ImageNet weights through timm's hub download only. Here the extractor is built
@@ -72,15 +73,6 @@ class TimmPatchcore(Patchcore):
         )
         dtype = torch.float16 if PrecisionType(precision.lower()) == PrecisionType.FLOAT16 else torch.float32
         self.model.feature_extractor = extractor.to(dtype)
-
-    @staticmethod
-    def configure_evaluator() -> Evaluator:
-        """The benchmark's metrics (MoLE-Flow's)."""
-        return default_evaluator()
-
-    def backbone_module(self) -> nn.Module:
-        """The frozen feature extractor."""
-        return self.model.feature_extractor
 
     def memory_bank_size(self) -> tuple[int, int]:
         """Elements and bytes of the memory bank."""

@@ -173,7 +173,7 @@ def _run_seeds(config: Namespace, parser: ArgumentParser, rows: list[RowSpec]) -
         reports[seed] = _run_rows(single, parser, rows)
     summary = summarize_seeds(reports)
     tasks = reports[config.seeds[0]]["tasks"]
-    report = {**summary, "tasks": tasks, "config": json.loads(parser.dump(config, skip_none=False, format="json"))}
+    report = {**summary, "tasks": tasks, "config": _config_json(parser, config)}
     atomic_write_text(output / "seeds.json", _dumps(report))
     atomic_write_text(output / "seeds.md", seeds_markdown(summary, tasks))
     return report
@@ -204,7 +204,7 @@ def _run_rows(config: Namespace, parser: ArgumentParser, rows: list[RowSpec]) ->
         "memory_kind": PeakMemory(device).kind,
         "columns": COLUMNS,
         "rows": [],
-        "config": json.loads(parser.dump(config, skip_none=False, format="json")),
+        "config": _config_json(parser, config),
     }
     for index, row in enumerate(rows):
         folder = output / "rows" / row.folder
@@ -252,6 +252,11 @@ def _run_rows(config: Namespace, parser: ArgumentParser, rows: list[RowSpec]) ->
         seconds = time.perf_counter() - start
         logger.info("[row %d/%d] %s: %s in %.0fs%s", index + 1, len(rows), row.name, status, seconds, quality)
     return report
+
+
+def _config_json(parser: ArgumentParser, config: Namespace) -> dict[str, Any]:
+    """The resolved config as plain JSON data (recorded in every report)."""
+    return json.loads(parser.dump(config, skip_none=False, format="json"))
 
 
 def _dumps(value: Any) -> str:
