@@ -162,10 +162,12 @@ def test_saved_model_learns_a_third_task_in_a_new_process(tiny_mvtec_root: Path,
         sys.executable, "-m", "anomalib_moleflow.cli.main", "continual", "--config", str(config_path),
         "--from_checkpoint", str(tmp_path / "two" / "model.ckpt"), "--output", str(tmp_path / "three"),
         "--threads", str(torch.get_num_threads()),  # the same float arithmetic as this process: equal metrics
+        "--lr", "0.0021",  # a training option: applies to the new task and is recorded
     ]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True, cwd=tmp_path)
     extended = json.loads((tmp_path / "three" / "results.json").read_text())
     assert extended["tasks"] == list(TINY_CATEGORIES)
+    assert extended["config"]["model"]["lr"] == 0.0021
     for metric in METRICS:
         for j in range(2):
             assert extended["matrix"][metric][-1][j] == first["matrix"][metric][-1][j], (metric, j)

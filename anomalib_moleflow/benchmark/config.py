@@ -105,6 +105,15 @@ def benchmark_parser() -> ArgumentParser:
         default=False,
         help="Continue each row after its last finished task (rows keep their state under OUTPUT/rows/).",
     )
+    parser.add_argument(
+        "--overwrite",
+        type=bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="Delete an earlier benchmark's outputs in --output first (without it, or --resume, such a folder is "
+        "refused).",
+    )
     parser.add_argument("--accelerator", type=str, default="auto")
     parser.add_argument("--devices", type=int | str, default=1)
     parser.add_argument("--progress_bar", type=bool, default=False)

@@ -26,7 +26,7 @@ from anomalib_moleflow.engine import (
     SeparateStrategy,
     Strategy,
 )
-from anomalib_moleflow.io import atomic_write_text
+from anomalib_moleflow.io import atomic_write_text, claim_output_dir
 from anomalib_moleflow.metrics import METRICS
 from anomalib_moleflow.models import MoleFlow
 from anomalib_moleflow.reports import COLUMNS, seeds_markdown, summarize, summarize_seeds, write_report
@@ -36,6 +36,9 @@ from .config import SHARED_KEYS, RowSpec, benchmark_parser, parse_rows
 from .measure import PeakMemory, inference_ms_per_image, release_large_frees, resolve_device, sample_images
 
 logger = logging.getLogger(__name__)
+
+#: What a benchmark writes into its output folder (``overwrite`` deletes these and nothing else).
+BENCHMARK_OUTPUTS: tuple[str, ...] = ("benchmark.*", "seeds.*", "rows", "seed_*")
 
 
 def _as_dict(value: Any) -> dict[str, Any]:
@@ -145,6 +148,8 @@ def run_benchmark(config: Mapping[str, Any] | Namespace) -> dict[str, Any]:
     Raises:
         ValueError: If the config has no tasks or names unknown rows.
         anomalib_moleflow.data.DatasetError: If a dataset is missing (before any row runs).
+        FileExistsError: If the output folder holds an earlier benchmark and neither ``resume`` nor ``overwrite``
+            is set.
     """
     parser = benchmark_parser()
     if not isinstance(config, Namespace):
@@ -153,6 +158,7 @@ def run_benchmark(config: Mapping[str, Any] | Namespace) -> dict[str, Any]:
         msg = "No tasks: give a `tasks:` section (see configs/benchmark/)."
         raise ValueError(msg)
     rows = parse_rows(list(config.rows), dict(config.overrides))
+    claim_output_dir(config.output, BENCHMARK_OUTPUTS, config.resume, config.overwrite)
     release_large_frees()
     with torch_threads(config.threads):
         if not config.seeds:

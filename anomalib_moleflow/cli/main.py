@@ -8,6 +8,7 @@ written (``--no_lora``, ``--no_dia``, ``--tail_weight 0``, ``--no_freeze_base``,
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import sys
 import warnings
@@ -77,8 +78,22 @@ def continual_parser() -> ArgumentParser:
     parser.add_argument(
         "--resume", type=bool, nargs="?", const=True, default=False, help="Continue after the last finished task."
     )
+    parser.add_argument(
+        "--overwrite",
+        type=bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="Delete an earlier run's outputs in --output first (without it, or --resume, such a folder is refused).",
+    )
     parser.add_argument("--stop_after", type=int | None, default=None, help="Stop after this many tasks.")
-    parser.add_argument("--from_checkpoint", type=str | None, default=None, help="Start from a saved model.")
+    parser.add_argument(
+        "--from_checkpoint",
+        type=str | None,
+        default=None,
+        help="Start from a saved model and learn the tasks it lacks. --model.* options that define the architecture "
+        "must match it; training options (lr, max_epochs, loss weights) apply to the new tasks.",
+    )
     parser.add_argument("--accelerator", type=str, default="auto")
     parser.add_argument("--devices", type=int | str, default=1)
     parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (default: automatic).")
@@ -129,13 +144,17 @@ def run_continual(config: Namespace) -> dict[str, Any]:
         raise ValueError(msg)
     seed_everything(config.seed, verbose=False)
     if config.from_checkpoint:
-        model = MoleFlow.load_from_checkpoint(config.from_checkpoint, visualizer=False)
+        # Options left at their defaults take the checkpoint's values; the ones given are checked or applied.
+        defaults = _as_data(continual_parser().get_defaults().model.as_dict())
+        given = {name: value for name, value in config.model.as_dict().items() if _as_data(value) != defaults[name]}
+        model = MoleFlow.continue_from(config.from_checkpoint, **given, visualizer=False)
     else:
         model = MoleFlow(**config.model.as_dict(), visualizer=False)
     engine = ContinualEngine(
         output_dir=config.output,
         seed=config.seed,
         resume=config.resume,
+        overwrite=config.overwrite,
         accelerator=config.accelerator,
         devices=config.devices,
         enable_progress_bar=config.progress_bar,
@@ -143,6 +162,11 @@ def run_continual(config: Namespace) -> dict[str, Any]:
         config={"cli": config.as_dict()},
     )
     return engine.run(MoleFlowStrategy(model, config.routing), build_tasks(config.tasks), stop_after=config.stop_after)
+
+
+def _as_data(value: Any) -> Any:
+    """``value`` as JSON data (tuples become lists), to compare options with their defaults."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def run_anomalib(argv: Sequence[str]) -> None:
@@ -213,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             folders = generate_demo(**options.as_dict())
             sys.stdout.write("".join(f"{folder}\n" for folder in folders))
-    except (ValueError, FileExistsError, FileNotFoundError, DatasetError) as error:
+    except (ValueError, FileExistsError, FileNotFoundError, DatasetError) as error:  # CheckpointError included
         parser.exit(1, f"moleflow {command}: error: {error}\n")
     return 0
 

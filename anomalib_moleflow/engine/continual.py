@@ -21,8 +21,9 @@ import torch
 from anomalib.data import AnomalibDataModule
 from lightning.pytorch import seed_everything
 
+from anomalib_moleflow.checkpoint import checksum_path, write_checksum
 from anomalib_moleflow.data import Task, TaskLike, check_datamodule, resolve_tasks
-from anomalib_moleflow.io import atomic_write, atomic_write_text
+from anomalib_moleflow.io import atomic_write, atomic_write_text, claim_output_dir
 from anomalib_moleflow.metrics import METRICS
 from anomalib_moleflow.models import MoleFlow
 from anomalib_moleflow.reports import (
@@ -41,6 +42,17 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 CHECKPOINT_FILE = "model.ckpt"
+#: What a run writes into its output folder (``overwrite`` deletes these and nothing else).
+RUN_OUTPUTS: tuple[str, ...] = (
+    STATE_FILE,
+    CHECKPOINT_FILE,
+    checksum_path(CHECKPOINT_FILE).name,
+    "results.*",
+    "heatmap_*.png",
+    "final_per_task.png",
+    "tasks",
+    "overlays",
+)
 Tasks = Sequence[TaskLike | Task] | Mapping[str, AnomalibDataModule | Sequence[AnomalibDataModule]]
 
 
@@ -51,6 +63,8 @@ class ContinualEngine:
         output_dir: Where checkpoints, results, plots and overlays go.
         seed: Seed; each task ``i`` trains under ``seed + i`` so that resumed runs equal uninterrupted ones.
         resume: Continue after the last finished task recorded in ``output_dir``.
+        overwrite: Delete an earlier run's outputs in ``output_dir`` first. Without it (or ``resume``), a folder that
+            holds an earlier run is refused, so that runs never mix or silently replace each other.
         accelerator: Lightning accelerator.
         devices: Lightning devices.
         enable_progress_bar: Lightning's progress bars inside a task.
@@ -63,6 +77,7 @@ class ContinualEngine:
         output_dir: str | Path = "results/continual",
         seed: int = 42,
         resume: bool = False,
+        overwrite: bool = False,
         accelerator: str = "auto",
         devices: int | str = 1,
         enable_progress_bar: bool = True,
@@ -72,6 +87,7 @@ class ContinualEngine:
         self.output_dir = Path(output_dir)
         self.seed = seed
         self.resume = resume
+        self.overwrite = overwrite
         self.trainer = TaskTrainer(accelerator, devices, enable_progress_bar)
         self.overlays_per_task = overlays_per_task
         self.config = config or {}
@@ -102,8 +118,9 @@ class ContinualEngine:
         return {metric: clean(metrics.get(metric)) for metric in METRICS}, clean(accuracy)
 
     def _save(self, strategy: Strategy, state: dict[str, Any]) -> None:
-        """Checkpoint then state, each atomically: the state never names a task whose checkpoint is incomplete."""
-        atomic_write(self.output_dir / CHECKPOINT_FILE, lambda path: strategy.save(path, self.trainer))
+        """Checkpoint, its checksum, then state, each atomically: the state never names an incomplete checkpoint."""
+        checkpoint = atomic_write(self.output_dir / CHECKPOINT_FILE, lambda path: strategy.save(path, self.trainer))
+        write_checksum(checkpoint)
         atomic_write_text(self.output_dir / STATE_FILE, json.dumps(state, indent=2))
 
     def _load_state(self, strategy: Strategy, tasks: list[Task], config: dict[str, Any]) -> dict[str, Any] | None:
@@ -150,6 +167,7 @@ class ContinualEngine:
         for task in task_list:
             for member in task.members:
                 check_datamodule(member)
+        claim_output_dir(self.output_dir, RUN_OUTPUTS, self.resume, self.overwrite)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         config = self._run_config(strategy, task_list)
         state = self._load_state(strategy, task_list, config) or {

@@ -31,6 +31,7 @@ from anomalib.models.components import AnomalibModule
 from anomalib.pre_processing import PreProcessor
 
 from anomalib_moleflow.baselines import RoutedExperts, TaskRouter, TimmPatchcore, non_backbone_size
+from anomalib_moleflow.checkpoint import read_checkpoint
 from anomalib_moleflow.data import Task, joint_datamodule
 from anomalib_moleflow.models import MoleFlow
 from anomalib_moleflow.models.moleflow.components.router import RoutingLog
@@ -147,8 +148,7 @@ class MoleFlowStrategy(Strategy):
 
     def load(self, path: Path) -> None:
         """Load the checkpoint's weights and tasks into the model (its settings must match: checked on load)."""
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        self.model.load_state_dict(checkpoint["state_dict"])
+        self.model.load_state_dict(read_checkpoint(path)["state_dict"])
 
     def costs(self) -> dict[str, Any]:
         """The model's parameter report (backbone, shared, per task)."""
@@ -193,7 +193,7 @@ class _BaselineStrategy(Strategy):
 
     def load(self, path: Path) -> None:
         """Restore the pickled models."""
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(path)
         self._learned = list(state.pop("learned"))
         self._restore(state)
 

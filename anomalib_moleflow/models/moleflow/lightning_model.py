@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,12 +29,13 @@ from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn, optim
 
+from anomalib_moleflow.checkpoint import check_finite_state, read_checkpoint
 from anomalib_moleflow.metrics import default_evaluator
 
 from .components.router import RoutingLog, RoutingRecorder
 from .loss import MoleFlowLoss
 from .post_processor import TaskPostProcessor
-from .torch_model import MoleFlowModel, model_settings
+from .torch_model import RUNTIME_SETTINGS, MoleFlowModel, model_settings
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,13 @@ logger = logging.getLogger(__name__)
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _plain(value: Any) -> Any:
+    """Settings as compared with a checkpoint's: sequences as lists, integral floats as numbers."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 class MoleFlow(AnomalibModule):
@@ -148,6 +157,37 @@ class MoleFlow(AnomalibModule):
         self._oracle_task: int | None = None
         self._routing = RoutingRecorder()
 
+    @classmethod
+    def continue_from(cls, path: str | Path, **settings: Any) -> MoleFlow:
+        """Load a checkpoint to learn more tasks, with new settings for training and scoring.
+
+        Settings that define the architecture (those of :class:`MoleFlowModel`, e.g. ``backbone``, ``lora_rank``)
+        must equal the checkpoint's; the others (``lr``, ``max_epochs``, the loss weights, ``freeze_base``,
+        ``score_aggregation_top_k``, components) replace the checkpoint's and are recorded in ``hparams``.
+
+        Raises:
+            ValueError: Naming every given architecture setting that differs from the checkpoint's.
+            anomalib_moleflow.checkpoint.CheckpointError: If the file is damaged or not a checkpoint.
+        """
+        checkpoint = read_checkpoint(path)
+        extra = checkpoint.get("state_dict", {}).get("model._extra_state", {})
+        saved = {**checkpoint.get("hyper_parameters", {}), **extra.get("fingerprint", {})}
+        architecture = set(model_settings(settings)) - RUNTIME_SETTINGS
+        differing = [
+            f"{name} (checkpoint {saved.get(name)!r}, given {settings[name]!r})"
+            for name in sorted(architecture)
+            if not (name in {"embed_dim", "lora_alpha"} and settings[name] is None)  # None: resolved as saved
+            and _plain(settings[name]) != _plain(saved.get(name))
+        ]
+        if differing:
+            msg = (
+                f"Settings that define the architecture must match the checkpoint '{path}': {'; '.join(differing)}. "
+                "Leave them out (the checkpoint's values are used), or train from scratch without the checkpoint."
+            )
+            raise ValueError(msg)
+        others = {name: value for name, value in settings.items() if name not in architecture}
+        return cls.load_from_checkpoint(path, map_location="cpu", **others)
+
     # ----------------------------------------------------------- components
     def configure_post_processor(self) -> PostProcessor:
         """Per-task thresholds and normalisation."""
@@ -231,6 +271,11 @@ class MoleFlow(AnomalibModule):
             return
         datamodule = getattr(self.trainer, "datamodule", None)
         self.add_task(str(getattr(datamodule, "category", None) or "task_0"))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint with non-finite network weights before any of them is loaded (Lightning loads after)."""
+        check_finite_state(checkpoint.get("state_dict", {}), "This checkpoint")
+        super().on_load_checkpoint(checkpoint)
 
     def configure_optimizers(self) -> optim.Optimizer:
         """Adam over the training task's own parameters, plus the shared base on the first task or when not frozen.

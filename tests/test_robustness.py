@@ -1,0 +1,173 @@
+"""Robustness: output folders are never mixed or silently replaced, damaged checkpoints are refused, settings given
+with a checkpoint are checked or applied."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.data import MVTecAD
+from lightning.pytorch import seed_everything
+
+from anomalib_moleflow import MoleFlow
+from anomalib_moleflow.checkpoint import CheckpointError, read_checkpoint
+from anomalib_moleflow.cli.main import main
+from anomalib_moleflow.engine import ContinualEngine
+from anomalib_moleflow.engine.continual import RUN_OUTPUTS
+from anomalib_moleflow.io import claim_output_dir
+
+from conftest import TINY_CATEGORIES, TINY_MODEL_KWARGS
+
+
+def _tasks(root: Path, categories: tuple[str, ...] = TINY_CATEGORIES[:1]) -> list[MVTecAD]:
+    return [MVTecAD(root=root, category=c, train_batch_size=4, eval_batch_size=8, num_workers=0) for c in categories]
+
+
+def _engine(output: Path, **kwargs) -> ContinualEngine:
+    return ContinualEngine(output_dir=output, enable_progress_bar=False, overlays_per_task=0, **kwargs)
+
+
+def _model(**overrides) -> MoleFlow:
+    seed_everything(0, verbose=False)
+    return MoleFlow(**{**TINY_MODEL_KWARGS, **overrides})
+
+
+@pytest.fixture(scope="module")
+def one_task_run(tiny_mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Output folder of a finished one-task run (do not modify: copy files out first)."""
+    output = tmp_path_factory.mktemp("one_task")
+    _engine(output).run(_model(), _tasks(tiny_mvtec_root))
+    return output
+
+
+# ------------------------------------------------------------------------------------------------ output folders
+def test_second_run_into_the_same_output_is_refused_and_changes_nothing(
+    one_task_run: Path, tiny_mvtec_root: Path
+) -> None:
+    before = {path.name: path.read_bytes() for path in one_task_run.iterdir() if path.is_file()}
+    with pytest.raises(FileExistsError, match=r"--resume to continue.*--overwrite"):
+        _engine(one_task_run).run(_model(), _tasks(tiny_mvtec_root))
+    assert {path.name: path.read_bytes() for path in one_task_run.iterdir() if path.is_file()} == before
+
+
+def test_overwrite_deletes_only_the_earlier_runs_outputs(tmp_path: Path) -> None:
+    (tmp_path / "tasks" / "00_old").mkdir(parents=True)
+    (tmp_path / "tasks" / "00_old" / "overlay.png").write_bytes(b"old")
+    for name in ("state.json", "model.ckpt", "model.ckpt.sha256", "results.md", "heatmap_image_AUROC.png"):
+        (tmp_path / name).write_text("old")
+    (tmp_path / "my_notes.txt").write_text("keep me")
+    claim_output_dir(tmp_path, RUN_OUTPUTS, resume=False, overwrite=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["my_notes.txt"]
+
+
+def test_resume_and_overwrite_exclude_each_other(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="exclude each other"):
+        claim_output_dir(tmp_path, RUN_OUTPUTS, resume=True, overwrite=True)
+
+
+def test_benchmark_into_an_earlier_benchmark_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "benchmark.json").write_text("{}")
+    config = {"output": str(tmp_path), "tasks": {"dataset": {"class_path": "anomalib.data.MVTecAD"}}}
+    from anomalib_moleflow.benchmark import run_benchmark
+
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run_benchmark({**config, "rows": ["moleflow"]})
+    assert (tmp_path / "benchmark.json").read_text() == "{}"
+
+
+# ----------------------------------------------------------------------------------------------------- checksums
+def test_checkpoint_has_a_sha256sum_checksum(one_task_run: Path) -> None:
+    checkpoint = one_task_run / "model.ckpt"
+    digest, name = (one_task_run / "model.ckpt.sha256").read_text().split()
+    assert name == "model.ckpt"
+    assert digest == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert read_checkpoint(checkpoint)["state_dict"]
+
+
+def _damaged(one_task_run: Path, folder: Path, kind: str) -> Path:
+    data = (one_task_run / "model.ckpt").read_bytes()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.ckpt"
+    if kind == "flipped":
+        (folder / "model.ckpt.sha256").write_bytes((one_task_run / "model.ckpt.sha256").read_bytes())
+        middle = len(data) // 2
+        data = data[:middle] + bytes([data[middle] ^ 0x10]) + data[middle + 1 :]
+    contents = {"empty": b"", "truncated": data[: len(data) // 3], "text": b"not a checkpoint\n", "flipped": data}
+    path.write_bytes(contents[kind])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [("empty", "is empty"), ("truncated", "cannot be read"), ("text", "cannot be read"), ("flipped", "checksum")],
+)
+def test_damaged_checkpoint_gives_one_clear_message(
+    one_task_run: Path, tmp_path: Path, kind: str, message: str
+) -> None:
+    path = _damaged(one_task_run, tmp_path, kind)
+    with pytest.raises(CheckpointError, match=message) as error:
+        read_checkpoint(path)
+    assert "weights_only" not in str(error.value)
+    with pytest.raises(CheckpointError, match=message):
+        MoleFlow.continue_from(path)
+
+
+def test_resume_from_a_damaged_checkpoint_is_refused_and_keeps_the_file(
+    one_task_run: Path, tiny_mvtec_root: Path, tmp_path: Path
+) -> None:
+    for name in ("state.json", "model.ckpt.sha256"):
+        (tmp_path / name).write_bytes((one_task_run / name).read_bytes())
+    path = _damaged(one_task_run, tmp_path, "flipped")
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError, match="checksum"):
+        _engine(tmp_path, resume=True).run(_model(), _tasks(tiny_mvtec_root))
+    assert path.read_bytes() == before
+
+
+def test_checkpoint_with_non_finite_weights_is_refused(one_task_run: Path, tmp_path: Path) -> None:
+    checkpoint = torch.load(one_task_run / "model.ckpt", map_location="cpu", weights_only=False)
+    key = next(
+        k
+        for k, v in checkpoint["state_dict"].items()
+        if k.startswith("model.") and isinstance(v, torch.Tensor) and v.is_floating_point()
+    )
+    checkpoint["state_dict"][key] = torch.full_like(checkpoint["state_dict"][key], float("nan"))
+    torch.save(checkpoint, tmp_path / "nan.ckpt")
+    with pytest.raises(CheckpointError, match=f"non-finite weights \\('{key}'"):
+        read_checkpoint(tmp_path / "nan.ckpt")
+    with pytest.raises(CheckpointError, match="non-finite"):
+        MoleFlow.load_from_checkpoint(tmp_path / "nan.ckpt")
+
+
+# ---------------------------------------------------------------------------------- settings with a checkpoint
+def test_continue_from_applies_training_settings_and_refuses_architecture_ones(one_task_run: Path) -> None:
+    checkpoint = one_task_run / "model.ckpt"
+    model = MoleFlow.continue_from(checkpoint, lr=0.0123, max_epochs=2, tail_weight=0.5, visualizer=False)
+    assert model.task_names == [TINY_CATEGORIES[0]]
+    assert (model.lr, model.max_epochs, model.loss.tail_weight) == (0.0123, 2, 0.5)
+    assert model.hparams["lr"] == 0.0123  # what the results record
+    same = MoleFlow.continue_from(checkpoint, backbone="resnet18", layers=["layer1", "layer2"], embed_dim=32)
+    assert same.task_names == [TINY_CATEGORIES[0]]
+    with pytest.raises(
+        ValueError, match=r"image_size \(checkpoint 64, given 96\); lora_rank \(checkpoint 4, given 8\)"
+    ):
+        MoleFlow.continue_from(checkpoint, lora_rank=8, image_size=96, lr=0.1)
+
+
+def test_cli_from_checkpoint_names_each_differing_architecture_option(
+    one_task_run: Path, tiny_mvtec_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tasks = {"dataset": {"class_path": "anomalib.data.MVTecAD", "init_args": {"root": str(tiny_mvtec_root)}}}
+    tasks["categories"] = list(TINY_CATEGORIES[:2])
+    argv = ["continual", "--tasks", json.dumps(tasks), "--output", str(tmp_path / "out")]
+    argv += ["--from_checkpoint", str(one_task_run / "model.ckpt"), "--lora_rank", "8", "--model.image_size", "96"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert "lora_rank (checkpoint 4, given 8)" in error
+    assert "image_size (checkpoint 64, given 96)" in error
+    assert not (tmp_path / "out").exists()
