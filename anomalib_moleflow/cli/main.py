@@ -113,6 +113,15 @@ def generate_demo_parser() -> ArgumentParser:
     return parser
 
 
+def convert_parser() -> ArgumentParser:
+    """Parser of ``moleflow convert-8bit``."""
+    from anomalib_moleflow.data.convert import convert_8bit
+
+    parser = ArgumentParser(description="Copy a dataset folder with its 16-bit images converted to 8 bits.")
+    parser.add_function_arguments(convert_8bit, as_positional=True)
+    return parser
+
+
 def build_parser() -> ArgumentParser:
     """The ``moleflow`` parser with its subcommands."""
     from anomalib_moleflow.benchmark import benchmark_parser
@@ -128,6 +137,9 @@ def build_parser() -> ArgumentParser:
         "benchmark", benchmark_parser(), help="MoLE-Flow vs anomalib's Fastflow, Patchcore and Padim on the same tasks."
     )
     subcommands.add_subcommand("generate-demo", generate_demo_parser(), help="Generate the offline demo dataset.")
+    subcommands.add_subcommand(
+        "convert-8bit", convert_parser(), help="Copy a dataset folder with its 16-bit images converted to 8 bits."
+    )
     return parser
 
 
@@ -232,6 +244,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_benchmark(options)
             table = "seeds.md" if options.seeds else "benchmark.md"
             sys.stdout.write((Path(options.output) / table).read_text())
+        elif command == "convert-8bit":
+            from anomalib_moleflow.data.convert import convert_8bit
+
+            converted = convert_8bit(**options.as_dict())
+            sys.stdout.write(f"{converted} image(s) converted into {options.target}\n")
         else:
             from anomalib_moleflow.data.synthetic import generate_demo
 
