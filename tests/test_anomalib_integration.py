@@ -72,7 +72,7 @@ def test_engine_fit_validate_test_predict_and_train_from_checkpoint(tiny_mvtec_r
     # ... which is the raw score against the task's own (un-normalised) image threshold.
     model.eval()
     with torch.no_grad():
-        raw, task_ids = model.model.predict(batch.image)  # batch.image is already pre-processed
+        raw, (task_ids, _, _) = model.model.predict(batch.image)  # batch.image is already pre-processed
     assert task_ids.tolist() == [0] * batch.image.shape[0]
     assert torch.equal(batch.pred_label, raw.pred_score > model.post_processor.stats_of(0)["image_threshold"])
     assert batch.pred_mask.dtype == torch.bool

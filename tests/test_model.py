@@ -839,7 +839,7 @@ def test_mixed_batch_is_routed_per_image_without_leaking(continual_run: Continua
     expected = torch.tensor([0, 2, 0, 2, 2, 0])
     images = model.pre_processor(raw)
     with torch.no_grad(), model.record_routing() as log:
-        mixed, task_ids = model.model.predict(images)
+        mixed, (task_ids, _, _) = model.model.predict(images)
         mixed_post = model(raw)
     assert task_ids.tolist() == expected.tolist()
     assert log.tasks().tolist() == expected.tolist()
@@ -870,7 +870,7 @@ def test_forward_after_fit_routes_each_image(sequential_run: ContinualRun, make_
     raw = torch.cat([raw_test_images(make_datamodule(sequential_run.root, category), 2) for category in categories])
     model.eval()
     with torch.no_grad(), model.record_routing() as log:
-        _, routed = model.model.predict(model.pre_processor(raw))
+        _, (routed, _, _) = model.model.predict(model.pre_processor(raw))
         model(raw)
     assert routed.tolist() == [0, 0, 1, 1]
     assert log.tasks().tolist() == [0, 0, 1, 1], "forward() after fit used the training task for every image"
@@ -895,7 +895,7 @@ def test_checkpoint_round_trip_in_new_process(
         model = MoleFlow.load_from_checkpoint({str(continual_run.checkpoint)!r}, map_location="cpu").eval()
         raw = torch.load({str(inputs)!r})
         with torch.no_grad():
-            predictions, task_ids = model.model.predict(model.pre_processor(raw))
+            predictions, (task_ids, _, _) = model.model.predict(model.pre_processor(raw))
             post = model(raw)
         router = model.model.router.prototypes
         torch.save({{
@@ -916,7 +916,7 @@ def test_checkpoint_round_trip_in_new_process(
     loaded = torch.load(outputs)
 
     with torch.no_grad():
-        predictions, task_ids = model.model.predict(model.pre_processor(raw))
+        predictions, (task_ids, _, _) = model.model.predict(model.pre_processor(raw))
         post = model.post_processor(predictions, task_ids=task_ids)
     assert loaded["task_names"] == list(continual_run.categories)
     assert loaded["task_ids"].tolist() == task_ids.tolist() == [0, 0, 1, 1, 2, 2]
@@ -1012,7 +1012,7 @@ def test_non_finite_loss_in_training_step(tiny_model_kwargs: dict[str, Any]) -> 
     with pytest.raises(FloatingPointError, match="check the images for NaN"):
         model.training_step(ImageBatch(image=images))
     assert all(same_bits(value, model.state_dict()[key]) for key, value in before.items())
-    assert int(model.model.router.prototypes[0]._pending) == 0  # the bad batch did not reach the router
+    assert model.model.router.prototypes[0]._embeddings == []  # the bad batch did not reach the router
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -171,3 +171,68 @@ def test_cli_from_checkpoint_names_each_differing_architecture_option(
     assert "lora_rank (checkpoint 4, given 8)" in error
     assert "image_size (checkpoint 64, given 96)" in error
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ unknown products
+@pytest.fixture(scope="module")
+def unknown_product_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[MoleFlow, Path, Path]:
+    """Two products learned (16 training images each, enough for thresholds); a third generated, never learned."""
+    from anomalib_moleflow.data.synthetic import SyntheticConfig, generate_dataset
+
+    root = tmp_path_factory.mktemp("unknown_data")
+    config = SyntheticConfig(image_size=64, n_train=16, n_test_good=4, n_test_defect=2, seed=0)
+    generate_dataset(root, TINY_CATEGORIES, config)
+    output = tmp_path_factory.mktemp("unknown_run")
+    model = _model()
+    _engine(output).run(model, _tasks(root, (TINY_CATEGORIES[0], TINY_CATEGORIES[2])))
+    return model, root, output
+
+
+def _third_product_images(model: MoleFlow, root: Path) -> torch.Tensor:
+    datamodule = _tasks(root, (TINY_CATEGORIES[1],))[0]
+    datamodule.setup()
+    return torch.cat([batch.image for batch in datamodule.test_dataloader()])
+
+
+def test_unknown_product_is_flagged_and_learned_ones_are_not(unknown_product_run: tuple[MoleFlow, Path, Path]) -> None:
+    import csv
+
+    model, root, output = unknown_product_run
+    assert all(float(p.threshold) > 0 for p in model.model.router.prototypes)
+    for name in (TINY_CATEGORIES[0], TINY_CATEGORIES[2]):
+        with (output / "tasks" / f"01_{TINY_CATEGORIES[2]}" / "test" / name / "routing.csv").open() as handle:
+            rows = list(csv.DictReader(handle))
+        assert len(rows) == 12
+        assert {row["routed_task"] for row in rows} == {name}
+        assert all(row["unknown_product"] == "0" and float(row["router_distance"]) > 0 for row in rows)
+    _, routed = model.model.predict(_third_product_images(model, root))
+    assert routed.unknown.all(), routed.distance
+    # With a factor so small that every image is "unknown", a learned product's images show what the setting does:
+    # scored anomalous (normalised score 1, anomalous label) by default, only flagged with unknown_as_anomalous off.
+    learned = _tasks(root, (TINY_CATEGORIES[0],))[0]
+    learned.setup()
+    images = next(iter(learned.test_dataloader())).image
+    model.eval()
+    normal = model(images).pred_score
+    assert not (normal == 1).all()
+    model.model.unknown_factor = 1e-9
+    try:
+        assert model.model.predict(images)[1].unknown.all()
+        flagged = model(images)
+        assert (flagged.pred_score == 1).all()
+        assert flagged.pred_label.all()
+        model.unknown_as_anomalous = False
+        assert torch.equal(model(images).pred_score, normal)
+    finally:
+        model.unknown_as_anomalous = True
+        model.model.unknown_factor = None
+    assert not model.model.predict(_third_product_images(model, root))[1].unknown.any()  # None: never flagged
+    model.model.unknown_factor = 3.0
+
+
+def test_unknown_product_thresholds_survive_the_checkpoint(unknown_product_run: tuple[MoleFlow, Path, Path]) -> None:
+    model, root, output = unknown_product_run
+    loaded = MoleFlow.continue_from(output / "model.ckpt")
+    expected = [float(p.threshold) for p in model.model.router.prototypes]
+    assert [float(p.threshold) for p in loaded.model.router.prototypes] == expected
+    assert loaded.model.predict(_third_product_images(model, root))[1].unknown.all()

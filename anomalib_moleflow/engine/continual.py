@@ -33,6 +33,7 @@ from anomalib_moleflow.reports import (
     save_overlays,
     summarize,
     write_results,
+    write_routing_csv,
 )
 
 from .strategies import MoleFlowStrategy, Strategy
@@ -110,12 +111,27 @@ class ContinualEngine:
         }
         return json.loads(json.dumps(config, default=str))
 
-    def _test(self, strategy: Strategy, index: int, task: Task, folder: Path) -> tuple[dict[str, Any], float | None]:
-        """Test one task; returns its metrics (``None`` where undefined) and routing accuracy (``None``: no routing)."""
+    def _test(
+        self, strategy: Strategy, index: int, task: Task, folder: Path, names: list[str]
+    ) -> tuple[dict[str, Any], float | None, float | None]:
+        """Test one task; returns its metrics (``None`` where undefined), routing accuracy and unknown-product rate.
+
+        The routing of every test image (task, router distance, unknown product) goes to ``folder/routing.csv``.
+        """
         with strategy.testing(index) as (module, routing_log):
             metrics = self.trainer.test(module, task.datamodule, folder, calibrate=strategy.calibrate)
-        accuracy = routing_log.accuracy(index) if routing_log is not None else None
-        return {metric: clean(metrics.get(metric)) for metric in METRICS}, clean(accuracy)
+        values = {metric: clean(metrics.get(metric)) for metric in METRICS}
+        if routing_log is None:
+            return values, None, None
+        images = [str(path) for path in task.datamodule.test_data.samples["image_path"]]
+        routing = {
+            "task": routing_log.tasks().tolist(),
+            "distance": routing_log.distances().tolist(),
+            "unknown": routing_log.unknown().tolist(),
+        }
+        if len(images) == len(routing["task"]):  # the test loader keeps the samples' order
+            write_routing_csv(folder / "routing.csv", images, routing, names)
+        return values, clean(routing_log.accuracy(index)), clean(routing_log.unknown_rate())
 
     def _save(self, strategy: Strategy, state: dict[str, Any]) -> None:
         """Checkpoint, its checksum, then state, each atomically: the state never names an incomplete checkpoint."""
@@ -194,8 +210,11 @@ class ContinualEngine:
             test_start = time.perf_counter()
             row: dict[str, list[float | None]] = {metric: [None] * len(task_list) for metric in METRICS}
             routing_row: list[float | None] = [None] * len(task_list)
+            unknown_row: list[float | None] = [None] * len(task_list)
+            names = [t.name for t in task_list]
             for j in strategy.tested_after(index, len(task_list)):
-                values, routing_row[j] = self._test(strategy, j, task_list[j], task_dir / "test" / task_list[j].name)
+                folder = task_dir / "test" / task_list[j].name
+                values, routing_row[j], unknown_row[j] = self._test(strategy, j, task_list[j], folder, names)
                 for metric in METRICS:
                     row[metric][j] = values[metric]
             state["timing"]["test_s"][task.name] = time.perf_counter() - test_start
@@ -203,6 +222,7 @@ class ContinualEngine:
             for metric in METRICS:
                 state["matrix"][metric].append(row[metric])
             state["routing"].append(routing_row)
+            state.setdefault("unknown", []).append(unknown_row)
             self._save(strategy, state)
             self._log_progress(state, index, end, time.perf_counter() - run_start, start)
         return self.finish(strategy, task_list[: len(state["tasks"])], state)
@@ -241,6 +261,9 @@ class ContinualEngine:
             "matrix": matrix,
             **summarize(names, matrix, routing),
             "routing_matrix": routing,
+            "unknown_product_rate": {
+                name: (state.get("unknown") or [[None] * n])[-1][j] for j, name in enumerate(names)
+            },
             "params": strategy.costs(),
             "timing": state["timing"],
             "config": state["config"],

@@ -2,7 +2,7 @@
 
 from .benchmark_table import COLUMNS, seeds_markdown, summarize_seeds, write_report
 from .plots import plot_final_bars, plot_matrix_heatmaps, save_overlays
-from .results import clean, markdown_table, read_csv, summarize, write_results
+from .results import clean, markdown_table, read_csv, summarize, write_results, write_routing_csv
 
 __all__ = [
     "COLUMNS",
@@ -17,4 +17,5 @@ __all__ = [
     "summarize_seeds",
     "write_report",
     "write_results",
+    "write_routing_csv",
 ]

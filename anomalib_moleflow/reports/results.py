@@ -92,6 +92,11 @@ def markdown_table(results: dict[str, Any]) -> str:
     forgetting = ", ".join(f"{METRICS[m]} {_fmt(results['forgetting'][m])}" for m in metrics)
     lines.append("")
     lines.append(f"Forgetting (FM, points): {forgetting}")
+    unknown = {name: rate for name, rate in results.get("unknown_product_rate", {}).items() if rate}
+    if unknown:
+        flagged = ", ".join(f"{name} {_fmt(rate)} %" for name, rate in unknown.items())
+        lines.append("")
+        lines.append(f"Test images flagged as an unknown product (scored anomalous by default): {flagged}")
     return "\n".join(lines) + "\n"
 
 
@@ -108,6 +113,25 @@ def write_results(results: dict[str, Any], output_dir: Path) -> None:
     writer.writerows([["" if value is None else value for value in row] for row in rows])
     atomic_write_text(output_dir / "results.csv", buffer.getvalue())
     atomic_write_text(output_dir / "results.md", markdown_table(results))
+
+
+def write_routing_csv(path: Path, image_paths: list[str], routing: dict[str, list[Any]], tasks: list[str]) -> None:
+    """One row per test image: path, routed task, router distance, unknown-product flag.
+
+    Args:
+        path: CSV file to write.
+        image_paths: The images, in the order they were scored.
+        routing: ``task`` (index), ``distance`` and ``unknown`` lists, one entry per image.
+        tasks: Task names by index.
+    """
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image_path", "routed_task", "router_distance", "unknown_product"])
+    for image, task, distance, unknown in zip(
+        image_paths, routing["task"], routing["distance"], routing["unknown"], strict=True
+    ):
+        writer.writerow([image, tasks[task], "" if math.isnan(distance) else f"{distance:.6g}", int(unknown)])
+    atomic_write_text(path, buffer.getvalue())
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -32,7 +32,7 @@ from torch import nn, optim
 from anomalib_moleflow.checkpoint import check_finite_state, read_checkpoint
 from anomalib_moleflow.metrics import default_evaluator
 
-from .components.router import RoutingLog, RoutingRecorder
+from .components.router import Routed, RoutingLog, RoutingRecorder
 from .loss import MoleFlowLoss
 from .post_processor import TaskPostProcessor
 from .torch_model import RUNTIME_SETTINGS, MoleFlowModel, model_settings
@@ -87,6 +87,10 @@ class MoleFlow(AnomalibModule):
         max_epochs: Epochs per task (passed to the trainer).
         lora_alpha: LoRA alpha; defaults to ``lora_rank`` (scale 1).
         router_eps: Relative ridge of the router covariances.
+        unknown_factor: An image farther from every task than ``unknown_factor`` times the task's threshold (its
+            training images' largest held-out router distance) is an unknown product; ``None``: never.
+        unknown_as_anomalous: Score unknown products as anomalous (normalised score 1, label anomalous); ``False``:
+            only flag them (``record_routing``), scored by the nearest task's expert.
         exact_likelihood: Train only what the NLL's log-det counts (``False``: the study's training, see
             :class:`MoleFlowModel`).
         pre_processor: anomalib pre-processor, or ``True`` for resize to ``image_size`` + ImageNet normalisation. A
@@ -122,6 +126,8 @@ class MoleFlow(AnomalibModule):
         max_epochs: int = 60,
         lora_alpha: float | None = None,
         router_eps: float = 0.01,
+        unknown_factor: float | None = 3.0,
+        unknown_as_anomalous: bool = True,
         exact_likelihood: bool = True,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -152,6 +158,7 @@ class MoleFlow(AnomalibModule):
         # MoleFlowModel's own signature is the one list of architecture settings; it validates them.
         self.model: MoleFlowModel = MoleFlowModel(**model_settings(locals()))
         self.freeze_base = freeze_base
+        self.unknown_as_anomalous = unknown_as_anomalous
         self.lr = lr
         self.max_epochs = max_epochs
         self._oracle_task: int | None = None
@@ -325,19 +332,32 @@ class MoleFlow(AnomalibModule):
         task = self.training_task if fitting else self._oracle_task
         return None if task is None else torch.full((batch_size,), task, device=device, dtype=torch.long)
 
-    def _score(self, images: torch.Tensor) -> tuple[InferenceBatch, torch.Tensor]:
-        """Raw predictions and the task id used for each image (recorded in every open routing log)."""
-        predictions, task_ids = self.model.predict(images, self._given_tasks(images.shape[0], images.device))
-        self._routing.append(task_ids)
-        return predictions, task_ids
+    def _score(self, images: torch.Tensor) -> tuple[InferenceBatch, Routed]:
+        """Raw predictions and each image's routing (recorded in every open routing log)."""
+        predictions, routed = self.model.predict(images, self._given_tasks(images.shape[0], images.device))
+        self._routing.append(routed)
+        return predictions, routed
+
+    def _mark_unknown(
+        self, pred_score: torch.Tensor, pred_label: torch.Tensor | None, routed: Routed
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Unknown products scored anomalous (normalised score 1, label anomalous) when ``unknown_as_anomalous``."""
+        normalised = isinstance(self.post_processor, TaskPostProcessor) and self.post_processor.enable_normalization
+        if not (self.unknown_as_anomalous and normalised and routed.unknown.any()):
+            return pred_score, pred_label
+        unknown = routed.unknown.to(pred_score.device)
+        pred_score = torch.where(unknown, torch.ones_like(pred_score), pred_score)
+        if pred_label is not None:
+            pred_label = pred_label | unknown.to(pred_label.device)
+        return pred_score, pred_label
 
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Score validation images (with the training task's expert during ``fit``); gather per-task statistics."""
         del args, kwargs
-        predictions, task_ids = self._score(batch.image)
+        predictions, routed = self._score(batch.image)
         batch.update(**predictions._asdict())
         if isinstance(self.post_processor, TaskPostProcessor):
-            self.post_processor.update_statistics(batch, task_ids)
+            self.post_processor.update_statistics(batch, routed.task)
         return batch
 
     def test_step(self, batch: Batch, batch_idx: int, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
@@ -351,17 +371,20 @@ class MoleFlow(AnomalibModule):
         return self._score_and_post_process(batch)
 
     def _score_and_post_process(self, batch: Batch) -> Batch:
-        predictions, task_ids = self._score(batch.image)
+        predictions, routed = self._score(batch.image)
         batch.update(**predictions._asdict())
         if isinstance(self.post_processor, TaskPostProcessor):
-            self.post_processor.post_process_batch(batch, task_ids)
+            self.post_processor.post_process_batch(batch, routed.task)
+            batch.pred_score, batch.pred_label = self._mark_unknown(batch.pred_score, batch.pred_label, routed)
         return batch
 
     def forward(self, batch: torch.Tensor, *args: Any, **kwargs: Any) -> InferenceBatch:
         """Pre-process, score with routing, and post-process each image with its task's statistics."""
         del args, kwargs
         images = self.pre_processor(batch) if self.pre_processor else batch
-        predictions, task_ids = self._score(images)
+        predictions, routed = self._score(images)
         if isinstance(self.post_processor, TaskPostProcessor):
-            return self.post_processor(predictions, task_ids=task_ids)
+            predictions = self.post_processor(predictions, task_ids=routed.task)
+            pred_score, pred_label = self._mark_unknown(predictions.pred_score, predictions.pred_label, routed)
+            return predictions._replace(pred_score=pred_score, pred_label=pred_label)
         return self.post_processor(predictions) if self.post_processor else predictions

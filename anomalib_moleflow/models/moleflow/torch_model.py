@@ -18,7 +18,7 @@ from .components.backbone import build_feature_extractor
 from .components.coupling import MoLEFlow
 from .components.dia import DeepInvertibleAdapter
 from .components.embedding import PatchEmbedding, default_embed_dim, sinusoidal_position_embedding
-from .components.router import MahalanobisRouter
+from .components.router import MahalanobisRouter, Routed
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ CHECKPOINT_FORMAT = 3
 
 
 #: Settings that do not change what a saved state dict means (free to differ between a checkpoint and a model).
-RUNTIME_SETTINGS: frozenset[str] = frozenset({"score_aggregation_top_k", "router_eps"})
+RUNTIME_SETTINGS: frozenset[str] = frozenset({"score_aggregation_top_k", "router_eps", "unknown_factor"})
 
 
 def _check(condition: bool, message: str) -> None:
@@ -65,6 +65,8 @@ class MoleFlowModel(nn.Module):
         score_aggregation_top_k: Image score = mean of the top-k patch scores.
         task_separated: One whole flow per task instead of a shared base.
         router_eps: Relative ridge of the router covariances.
+        unknown_factor: An image whose router distance exceeds ``unknown_factor`` times every task's threshold (the
+            largest held-out distance of the task's training images) is an unknown product; ``None``: never.
         exact_likelihood: Train only transforms whose log-determinant the NLL counts: the whitening affine's
             ``sum(log gamma)`` is added to every patch's log-det and the spatial context keeps its initial gate
             and box kernel. ``False`` reproduces the study, which trains both without their Jacobian, so that
@@ -91,6 +93,7 @@ class MoleFlowModel(nn.Module):
         score_aggregation_top_k: int = 3,
         task_separated: bool = False,
         router_eps: float = 0.01,
+        unknown_factor: float | None = 3.0,
         exact_likelihood: bool = True,
     ) -> None:
         super().__init__()
@@ -125,6 +128,7 @@ class MoleFlowModel(nn.Module):
             _check(kernel == 0 or (kernel > 0 and kernel % 2 == 1), f"{name} must be 0 (off) or odd, got {kernel}.")
         _check(score_aggregation_top_k >= 1, f"score_aggregation_top_k must be >= 1, got {score_aggregation_top_k}.")
         _check(router_eps > 0, f"router_eps must be > 0, got {router_eps}.")
+        _check(unknown_factor is None or unknown_factor > 0, f"unknown_factor must be > 0, got {unknown_factor}.")
         #: Every constructor argument (``embed_dim`` and ``lora_alpha`` resolved): the checkpoint fingerprint's source.
         self.settings: dict[str, Any] = {
             **model_settings(locals()),
@@ -143,6 +147,7 @@ class MoleFlowModel(nn.Module):
         self.spatial_context_kernel = spatial_context_kernel
         self.scale_context_kernel = scale_context_kernel
         self.score_aggregation_top_k = score_aggregation_top_k
+        self.unknown_factor = unknown_factor
         self.task_separated = task_separated
         self.exact_likelihood = exact_likelihood
 
@@ -369,11 +374,11 @@ class MoleFlowModel(nn.Module):
         nll = rearrange(self.patch_nll(z, log_det), "(b n) -> b n", b=batch)
         return nll, rearrange(log_det, "(b n) -> b n", b=batch), image_embedding
 
-    def route(self, image_embedding: torch.Tensor) -> torch.Tensor:
-        """Task index ``(b,)`` of each image, chosen by the Mahalanobis router."""
-        return self.router(image_embedding)
+    def route(self, image_embedding: torch.Tensor, tasks: torch.Tensor | None = None) -> Routed:
+        """Task, router distance and unknown-product flag of each image (``tasks``: given instead of routed)."""
+        return self.router.route(image_embedding, self.unknown_factor, tasks)
 
-    def predict(self, images: torch.Tensor, tasks: torch.Tensor | None = None) -> tuple[InferenceBatch, torch.Tensor]:
+    def predict(self, images: torch.Tensor, tasks: torch.Tensor | None = None) -> tuple[InferenceBatch, Routed]:
         """Score images, each with the expert of its routed (or given) task.
 
         Args:
@@ -381,13 +386,14 @@ class MoleFlowModel(nn.Module):
             tasks: Optional true task index per image (oracle routing); routed when ``None``.
 
         Returns:
-            The predictions and the task index used for each image.
+            The predictions, and the routing of each image (task used, router distance, unknown product).
         """
         if self.num_tasks == 0:
             msg = "MoLE-Flow has no task yet: call `add_task(name)` and train before predicting."
             raise RuntimeError(msg)
         patches, image_embedding = self.embed(images)
-        task_ids = self.route(image_embedding) if tasks is None else tasks.to(images.device).long()
+        routed = self.route(image_embedding, tasks)
+        task_ids = routed.task
         height, width = patches.shape[1:3]
         scores = patches.new_zeros(patches.shape[:3])
         for task in task_ids.unique().tolist():
@@ -397,7 +403,7 @@ class MoleFlowModel(nn.Module):
             scores[selected] = rearrange(nll, "(b h w) -> b h w", h=height, w=width)
         anomaly_map = self.anomaly_map_generator(scores, tuple(images.shape[-2:]))
         pred_score = top_k_image_score(scores, self.score_aggregation_top_k)
-        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map), task_ids
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map), routed
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Routed inference (used by export and by ``AnomalibModule.forward``)."""
