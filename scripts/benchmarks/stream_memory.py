@@ -6,7 +6,8 @@ per-task post-process) while a routing log records every image, as in a test run
 curve and the growth after warm-up; a leak shows as growth that keeps rising with the number of images:
 
     python scripts/benchmarks/stream_memory.py                  # 10,000 images, tiny random backbone, CPU
-    python scripts/benchmarks/stream_memory.py --backbone tf_efficientnet_lite0 --layers blocks.2 blocks.4 --pre_trained 1
+    python scripts/benchmarks/stream_memory.py --backbone tf_efficientnet_lite0 --layers blocks.2 blocks.4 \
+        --pre_trained 1
 
 It measures, it never asserts (not a test); the issue's target is growth under 5 % after warm-up.
 """
