@@ -126,8 +126,12 @@ def test_resume_after_interruption_equals_uninterrupted(
 def test_resume_with_other_config_is_refused(frozen_run: tuple[dict, Path], tiny_mvtec_root: Path) -> None:
     _, output = frozen_run
     before = (output / "model.ckpt").read_bytes()
-    with pytest.raises(ValueError, match=r"other settings \(model differ\)"):
+    with pytest.raises(
+        ValueError, match=r"other settings \(model.lora_alpha: run 4.0, now 8.0; model.lora_rank: run 4, now 8\)"
+    ):
         _engine(output, resume=True).run(_model(lora_rank=8), _tasks(tiny_mvtec_root))
+    with pytest.raises(ValueError, match=r"engine.seed: run 42, now 7"):
+        _engine(output, resume=True, seed=7).run(_model(), _tasks(tiny_mvtec_root))
     assert (output / "model.ckpt").read_bytes() == before
 
 

@@ -57,6 +57,17 @@ RUN_OUTPUTS: tuple[str, ...] = (
 Tasks = Sequence[TaskLike | Task] | Mapping[str, AnomalibDataModule | Sequence[AnomalibDataModule]]
 
 
+def _differences(saved: Any, current: Any, path: str = "") -> list[str]:
+    """``KEY: run VALUE, now VALUE`` for every leaf setting that differs between two resolved configs."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [
+            line
+            for key in sorted({*saved, *current})
+            for line in _differences(saved.get(key), current.get(key), f"{path}.{key}" if path else key)
+        ]
+    return [] if saved == current else [f"{path}: run {saved!r}, now {current!r}"]
+
+
 class ContinualEngine:
     """Run a strategy (MoLE-Flow by default) over a task sequence, with the study's protocol.
 
@@ -147,11 +158,11 @@ class ContinualEngine:
         ignored = {"cli", "versions"}  # the CLI's own options (output, resume ...) and library versions
         saved = {key: value for key, value in state["config"].items() if key not in ignored}
         current = {key: value for key, value in config.items() if key not in ignored}
-        differing = sorted(key for key in {*saved, *current} if saved.get(key) != current.get(key))
+        differing = _differences(saved, current)
         if differing:
             msg = (
-                f"Cannot resume: '{self.output_dir}' was produced with other settings ({', '.join(differing)} "
-                "differ). Use the same configuration, or another --output for a new run."
+                f"Cannot resume: '{self.output_dir}' was produced with other settings ({'; '.join(differing)}). "
+                "Resume with the same configuration, or start a new run with another --output (or --overwrite)."
             )
             raise ValueError(msg)
         done = state["tasks"]
