@@ -32,6 +32,7 @@ from torch import nn, optim
 from anomalib_moleflow.checkpoint import check_finite_state, read_checkpoint
 from anomalib_moleflow.metrics import default_evaluator
 
+from .components.feature_cache import CacheDtype, CacheMode, FeatureCache, is_random
 from .components.router import Routed, RoutingLog, RoutingRecorder
 from .loss import MoleFlowLoss
 from .post_processor import TaskPostProcessor
@@ -93,6 +94,10 @@ class MoleFlow(AnomalibModule):
             only flag them (``record_routing``), scored by the nearest task's expert.
         exact_likelihood: Train only what the NLL's log-det counts (``False``: the study's training, see
             :class:`MoleFlowModel`).
+        feature_cache: Compute each training image's patch embedding once per task and reuse it in later epochs:
+            ``auto`` (in memory, or a memory-mapped file when large), ``memory``, ``disk`` or ``off``. Bypassed
+            when the training transforms are random.
+        feature_cache_dtype: Storage type of the cache (``float16`` halves it).
         pre_processor: anomalib pre-processor, or ``True`` for resize to ``image_size`` + ImageNet normalisation. A
             custom one must resize to ``image_size``.
         post_processor: Post-processor, or ``True`` for the per-task :class:`TaskPostProcessor`.
@@ -129,6 +134,8 @@ class MoleFlow(AnomalibModule):
         unknown_factor: float | None = 3.0,
         unknown_as_anomalous: bool = True,
         exact_likelihood: bool = True,
+        feature_cache: CacheMode = "auto",
+        feature_cache_dtype: CacheDtype = "float32",
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -136,6 +143,8 @@ class MoleFlow(AnomalibModule):
     ) -> None:
         _check(lr > 0, f"lr must be > 0, got {lr}.")
         _check(max_epochs >= 1, f"max_epochs must be >= 1, got {max_epochs}.")
+        _check(feature_cache in {"auto", "memory", "disk", "off"}, f"Unknown feature_cache {feature_cache!r}.")
+        _check(feature_cache_dtype in {"float32", "float16"}, f"Unknown feature_cache_dtype {feature_cache_dtype!r}.")
         if pre_processor is True:
             pre_processor = self.configure_pre_processor((image_size, image_size))
         super().__init__(
@@ -159,6 +168,10 @@ class MoleFlow(AnomalibModule):
         self.model: MoleFlowModel = MoleFlowModel(**model_settings(locals()))
         self.freeze_base = freeze_base
         self.unknown_as_anomalous = unknown_as_anomalous
+        self.feature_cache = feature_cache
+        self.feature_cache_dtype = feature_cache_dtype
+        self._cache: FeatureCache | None = None
+        self._cache_size = 0  # training images of the running fit (0: no cache)
         self.lr = lr
         self.max_epochs = max_epochs
         self._oracle_task: int | None = None
@@ -207,8 +220,17 @@ class MoleFlow(AnomalibModule):
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """No gradient clipping, ``max_epochs`` epochs, no sanity validation."""
-        return {"gradient_clip_val": 0, "max_epochs": self.max_epochs, "num_sanity_val_steps": 0}
+        """No gradient clipping, ``max_epochs`` epochs, validation once after the last epoch, no sanity validation.
+
+        A one-class model needs validation only to fit its task's thresholds and normalisation, which the last
+        epoch's weights define; validating after every epoch would score the validation images ``max_epochs`` times.
+        """
+        return {
+            "gradient_clip_val": 0,
+            "max_epochs": self.max_epochs,
+            "num_sanity_val_steps": 0,
+            "check_val_every_n_epoch": self.max_epochs,
+        }
 
     @property
     def learning_type(self) -> LearningType:
@@ -294,11 +316,60 @@ class MoleFlow(AnomalibModule):
         return optim.Adam(params, lr=self.lr)
 
     # ------------------------------------------------------------- training
+    def on_train_start(self) -> None:
+        """Decide whether this fit caches the training images' patch embeddings (deterministic transforms only)."""
+        self._close_cache()
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if self.feature_cache == "off":
+            return
+        if dataset is None or not hasattr(dataset, "samples"):
+            reason = "the training data has no image paths"
+        elif is_random(getattr(dataset, "augmentations", None)) or is_random(
+            getattr(self.pre_processor, "transform", None)
+        ):
+            reason = "the training transforms are random"
+        else:
+            self._cache_size = len(dataset)
+            return
+        logger.info("No training feature cache: %s.", reason)
+
+    def _training_patches(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch and image embeddings of a training batch, from the feature cache when every image is in it."""
+        keys = [str(path) for path in batch.image_path] if getattr(batch, "image_path", None) else None
+        if self._cache is not None and keys:
+            cached = self._cache.get(keys, batch.image.device)
+            if cached is not None:
+                return cached, cached.mean(dim=(1, 2))
+        patches, image_embedding = self.model.embed(batch.image)
+        if self._cache_size and keys:
+            if self._cache is None:
+                folder = getattr(self.trainer, "default_root_dir", None)
+                self._cache = FeatureCache(
+                    self._cache_size, patches.shape[1:], self.feature_cache, self.feature_cache_dtype, folder
+                )
+            self._cache.put(keys, patches)
+        return patches, image_embedding
+
+    def _close_cache(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+        self._cache, self._cache_size = None, 0
+
+    def on_train_end(self) -> None:
+        """Free the feature cache."""
+        self._close_cache()
+
+    def teardown(self, stage: str) -> None:
+        """Free the feature cache, also when a fit stops with an error."""
+        del stage
+        self._close_cache()
+
     def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """One step of the training task: tail-aware NLL + log-det regularisation; feeds the router."""
         del args, kwargs
         task = self.training_task
-        nll, log_det, image_embedding = self.model.forward_train(batch.image, task)
+        patches, image_embedding = self._training_patches(batch)
+        nll, log_det = self.model.train_patches(patches, task)
         loss = self.loss(nll, log_det)
         if not torch.isfinite(loss):
             msg = (

@@ -369,10 +369,18 @@ class MoleFlowModel(nn.Module):
             Patch NLL ``(b, h*w)``, patch log-determinants ``(b, h*w)`` and image embeddings ``(b, d)``.
         """
         patches, image_embedding = self.embed(images)
+        return (*self.train_patches(patches, task), image_embedding)
+
+    def train_patches(self, patches: torch.Tensor, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training pass of ``(b, h, w, d)`` patch embeddings (from :meth:`embed` or a feature cache).
+
+        Returns:
+            Patch NLL ``(b, h*w)`` and patch log-determinants ``(b, h*w)``.
+        """
         z, log_det = self.encode(patches, task)
-        batch = images.shape[0]
+        batch = patches.shape[0]
         nll = rearrange(self.patch_nll(z, log_det), "(b n) -> b n", b=batch)
-        return nll, rearrange(log_det, "(b n) -> b n", b=batch), image_embedding
+        return nll, rearrange(log_det, "(b n) -> b n", b=batch)
 
     def route(self, image_embedding: torch.Tensor, tasks: torch.Tensor | None = None) -> Routed:
         """Task, router distance and unknown-product flag of each image (``tasks``: given instead of routed)."""

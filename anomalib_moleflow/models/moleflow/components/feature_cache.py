@@ -1,0 +1,128 @@
+"""Training feature cache: each training image's patch embedding computed once per task, reused by later epochs.
+
+The backbone is frozen and the patch embedding has no trained parameters, so with deterministic training transforms
+an image's patch embedding is the same every epoch; recomputing it is most of an epoch's cost on a CPU. The cache
+lives for one task's ``fit``: in memory, or in a memory-mapped file when it would take more than a share of the
+available memory. Lightning's loops and anomalib's datamodules are used as they are: the cache only answers
+"have I seen this image path" inside ``training_step``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+CacheMode = Literal["auto", "memory", "disk", "off"]
+CacheDtype = Literal["float32", "float16"]
+#: ``auto`` keeps the cache in memory up to this share of the memory available when it starts.
+MEMORY_SHARE = 0.25
+#: Names of torchvision transforms whose output changes from call to call.
+RANDOM_TRANSFORMS = ("Random", "ColorJitter", "RandAugment", "AutoAugment", "TrivialAugment", "AugMix", "Elastic")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``; ``None`` elsewhere)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def is_random(transform: object) -> bool:
+    """Whether a (composed) torchvision transform contains a random transform."""
+    if transform is None:
+        return False
+    children = getattr(transform, "transforms", None)
+    if children is not None:
+        return any(is_random(child) for child in children)
+    return type(transform).__name__.startswith(RANDOM_TRANSFORMS)
+
+
+class FeatureCache:
+    """Patch embeddings of one task's training images, keyed by image path.
+
+    Args:
+        num_images: Number of training images (rows of the disk cache).
+        shape: Shape of one image's patch embedding, ``(h, w, d)``.
+        mode: ``memory``, ``disk`` (memory-mapped file in ``folder``), or ``auto`` (memory when the cache takes less
+            than :data:`MEMORY_SHARE` of the available memory, else disk).
+        dtype: Storage type; ``float16`` halves the size (the flow still computes in float32).
+        folder: Where the disk cache's file goes (deleted by :meth:`close`).
+    """
+
+    def __init__(
+        self,
+        num_images: int,
+        shape: Sequence[int],
+        mode: CacheMode = "auto",
+        dtype: CacheDtype = "float32",
+        folder: Path | str | None = None,
+    ) -> None:
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        size = num_images * int(np.prod(self.shape)) * (2 if dtype == "float16" else 4)
+        if mode == "auto":
+            available = available_memory()
+            mode = "memory" if available is None or size <= MEMORY_SHARE * available else "disk"
+        if mode not in {"memory", "disk"}:
+            msg = f"FeatureCache mode must be 'auto', 'memory' or 'disk', got {mode!r}."
+            raise ValueError(msg)
+        self.mode = mode
+        self._rows: dict[str, int] = {}
+        self._memory: dict[str, torch.Tensor] = {}
+        self._file: Path | None = None
+        self._array: np.memmap | None = None
+        if mode == "disk":
+            fd, name = tempfile.mkstemp(prefix="moleflow_features_", suffix=".npy", dir=folder)
+            os.close(fd)
+            self._file = Path(name)
+            self._array = np.lib.format.open_memmap(name, mode="w+", dtype=dtype, shape=(num_images, *self.shape))
+        logger.info("Training feature cache: %s, %s, %.1f MiB for %d images.", mode, dtype, size / 2**20, num_images)
+
+    def __len__(self) -> int:
+        return len(self._memory) + len(self._rows)
+
+    def get(self, keys: Sequence[str], device: torch.device) -> torch.Tensor | None:
+        """The cached ``(b, h, w, d)`` float32 embeddings of ``keys``, or ``None`` unless every key is cached."""
+        if self.mode == "memory":
+            if not all(key in self._memory for key in keys):
+                return None
+            stacked = torch.stack([self._memory[key] for key in keys])
+        else:
+            if not all(key in self._rows for key in keys):
+                return None
+            stacked = torch.from_numpy(np.stack([self._array[self._rows[key]] for key in keys]))  # type: ignore[index]
+        return stacked.to(device=device, dtype=torch.float32)
+
+    def put(self, keys: Sequence[str], embeddings: torch.Tensor) -> None:
+        """Store ``(b, h, w, d)`` embeddings under ``keys``."""
+        values = embeddings.detach().to("cpu", getattr(torch, self.dtype))
+        for key, value in zip(keys, values, strict=True):
+            if self.mode == "memory":
+                self._memory[key] = value.clone()
+            elif key not in self._rows:
+                if len(self._rows) >= len(self._array):  # type: ignore[arg-type]
+                    return  # more distinct images than announced: the rest are recomputed
+                self._rows[key] = len(self._rows)
+                self._array[self._rows[key]] = value.numpy()  # type: ignore[index]
+
+    def close(self) -> None:
+        """Free the memory and delete the disk file."""
+        self._memory.clear()
+        self._rows.clear()
+        self._array = None
+        if self._file is not None:
+            self._file.unlink(missing_ok=True)
+            self._file = None

@@ -1,0 +1,109 @@
+"""Speed features change no result: the training feature cache (memory, disk, fp16, bypassed for random
+transforms) and validation once after the last epoch. Behaviour only; the timings are in scripts/benchmarks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from lightning.pytorch import seed_everything
+from torchvision.transforms import v2
+
+from anomalib_moleflow import MoleFlow
+from anomalib_moleflow.models.moleflow.components.feature_cache import FeatureCache, is_random
+
+from conftest import TINY_CATEGORIES, TINY_MODEL_KWARGS
+
+EPOCHS = 3
+
+
+def _fit(root: Path, work: Path, augment: bool = False, **overrides: Any) -> tuple[MoleFlow, dict[str, int]]:
+    """Fit one task for EPOCHS epochs; count backbone passes during training and validation steps."""
+    seed_everything(0, verbose=False)
+    model = MoleFlow(**{**TINY_MODEL_KWARGS, "max_epochs": EPOCHS, **overrides})
+    model.add_task(TINY_CATEGORIES[0])
+    counts = {"backbone_in_training": 0, "validation_steps": 0}
+
+    def count_backbone(*_: Any) -> None:
+        counts["backbone_in_training"] += int(model.trainer.training)
+
+    model.model.feature_extractor.register_forward_hook(count_backbone)
+    validation_step = model.validation_step
+
+    def counting_validation_step(*args: Any, **kwargs: Any) -> Any:
+        counts["validation_steps"] += 1
+        return validation_step(*args, **kwargs)
+
+    model.validation_step = counting_validation_step  # type: ignore[method-assign]
+    augmentations = v2.RandomHorizontalFlip() if augment else None
+    datamodule = MVTecAD(
+        root=root,
+        category=TINY_CATEGORIES[0],
+        train_batch_size=4,
+        eval_batch_size=8,
+        num_workers=0,
+        train_augmentations=augmentations,
+    )
+    engine = Engine(default_root_dir=work, enable_progress_bar=False, logger=False, enable_model_summary=False)
+    engine.fit(model, datamodule=datamodule)
+    return model, counts
+
+
+@pytest.fixture(scope="module")
+def uncached(tiny_mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[MoleFlow, dict[str, int]]:
+    return _fit(tiny_mvtec_root, tmp_path_factory.mktemp("off"), feature_cache="off")
+
+
+def _same_weights(a: MoleFlow, b: MoleFlow, atol: float) -> None:
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            assert torch.allclose(x, y, atol=atol, rtol=0), name
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_feature_cache_trains_the_same_weights_with_one_backbone_pass_per_image(
+    uncached: tuple[MoleFlow, dict[str, int]], tiny_mvtec_root: Path, tmp_path: Path, mode: str
+) -> None:
+    reference, reference_counts = uncached
+    model, counts = _fit(tiny_mvtec_root, tmp_path, feature_cache=mode)
+    _same_weights(model, reference, atol=1e-5)
+    batches_per_epoch = reference_counts["backbone_in_training"] // EPOCHS  # 8 images, batch 4
+    assert batches_per_epoch == 2
+    assert counts["backbone_in_training"] == batches_per_epoch  # the first epoch only
+    assert not list(tmp_path.rglob("moleflow_features_*"))  # the disk cache is deleted after the fit
+
+
+def test_fp16_cache_stays_close(
+    uncached: tuple[MoleFlow, dict[str, int]], tiny_mvtec_root: Path, tmp_path: Path
+) -> None:
+    model, counts = _fit(tiny_mvtec_root, tmp_path, feature_cache="memory", feature_cache_dtype="float16")
+    assert counts["backbone_in_training"] == 2
+    _same_weights(model, uncached[0], atol=5e-2)
+
+
+def test_random_training_transforms_bypass_the_cache(
+    uncached: tuple[MoleFlow, dict[str, int]], tiny_mvtec_root: Path, tmp_path: Path
+) -> None:
+    _, counts = _fit(tiny_mvtec_root, tmp_path, augment=True, feature_cache="memory")
+    assert counts["backbone_in_training"] == uncached[1]["backbone_in_training"] == 2 * EPOCHS
+    assert is_random(v2.Compose([v2.Resize(8), v2.RandomHorizontalFlip()]))
+    assert not is_random(v2.Compose([v2.Resize(8), v2.Normalize([0.5], [0.5])]))
+
+
+def test_validation_runs_once_after_the_last_epoch(uncached: tuple[MoleFlow, dict[str, int]]) -> None:
+    # 12 validation images (same as test), batch 8: 2 batches, once, not once per epoch.
+    assert uncached[1]["validation_steps"] == 2
+
+
+def test_disk_cache_roundtrip(tmp_path: Path) -> None:
+    cache = FeatureCache(3, (2, 2, 4), mode="disk", folder=tmp_path)
+    values = torch.randn(2, 2, 2, 4)
+    cache.put(["a", "b"], values)
+    assert cache.get(["a", "c"], torch.device("cpu")) is None
+    assert torch.equal(cache.get(["b", "a"], torch.device("cpu")), values[[1, 0]])
+    cache.close()
+    assert not list(tmp_path.iterdir())
