@@ -107,3 +107,35 @@ def test_disk_cache_roundtrip(tmp_path: Path) -> None:
     assert torch.equal(cache.get(["b", "a"], torch.device("cpu")), values[[1, 0]])
     cache.close()
     assert not list(tmp_path.iterdir())
+
+
+def _continual(root: Path, output: Path, feature_cache: str) -> tuple[dict[str, Any], int]:
+    """A 3-task run; returns its results and the backbone passes made while testing."""
+    from anomalib_moleflow.engine import ContinualEngine
+
+    seed_everything(0, verbose=False)
+    model = MoleFlow(**{**TINY_MODEL_KWARGS, "feature_cache": feature_cache})
+    passes = [0]
+
+    def count(*_: Any) -> None:
+        trainer = model._trainer  # None between fits
+        passes[0] += int(trainer is not None and trainer.testing)
+
+    model.model.feature_extractor.register_forward_hook(count)
+    tasks = [
+        MVTecAD(root=root, category=c, train_batch_size=4, eval_batch_size=8, num_workers=0) for c in TINY_CATEGORIES
+    ]
+    engine = ContinualEngine(output_dir=output, enable_progress_bar=False, overlays_per_task=0)
+    return engine.run(model, tasks), passes[0]
+
+
+def test_continual_matrix_scores_each_test_image_once_with_the_same_results(
+    tiny_mvtec_root: Path, tmp_path: Path
+) -> None:
+    cached, cached_passes = _continual(tiny_mvtec_root, tmp_path / "cached", "memory")
+    plain, plain_passes = _continual(tiny_mvtec_root, tmp_path / "plain", "off")
+    assert cached["matrix"] == plain["matrix"]
+    assert cached["routing_matrix"] == plain["routing_matrix"]
+    batches = 2  # 12 test images per task, batch 8
+    assert plain_passes == (1 + 2 + 3) * batches  # every seen task re-tested after each new one
+    assert cached_passes == 3 * batches  # each test image once for the whole run

@@ -208,6 +208,12 @@ class ContinualEngine:
         if known and known != [t.name for t in task_list][: len(known)]:
             msg = f"The model already holds tasks {known}; the task list must start with them."
             raise ValueError(msg)
+        with strategy.session(task_list):
+            return self._run(strategy, task_list, state, stop_after)
+
+    def _run(
+        self, strategy: Strategy, task_list: list[Task], state: dict[str, Any], stop_after: int | None
+    ) -> dict[str, Any]:
         start = len(state["tasks"])
         end = len(task_list) if stop_after is None else min(stop_after, len(task_list))
         run_start = time.perf_counter()

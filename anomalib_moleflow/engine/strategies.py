@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,6 +89,11 @@ class Strategy(ABC):
         """Settings to record in the results."""
         return {"strategy": type(self).__name__}
 
+    def session(self, tasks: Sequence[Task]) -> AbstractContextManager[None]:
+        """Context of a whole run over ``tasks`` (default: nothing; MoLE-Flow caches test features in it)."""
+        del tasks
+        return nullcontext()
+
 
 def check_finite(model: AnomalibModule, task: str) -> None:
     """Fail when training left non-finite weights or buffers in the network (e.g. a diverged flow).
@@ -153,6 +158,14 @@ class MoleFlowStrategy(Strategy):
     def costs(self) -> dict[str, Any]:
         """The model's parameter report (backbone, shared, per task)."""
         return self.model.model.parameter_report()
+
+    def session(self, tasks: Sequence[Task]) -> AbstractContextManager[None]:
+        """Each test image's patch embedding computed once for the whole run (the model's test feature cache)."""
+        capacity = 0
+        for task in tasks:
+            task.datamodule.setup()
+            capacity += len(task.datamodule.test_data)
+        return self.model.test_feature_cache(capacity)
 
     def final_module(self) -> torch.nn.Module:
         """The model."""

@@ -171,6 +171,7 @@ class MoleFlow(AnomalibModule):
         self.feature_cache = feature_cache
         self.feature_cache_dtype = feature_cache_dtype
         self._cache: FeatureCache | None = None
+        self._test_cache: FeatureCache | None = None
         self._cache_size = 0  # training images of the running fit (0: no cache)
         self.lr = lr
         self.max_epochs = max_epochs
@@ -403,9 +404,46 @@ class MoleFlow(AnomalibModule):
         task = self.training_task if fitting else self._oracle_task
         return None if task is None else torch.full((batch_size,), task, device=device, dtype=torch.long)
 
-    def _score(self, images: torch.Tensor) -> tuple[InferenceBatch, Routed]:
-        """Raw predictions and each image's routing (recorded in every open routing log)."""
-        predictions, routed = self.model.predict(images, self._given_tasks(images.shape[0], images.device))
+    @contextmanager
+    def test_feature_cache(self, capacity: int) -> Iterator[None]:
+        """Inside the block, test and predict compute each image's patch embedding once, keyed by its path.
+
+        A continual run tests every earlier task again after each new one; with this cache the matrix costs one
+        backbone pass per test image for the whole run. Storage follows ``feature_cache`` (``off``: no cache).
+
+        Args:
+            capacity: How many distinct images the block will score (the disk cache's rows).
+        """
+        if self.feature_cache == "off" or self._test_cache is not None:
+            yield
+            return
+        self._test_cache = FeatureCache(capacity, self._patch_shape(), self.feature_cache, self.feature_cache_dtype)
+        try:
+            yield
+        finally:
+            self._test_cache.close()
+            self._test_cache = None
+
+    def _patch_shape(self) -> tuple[int, int, int]:
+        """``(h, w, d)`` of one image's patch embedding."""
+        height, width = self.model.image_size
+        with torch.no_grad():
+            probe = torch.zeros(1, 3, height, width, device=self.device)
+            return tuple(self.model.embed(probe)[0].shape[1:])  # type: ignore[return-value]
+
+    def _score(self, images: torch.Tensor, keys: Sequence[str] | None = None) -> tuple[InferenceBatch, Routed]:
+        """Raw predictions and each image's routing (recorded in every open routing log).
+
+        ``keys`` (the images' paths) let the test feature cache answer instead of the backbone.
+        """
+        patches = None
+        if self._test_cache is not None and keys:
+            patches = self._test_cache.get(keys, images.device)
+            if patches is None:
+                patches, _ = self.model.embed(images)
+                self._test_cache.put(keys, patches)
+        given = self._given_tasks(images.shape[0], images.device)
+        predictions, routed = self.model.predict(images, given, patches=patches)
         self._routing.append(routed)
         return predictions, routed
 
@@ -442,7 +480,8 @@ class MoleFlow(AnomalibModule):
         return self._score_and_post_process(batch)
 
     def _score_and_post_process(self, batch: Batch) -> Batch:
-        predictions, routed = self._score(batch.image)
+        keys = [str(path) for path in batch.image_path] if getattr(batch, "image_path", None) else None
+        predictions, routed = self._score(batch.image, keys)
         batch.update(**predictions._asdict())
         if isinstance(self.post_processor, TaskPostProcessor):
             self.post_processor.post_process_batch(batch, routed.task)

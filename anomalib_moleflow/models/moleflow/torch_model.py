@@ -386,12 +386,18 @@ class MoleFlowModel(nn.Module):
         """Task, router distance and unknown-product flag of each image (``tasks``: given instead of routed)."""
         return self.router.route(image_embedding, self.unknown_factor, tasks)
 
-    def predict(self, images: torch.Tensor, tasks: torch.Tensor | None = None) -> tuple[InferenceBatch, Routed]:
+    def predict(
+        self,
+        images: torch.Tensor,
+        tasks: torch.Tensor | None = None,
+        patches: torch.Tensor | None = None,
+    ) -> tuple[InferenceBatch, Routed]:
         """Score images, each with the expert of its routed (or given) task.
 
         Args:
             images: ``(b, 3, H, W)`` pre-processed images.
             tasks: Optional true task index per image (oracle routing); routed when ``None``.
+            patches: The images' patch embeddings ``(b, h, w, d)`` when already computed (a feature cache).
 
         Returns:
             The predictions, and the routing of each image (task used, router distance, unknown product).
@@ -399,7 +405,10 @@ class MoleFlowModel(nn.Module):
         if self.num_tasks == 0:
             msg = "MoLE-Flow has no task yet: call `add_task(name)` and train before predicting."
             raise RuntimeError(msg)
-        patches, image_embedding = self.embed(images)
+        if patches is None:
+            patches, image_embedding = self.embed(images)
+        else:
+            image_embedding = patches.mean(dim=(1, 2))
         routed = self.route(image_embedding, tasks)
         task_ids = routed.task
         height, width = patches.shape[1:3]
