@@ -77,7 +77,8 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        msg = f"Checkpoint '{path}' does not exist. Pass the model.ckpt that a finished run wrote."
+        problem = "is a folder, not a file" if path.is_dir() else "does not exist"
+        msg = f"Checkpoint '{path}' {problem}. Pass the model.ckpt that a finished run wrote."
         raise FileNotFoundError(msg)
     if path.stat().st_size == 0:
         msg = f"Checkpoint '{path}' is empty (0 bytes): its write or copy was interrupted. Copy it again or retrain."
@@ -96,11 +97,13 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
         # checksum above is what guards against damage.
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises a different type per kind of damage
+        reason = str(error).splitlines()[0][:200] if str(error) else ""
         msg = (
-            f"Checkpoint '{path}' cannot be read ({type(error).__name__}): it is truncated, damaged or not a "
-            "checkpoint file. Pass the model.ckpt that a finished run wrote, or retrain."
+            f"Checkpoint '{path}' cannot be read ({type(error).__name__}: {reason}): it is truncated, damaged, not a "
+            "checkpoint file, or written by other library versions. Pass the model.ckpt that a finished run wrote, "
+            "or retrain."
         )
-        raise CheckpointError(msg) from None
+        raise CheckpointError(msg) from error
     if not isinstance(checkpoint, dict):
         msg = f"'{path}' is not a checkpoint (it holds a {type(checkpoint).__name__}, not a dictionary)."
         raise CheckpointError(msg)

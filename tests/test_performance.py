@@ -91,6 +91,8 @@ def test_random_training_transforms_bypass_the_cache(
     _, counts = _fit(tiny_mvtec_root, tmp_path, augment=True, feature_cache="memory")
     assert counts["backbone_in_training"] == uncached[1]["backbone_in_training"] == 2 * EPOCHS
     assert is_random(v2.Compose([v2.Resize(8), v2.RandomHorizontalFlip()]))
+    assert is_random(v2.RandomApply([v2.Grayscale()]))  # a random wrapper of a deterministic transform
+    assert is_random(v2.Compose([v2.GaussianBlur(3)]))  # draws its sigma
     assert not is_random(v2.Compose([v2.Resize(8), v2.Normalize([0.5], [0.5])]))
 
 

@@ -15,6 +15,7 @@ from lightning.pytorch import seed_everything
 from anomalib_moleflow import MoleFlow
 from anomalib_moleflow.checkpoint import CheckpointError, read_checkpoint
 from anomalib_moleflow.cli.main import main
+from anomalib_moleflow.data import DatasetError
 from anomalib_moleflow.engine import ContinualEngine
 from anomalib_moleflow.engine.continual import RUN_OUTPUTS
 from anomalib_moleflow.io import claim_output_dir
@@ -68,14 +69,45 @@ def test_resume_and_overwrite_exclude_each_other(tmp_path: Path) -> None:
         claim_output_dir(tmp_path, RUN_OUTPUTS, resume=True, overwrite=True)
 
 
-def test_benchmark_into_an_earlier_benchmark_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "benchmark.json").write_text("{}")
-    config = {"output": str(tmp_path), "tasks": {"dataset": {"class_path": "anomalib.data.MVTecAD"}}}
+def test_benchmark_into_an_earlier_benchmark_is_refused(tiny_mvtec_root: Path, tmp_path: Path) -> None:
     from anomalib_moleflow.benchmark import run_benchmark
 
+    (tmp_path / "benchmark.json").write_text("{}")
+    (tmp_path / "benchmark.yaml").write_text("mine")  # a user's file, not an output
+    dataset = {"class_path": "anomalib.data.MVTecAD", "init_args": {"root": str(tiny_mvtec_root), "num_workers": 0}}
+    config = {"output": str(tmp_path), "rows": ["moleflow"], "tasks": {"dataset": dataset, "categories": ["woven"]}}
     with pytest.raises(FileExistsError, match="--overwrite"):
-        run_benchmark({**config, "rows": ["moleflow"]})
+        run_benchmark(config)
+    # With --overwrite, a dataset error still comes first and the earlier outputs stay.
+    missing = {**dataset, "init_args": {**dataset["init_args"], "root": str(tmp_path / "nowhere")}}
+    with pytest.raises(DatasetError):
+        run_benchmark({**config, "overwrite": True, "tasks": {"dataset": missing, "categories": ["woven"]}})
     assert (tmp_path / "benchmark.json").read_text() == "{}"
+    assert (tmp_path / "benchmark.yaml").read_text() == "mine"
+
+
+def test_overwrite_never_deletes_the_checkpoint_a_run_starts_from(
+    one_task_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    output = tmp_path / "run"
+    shutil.copytree(one_task_run, output)
+    tasks = {"dataset": {"class_path": "anomalib.data.MVTecAD", "init_args": {"root": str(tmp_path)}}, "categories": []}
+    argv = ["continual", "--tasks", json.dumps(tasks), "--output", str(output), "--overwrite"]
+    with pytest.raises(SystemExit):
+        main([*argv, "--from_checkpoint", str(output / "model.ckpt")])
+    assert "would delete" in capsys.readouterr().err
+    assert (output / "model.ckpt").read_bytes() == (one_task_run / "model.ckpt").read_bytes()
+
+
+def test_resume_may_change_speed_only_settings(one_task_run: Path, tiny_mvtec_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    output = tmp_path / "run"
+    shutil.copytree(one_task_run, output)
+    results = _engine(output, resume=True).run(_model(feature_cache="off"), _tasks(tiny_mvtec_root))
+    assert results["config"]["speed"] == {"feature_cache": "auto", "feature_cache_dtype": "float32"}  # the run's
 
 
 # ----------------------------------------------------------------------------------------------------- checksums

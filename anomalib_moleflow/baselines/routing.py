@@ -35,6 +35,7 @@ class TaskRouter(nn.Module):
         layers: Backbone stages of the patch embedding.
         pre_trained: ImageNet weights.
         embed_dim: Patch embedding size D; ``None``: MoLE-Flow's default for the backbone.
+        patch_size: Local averaging window of the patch embedding (as MoLE-Flow's).
         eps: Relative ridge of the covariances.
     """
 
@@ -44,12 +45,13 @@ class TaskRouter(nn.Module):
         layers: Sequence[str],
         pre_trained: bool = True,
         embed_dim: int | None = None,
+        patch_size: int = 1,
         eps: float = 0.01,
     ) -> None:
         super().__init__()
         self.feature_extractor = build_feature_extractor(backbone, layers, pre_trained)
         embed_dim = embed_dim or default_embed_dim(sum(self.feature_extractor.out_dims))
-        self.patch_embedding = PatchEmbedding(embed_dim)
+        self.patch_embedding = PatchEmbedding(embed_dim, patch_size)
         self.router = MahalanobisRouter(embed_dim, eps=eps)
 
     @property

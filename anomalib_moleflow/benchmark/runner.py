@@ -38,7 +38,16 @@ from .measure import PeakMemory, inference_ms_per_image, release_large_frees, re
 logger = logging.getLogger(__name__)
 
 #: What a benchmark writes into its output folder (``overwrite`` deletes these and nothing else).
-BENCHMARK_OUTPUTS: tuple[str, ...] = ("benchmark.*", "seeds.*", "rows", "seed_*")
+BENCHMARK_OUTPUTS: tuple[str, ...] = (
+    "benchmark.json",
+    "benchmark.csv",
+    "benchmark.md",
+    "benchmark.png",
+    "seeds.json",
+    "seeds.md",
+    "rows",
+    "seed_[0-9]*",
+)
 
 
 def _as_dict(value: Any) -> dict[str, Any]:
@@ -56,13 +65,14 @@ def row_settings(config: Namespace, row: RowSpec) -> dict[str, Any]:
 
 
 def router_settings(config: Namespace) -> dict[str, Any]:
-    """MoLE-Flow's router settings (backbone, stages, embedding size, ridge), for the ``separate`` rows."""
+    """MoLE-Flow's router settings (backbone, stages, embedding, ridge), for the ``separate`` rows."""
     moleflow = row_settings(config, RowSpec.parse("moleflow"))
     return {
         "backbone": moleflow["backbone"],
         "layers": moleflow["layers"],
         "pre_trained": moleflow["pre_trained"],
         "embed_dim": moleflow["embed_dim"],
+        "patch_size": moleflow["patch_size"],
         "eps": moleflow["router_eps"],
     }
 
@@ -158,15 +168,20 @@ def run_benchmark(config: Mapping[str, Any] | Namespace) -> dict[str, Any]:
         msg = "No tasks: give a `tasks:` section (see configs/benchmark/)."
         raise ValueError(msg)
     rows = parse_rows(list(config.rows), dict(config.overrides))
+    tasks: list[Task] = build_tasks(config.tasks)
+    for task in tasks:
+        for member in task.members:
+            check_datamodule(member)
+    # Last of the checks, so that a config or dataset error never costs an earlier benchmark's outputs.
     claim_output_dir(config.output, BENCHMARK_OUTPUTS, config.resume, config.overwrite)
     release_large_frees()
     with torch_threads(config.threads):
         if not config.seeds:
-            return _run_rows(config, parser, rows)
-        return _run_seeds(config, parser, rows)
+            return _run_rows(config, parser, rows, tasks)
+        return _run_seeds(config, parser, rows, tasks)
 
 
-def _run_seeds(config: Namespace, parser: ArgumentParser, rows: list[RowSpec]) -> dict[str, Any]:
+def _run_seeds(config: Namespace, parser: ArgumentParser, rows: list[RowSpec], tasks: list[Task]) -> dict[str, Any]:
     """The whole table once per seed (``OUTPUT/seed_N``), then the mean ± half-range table (``OUTPUT/seeds.md``)."""
     output = Path(config.output)
     if len(set(config.seeds)) != len(config.seeds):
@@ -176,7 +191,7 @@ def _run_seeds(config: Namespace, parser: ArgumentParser, rows: list[RowSpec]) -
     for seed in config.seeds:
         single = config.clone()
         single.seed, single.seeds, single.output = seed, None, str(output / f"seed_{seed}")
-        reports[seed] = _run_rows(single, parser, rows)
+        reports[seed] = _run_rows(single, parser, rows, tasks)
     summary = summarize_seeds(reports)
     tasks = reports[config.seeds[0]]["tasks"]
     report = {**summary, "tasks": tasks, "config": _config_json(parser, config)}
@@ -185,15 +200,11 @@ def _run_seeds(config: Namespace, parser: ArgumentParser, rows: list[RowSpec]) -
     return report
 
 
-def _run_rows(config: Namespace, parser: ArgumentParser, rows: list[RowSpec]) -> dict[str, Any]:
-    """Build the tasks, run every row (each failure contained), write the report after each row."""
+def _run_rows(config: Namespace, parser: ArgumentParser, rows: list[RowSpec], tasks: list[Task]) -> dict[str, Any]:
+    """Run every row on the (checked) tasks, each failure contained; write the report after each row."""
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
-    tasks: list[Task] = build_tasks(config.tasks)
     names = [task.name for task in tasks]
-    for task in tasks:
-        for member in task.members:
-            check_datamodule(member)
     for task in tasks:
         task.datamodule.prepare_data()
         task.datamodule.setup()

@@ -155,6 +155,16 @@ def run_continual(config: Namespace) -> dict[str, Any]:
         msg = "No tasks: pass --config with a `tasks:` section (see configs/continual/)."
         raise ValueError(msg)
     seed_everything(config.seed, verbose=False)
+    if (
+        config.from_checkpoint
+        and config.overwrite
+        and Path(config.output).resolve() in (Path(config.from_checkpoint).resolve().parents)
+    ):
+        msg = (
+            f"--overwrite would delete '{config.from_checkpoint}', the checkpoint this run starts from. Write the "
+            "run into another --output, or copy the checkpoint out of the folder first."
+        )
+        raise ValueError(msg)
     if config.from_checkpoint:
         # Options left at their defaults take the checkpoint's values; the ones given are checked or applied.
         defaults = _as_data(continual_parser().get_defaults().model.as_dict())

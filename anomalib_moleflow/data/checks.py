@@ -150,20 +150,21 @@ def check_datamodule(datamodule: AnomalibDataModule) -> None:
     Generated datamodules (``generates_data``) are generated first. MVTec-layout folders are checked before anomalib
     parses them (category and training folder present, a mask for every defect image); then, for every datamodule
     with a ``root``, the set-up splits are checked (training images present, images readable with at most 8 bits
-    per channel, masks of their image's size). Datamodules without a ``root`` (built in memory) are skipped.
+    per channel, masks of their image's size). Datamodules that read no files (no ``root`` and no ``normal_dir``) are
+    skipped.
 
     Raises:
         DatasetError: Naming the file or folder and what to do.
     """
     root = getattr(datamodule, "root", None)
-    if root is None:
-        return
+    if root is None and getattr(datamodule, "normal_dir", None) is None:
+        return  # not read from files
     if getattr(datamodule, "generates_data", False):
         datamodule.prepare_data()
-    elif not Path(root).exists():
+    elif root is not None and not Path(root).exists():
         category = str(getattr(datamodule, "category", "") or "")
         raise _missing(datamodule, Path(root) / category / "train" if category else Path(root), Path(root))
-    folder = _mvtec_layout_folder(datamodule)
+    folder = _mvtec_layout_folder(datamodule) if root is not None else None
     if folder is not None:
         _check_mvtec_layout(datamodule, folder)
     try:

@@ -23,7 +23,7 @@ MASK_FOLDERS = {"ground_truth", "masks", "mask"}
 
 
 def _is_mask(path: Path, source: Path) -> bool:
-    return any(part in MASK_FOLDERS for part in path.relative_to(source).parts[:-1])
+    return any(part.lower() in MASK_FOLDERS for part in path.relative_to(source).parts[:-1])
 
 
 def _wide_images(source: Path) -> list[Path]:

@@ -48,7 +48,9 @@ RUN_OUTPUTS: tuple[str, ...] = (
     STATE_FILE,
     CHECKPOINT_FILE,
     checksum_path(CHECKPOINT_FILE).name,
-    "results.*",
+    "results.json",
+    "results.csv",
+    "results.md",
     "heatmap_*.png",
     "final_per_task.png",
     "tasks",
@@ -146,6 +148,9 @@ class ContinualEngine:
 
     def _save(self, strategy: Strategy, state: dict[str, Any]) -> None:
         """Checkpoint, its checksum, then state, each atomically: the state never names an incomplete checkpoint."""
+        # The old checksum goes first: a crash before the new one is written leaves a checkpoint without a checksum
+        # (accepted), never one with a stale checksum (refused as damaged).
+        checksum_path(self.output_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
         checkpoint = atomic_write(self.output_dir / CHECKPOINT_FILE, lambda path: strategy.save(path, self.trainer))
         write_checksum(checkpoint)
         atomic_write_text(self.output_dir / STATE_FILE, json.dumps(state, indent=2))
@@ -155,7 +160,8 @@ class ContinualEngine:
         if not (self.resume and path.exists()):
             return None
         state = json.loads(path.read_text())
-        ignored = {"cli", "versions"}  # the CLI's own options (output, resume ...) and library versions
+        # The CLI's own options (output, resume ...), library versions and speed-only settings (caches) may differ.
+        ignored = {"cli", "versions", "speed"}
         saved = {key: value for key, value in state["config"].items() if key not in ignored}
         current = {key: value for key, value in config.items() if key not in ignored}
         differing = _differences(saved, current)
@@ -194,8 +200,6 @@ class ContinualEngine:
         for task in task_list:
             for member in task.members:
                 check_datamodule(member)
-        claim_output_dir(self.output_dir, RUN_OUTPUTS, self.resume, self.overwrite)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         config = self._run_config(strategy, task_list)
         state = self._load_state(strategy, task_list, config) or {
             "tasks": [],
@@ -208,7 +212,10 @@ class ContinualEngine:
         if known and known != [t.name for t in task_list][: len(known)]:
             msg = f"The model already holds tasks {known}; the task list must start with them."
             raise ValueError(msg)
-        with strategy.session(task_list):
+        # Last of the checks, so that an error above never costs an earlier run's outputs (resume: a no-op).
+        claim_output_dir(self.output_dir, RUN_OUTPUTS, self.resume, self.overwrite)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with strategy.session(task_list, self.output_dir):
             return self._run(strategy, task_list, state, stop_after)
 
     def _run(

@@ -34,6 +34,7 @@ from anomalib_moleflow.baselines import RoutedExperts, TaskRouter, TimmPatchcore
 from anomalib_moleflow.checkpoint import read_checkpoint
 from anomalib_moleflow.data import Task, joint_datamodule
 from anomalib_moleflow.models import MoleFlow
+from anomalib_moleflow.models.moleflow.components.feature_cache import is_random
 from anomalib_moleflow.models.moleflow.components.router import RoutingLog
 
 from .trainer import TaskTrainer
@@ -89,9 +90,10 @@ class Strategy(ABC):
         """Settings to record in the results."""
         return {"strategy": type(self).__name__}
 
-    def session(self, tasks: Sequence[Task]) -> AbstractContextManager[None]:
-        """Context of a whole run over ``tasks`` (default: nothing; MoLE-Flow caches test features in it)."""
-        del tasks
+    def session(self, tasks: Sequence[Task], folder: Path) -> AbstractContextManager[None]:
+        """Context of a whole run over ``tasks`` writing into ``folder`` (default: nothing; MoLE-Flow caches test
+        features in it)."""
+        del tasks, folder
         return nullcontext()
 
 
@@ -159,23 +161,27 @@ class MoleFlowStrategy(Strategy):
         """The model's parameter report (backbone, shared, per task)."""
         return self.model.model.parameter_report()
 
-    def session(self, tasks: Sequence[Task]) -> AbstractContextManager[None]:
-        """Each test image's patch embedding computed once for the whole run (the model's test feature cache)."""
+    def session(self, tasks: Sequence[Task], folder: Path) -> AbstractContextManager[None]:
+        """Each test image's patch embedding computed once for the whole run (the model's test feature cache, its
+        file, if on disk, in ``folder``); no cache when a test set has random transforms."""
         capacity = 0
         for task in tasks:
             task.datamodule.setup()
+            if is_random(getattr(task.datamodule.test_data, "augmentations", None)):
+                return nullcontext()
             capacity += len(task.datamodule.test_data)
-        return self.model.test_feature_cache(capacity)
+        return self.model.test_feature_cache(capacity, folder)
 
     def final_module(self) -> torch.nn.Module:
         """The model."""
         return self.model
 
     def describe(self) -> dict[str, Any]:
-        """Strategy, routing and the model's settings."""
+        """Strategy, routing, the model's settings, and apart from them the settings that change only speed."""
         model = {key: value for key, value in dict(self.model.hparams).items() if not key.startswith("_")}
         model.update(self.model.model.settings)  # resolved values (embed_dim=None -> the D actually used)
-        return {"strategy": "moleflow", "routing": self.routing, "model": model}
+        speed = {key: model.pop(key) for key in MoleFlow.SPEED_SETTINGS if key in model}
+        return {"strategy": "moleflow", "routing": self.routing, "model": model, "speed": speed}
 
 
 # ---------------------------------------------------------------------------------------------------- baselines

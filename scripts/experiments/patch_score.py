@@ -272,6 +272,7 @@ def main() -> None:
                 layers=layers,
                 image_size=args.image_size,
                 embed_dim=args.embed_dim,
+                patch_size=3,  # the harness's reference is the study's 3x3 average (``+pool1`` removes it)
                 pre_trained=True,
             )
             train_p, test_p = patches_for(base, "train"), patches_for(base, "test")
@@ -297,6 +298,7 @@ def main() -> None:
                     backbone=args.backbone,
                     layers=layers,
                     image_size=args.image_size,
+                    patch_size=3,
                     embed_dim=dim,
                     lora_rank=16,
                     **settings,

@@ -38,7 +38,8 @@ def main() -> None:
     args = parser.parse_args()
     config = yaml.safe_load(Path(args.config).read_text())
     tasks = build_tasks(config["tasks"])
-    router = TaskRouter(config["backbone"], config["layers"], config.get("pre_trained", True))
+    patch_size = config.get("moleflow", {}).get("patch_size", 1)
+    router = TaskRouter(config["backbone"], config["layers"], config.get("pre_trained", True), patch_size=patch_size)
     with torch_threads(args.threads):
         train, test = {}, {}
         for task in tasks:

@@ -105,6 +105,9 @@ class MoleFlow(AnomalibModule):
         visualizer: Visualizer, or ``True`` for anomalib's default.
     """
 
+    #: Settings that change only speed and memory, never a result (a resumed run may change them).
+    SPEED_SETTINGS: tuple[str, ...] = ("feature_cache", "feature_cache_dtype")
+
     def __init__(
         self,
         backbone: str = "wide_resnet50_2",
@@ -112,7 +115,7 @@ class MoleFlow(AnomalibModule):
         pre_trained: bool = True,
         image_size: int = 224,
         embed_dim: int | None = None,
-        patch_size: int = 3,
+        patch_size: int = 1,
         num_coupling_layers: int = 6,
         dia_blocks: int = 2,
         lora_rank: int = 64,
@@ -405,7 +408,7 @@ class MoleFlow(AnomalibModule):
         return None if task is None else torch.full((batch_size,), task, device=device, dtype=torch.long)
 
     @contextmanager
-    def test_feature_cache(self, capacity: int) -> Iterator[None]:
+    def test_feature_cache(self, capacity: int, folder: Path | str | None = None) -> Iterator[None]:
         """Inside the block, test and predict compute each image's patch embedding once, keyed by its path.
 
         A continual run tests every earlier task again after each new one; with this cache the matrix costs one
@@ -413,11 +416,14 @@ class MoleFlow(AnomalibModule):
 
         Args:
             capacity: How many distinct images the block will score (the disk cache's rows).
+            folder: Where a disk cache's file goes (default: the system's temporary folder).
         """
         if self.feature_cache == "off" or self._test_cache is not None:
             yield
             return
-        self._test_cache = FeatureCache(capacity, self._patch_shape(), self.feature_cache, self.feature_cache_dtype)
+        self._test_cache = FeatureCache(
+            capacity, self._patch_shape(), self.feature_cache, self.feature_cache_dtype, folder
+        )
         try:
             yield
         finally:

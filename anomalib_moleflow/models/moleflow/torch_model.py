@@ -80,7 +80,7 @@ class MoleFlowModel(nn.Module):
         pre_trained: bool = True,
         image_size: int = 224,
         embed_dim: int | None = None,
-        patch_size: int = 3,
+        patch_size: int = 1,
         num_coupling_layers: int = 6,
         dia_blocks: int = 2,
         lora_rank: int = 64,

@@ -13,16 +13,16 @@ from torch import nn
 class PatchEmbedding(nn.Module):
     """Turn multi-stage CNN features into one ``embed_dim`` vector per patch of the finest grid.
 
-    Each stage gets a 3x3 local average (PatchCore's neighbourhood aggregation), coarser stages are upsampled
-    bilinearly to the finest grid, and the concatenated channels are reduced to ``embed_dim`` by adaptive average
-    pooling along the channel axis. Nothing here is learned.
+    Each stage optionally gets a ``patch_size`` x ``patch_size`` local average (PatchCore's neighbourhood
+    aggregation; the study uses 3), coarser stages are upsampled bilinearly to the finest grid, and the concatenated
+    channels are reduced to ``embed_dim`` by adaptive average pooling along the channel axis. Nothing is learned.
 
     Args:
         embed_dim: Output channels D.
-        patch_size: Size of the local averaging window.
+        patch_size: Size of the local averaging window (1: none).
     """
 
-    def __init__(self, embed_dim: int, patch_size: int = 3) -> None:
+    def __init__(self, embed_dim: int, patch_size: int = 1) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.pool = nn.AvgPool2d(patch_size, stride=1, padding=patch_size // 2, count_include_pad=False)

@@ -1,10 +1,11 @@
-"""Training feature cache: each training image's patch embedding computed once per task, reused by later epochs.
+"""Feature cache: an image's patch embedding computed once and reused, keyed by the image's path.
 
-The backbone is frozen and the patch embedding has no trained parameters, so with deterministic training transforms
-an image's patch embedding is the same every epoch; recomputing it is most of an epoch's cost on a CPU. The cache
-lives for one task's ``fit``: in memory, or in a memory-mapped file when it would take more than a share of the
-available memory. Lightning's loops and anomalib's datamodules are used as they are: the cache only answers
-"have I seen this image path" inside ``training_step``.
+The backbone is frozen and the patch embedding has no trained parameters, so with deterministic transforms an
+image's patch embedding never changes; recomputing it is most of an epoch's cost on a CPU. The model keeps one cache
+per task's ``fit`` (training images, reused by the later epochs) and one per continual run (test images, reused when
+earlier tasks are tested again), in memory or in a memory-mapped file when it would take more than a share of the
+available memory. Lightning's loops and anomalib's datamodules are used as they are: the cache only answers "have I
+seen this image path" inside ``training_step`` and ``test_step``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,21 @@ CacheMode = Literal["auto", "memory", "disk", "off"]
 CacheDtype = Literal["float32", "float16"]
 #: ``auto`` keeps the cache in memory up to this share of the memory available when it starts.
 MEMORY_SHARE = 0.25
-#: Names of torchvision transforms whose output changes from call to call.
-RANDOM_TRANSFORMS = ("Random", "ColorJitter", "RandAugment", "AutoAugment", "TrivialAugment", "AugMix", "Elastic")
+#: Name prefixes of torchvision transforms whose output changes from call to call (``Random*`` includes the
+#: ``RandomApply``/``RandomChoice``/``RandomOrder`` wrappers; ``GaussianBlur`` draws its sigma; ``Lambda`` is unknown).
+RANDOM_TRANSFORMS = (
+    "Random",
+    "ColorJitter",
+    "RandAugment",
+    "AutoAugment",
+    "TrivialAugment",
+    "AugMix",
+    "Elastic",
+    "GaussianBlur",
+    "GaussianNoise",
+    "ScaleJitter",
+    "Lambda",
+)
 
 
 def available_memory() -> int | None:
@@ -44,10 +58,10 @@ def is_random(transform: object) -> bool:
     """Whether a (composed) torchvision transform contains a random transform."""
     if transform is None:
         return False
+    if type(transform).__name__.startswith(RANDOM_TRANSFORMS):
+        return True
     children = getattr(transform, "transforms", None)
-    if children is not None:
-        return any(is_random(child) for child in children)
-    return type(transform).__name__.startswith(RANDOM_TRANSFORMS)
+    return children is not None and any(is_random(child) for child in children)
 
 
 class FeatureCache:
@@ -89,7 +103,7 @@ class FeatureCache:
             os.close(fd)
             self._file = Path(name)
             self._array = np.lib.format.open_memmap(name, mode="w+", dtype=dtype, shape=(num_images, *self.shape))
-        logger.info("Training feature cache: %s, %s, %.1f MiB for %d images.", mode, dtype, size / 2**20, num_images)
+        logger.info("Feature cache: %s, %s, up to %.1f MiB for %d images.", mode, dtype, size / 2**20, num_images)
 
     def __len__(self) -> int:
         return len(self._memory) + len(self._rows)
