@@ -268,3 +268,39 @@ def test_unknown_product_thresholds_survive_the_checkpoint(unknown_product_run: 
     expected = [float(p.threshold) for p in model.model.router.prototypes]
     assert [float(p.threshold) for p in loaded.model.router.prototypes] == expected
     assert loaded.model.predict(_third_product_images(model, root))[1].unknown.all()
+
+
+def test_predict_routes_a_mixed_nested_folder_and_writes_the_csv(
+    unknown_product_run: tuple[MoleFlow, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import csv
+    import shutil
+
+    _, root, output = unknown_product_run
+    mixed = tmp_path / "line"
+    expected: dict[str, str] = {}
+    for category, subfolder in ((TINY_CATEGORIES[0], "a"), (TINY_CATEGORIES[2], "b/nested"), (TINY_CATEGORIES[1], "c")):
+        for source in sorted((root / category / "test" / "good").glob("*.png"))[:3]:
+            target = mixed / subfolder / f"{category}_{source.name}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, target)
+            expected[str(target)] = category
+    argv = ["predict", "--ckpt", str(output / "model.ckpt"), "--input", str(mixed), "--output", str(tmp_path / "p")]
+    assert main([*argv, "--progress_bar", "false", "--batch_size", "4"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "p" / "predictions.csv")
+    with (tmp_path / "p" / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["image_path"] for row in rows} == set(expected)
+    for row in rows:
+        category = expected[row["image_path"]]
+        if category == TINY_CATEGORIES[1]:  # never learned
+            assert row["unknown_product"] == "1"
+            assert row["label"] == "anomalous"
+        else:
+            assert row["routed_task"] == category
+            assert row["unknown_product"] == "0"
+        assert 0.0 <= float(row["normalized_score"]) <= 1.0
+        assert float(row["router_distance"]) > 0
+    overlays = sorted(path.name for path in (tmp_path / "p" / "overlays").iterdir())
+    assert len(overlays) == len(expected)
+    assert sum(name.startswith("unknown_anomalous_") for name in overlays) == 3

@@ -113,6 +113,29 @@ def generate_demo_parser() -> ArgumentParser:
     return parser
 
 
+def predict_parser() -> ArgumentParser:
+    """Parser of ``moleflow predict``."""
+    parser = ArgumentParser(description="Score images of any of the learned products with a saved model.")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (same keys as the options).")
+    parser.add_argument("--ckpt", type=str, required=True, help="A model.ckpt written by `moleflow continual`.")
+    parser.add_argument("--input", type=str, required=True, help="An image, or a folder (nested, mixed products).")
+    parser.add_argument("--output", type=str, default="results/predict", help="Output folder.")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--overlays", type=bool, default=True, help="Save an anomaly-map overlay per image.")
+    parser.add_argument("--progress_bar", type=bool, default=True)
+    parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (default: automatic).")
+    return parser
+
+
+def run_predict(config: Namespace) -> Path:
+    """Run ``moleflow predict``; returns the CSV's path."""
+    from anomalib_moleflow.engine.predict import predict_folder
+    from anomalib_moleflow.models import MoleFlow
+
+    model = MoleFlow.continue_from(config.ckpt, visualizer=False)
+    return predict_folder(model, config.input, config.output, config.batch_size, config.overlays, config.progress_bar)
+
+
 def convert_parser() -> ArgumentParser:
     """Parser of ``moleflow convert-8bit``."""
     from anomalib_moleflow.data.convert import convert_8bit
@@ -137,6 +160,7 @@ def build_parser() -> ArgumentParser:
         "benchmark", benchmark_parser(), help="MoLE-Flow vs anomalib's Fastflow, Patchcore and Padim on the same tasks."
     )
     subcommands.add_subcommand("generate-demo", generate_demo_parser(), help="Generate the offline demo dataset.")
+    subcommands.add_subcommand("predict", predict_parser(), help="Score images with a saved model, into a CSV.")
     subcommands.add_subcommand(
         "convert-8bit", convert_parser(), help="Copy a dataset folder with its 16-bit images converted to 8 bits."
     )
@@ -254,6 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_benchmark(options)
             table = "seeds.md" if options.seeds else "benchmark.md"
             sys.stdout.write((Path(options.output) / table).read_text())
+        elif command == "predict":
+            from anomalib_moleflow.runtime import torch_threads
+
+            with torch_threads(options.threads):
+                csv_path = run_predict(options)
+            sys.stdout.write(f"{csv_path}\n")
         elif command == "convert-8bit":
             from anomalib_moleflow.data.convert import convert_8bit
 

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from anomalib import LearningType
@@ -51,6 +51,20 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+class ScoredImages(NamedTuple):
+    """What :meth:`MoleFlow.score_images` returns.
+
+    Attributes:
+        raw: Raw predictions (patch-NLL scores and maps).
+        final: Post-processed predictions (normalised with each image's task, unknown products marked).
+        routed: Each image's task, router distance and unknown-product flag.
+    """
+
+    raw: InferenceBatch
+    final: InferenceBatch
+    routed: Routed
 
 
 class MoleFlow(AnomalibModule):
@@ -494,13 +508,20 @@ class MoleFlow(AnomalibModule):
             batch.pred_score, batch.pred_label = self._mark_unknown(batch.pred_score, batch.pred_label, routed)
         return batch
 
+    def score_images(self, images: torch.Tensor) -> ScoredImages:
+        """Pre-process, route, score and post-process ``(b, 3, H, W)`` images; keeps raw scores and routing."""
+        pixels = self.pre_processor(images) if self.pre_processor else images
+        raw, routed = self._score(pixels)
+        final = raw
+        if isinstance(self.post_processor, TaskPostProcessor):
+            final = self.post_processor(raw, task_ids=routed.task)
+            pred_score, pred_label = self._mark_unknown(final.pred_score, final.pred_label, routed)
+            final = final._replace(pred_score=pred_score, pred_label=pred_label)
+        elif self.post_processor:
+            final = self.post_processor(raw)
+        return ScoredImages(raw, final, routed)
+
     def forward(self, batch: torch.Tensor, *args: Any, **kwargs: Any) -> InferenceBatch:
         """Pre-process, score with routing, and post-process each image with its task's statistics."""
         del args, kwargs
-        images = self.pre_processor(batch) if self.pre_processor else batch
-        predictions, routed = self._score(images)
-        if isinstance(self.post_processor, TaskPostProcessor):
-            predictions = self.post_processor(predictions, task_ids=routed.task)
-            pred_score, pred_label = self._mark_unknown(predictions.pred_score, predictions.pred_label, routed)
-            return predictions._replace(pred_score=pred_score, pred_label=pred_label)
-        return self.post_processor(predictions) if self.post_processor else predictions
+        return self.score_images(batch).final
