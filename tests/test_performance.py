@@ -141,3 +141,16 @@ def test_continual_matrix_scores_each_test_image_once_with_the_same_results(
     batches = 2  # 12 test images per task, batch 8
     assert plain_passes == (1 + 2 + 3) * batches  # every seen task re-tested after each new one
     assert cached_passes == 3 * batches  # each test image once for the whole run
+
+
+def test_mixed_precision_runs_and_is_recorded(tiny_mvtec_root: Path, tmp_path: Path) -> None:
+    from anomalib_moleflow.engine import ContinualEngine
+
+    seed_everything(0, verbose=False)
+    tasks = [MVTecAD(root=tiny_mvtec_root, category=TINY_CATEGORIES[0], num_workers=0, train_batch_size=4)]
+    engine = ContinualEngine(
+        output_dir=tmp_path, enable_progress_bar=False, overlays_per_task=0, precision="bf16-mixed"
+    )
+    results = engine.run(MoleFlow(**TINY_MODEL_KWARGS), tasks)
+    assert results["config"]["engine"]["precision"] == "bf16-mixed"
+    assert 0.0 <= results["final"]["image_AUROC"] <= 1.0

@@ -118,6 +118,12 @@ def benchmark_parser() -> ArgumentParser:
     parser.add_argument("--devices", type=int | str, default=1)
     parser.add_argument("--progress_bar", type=bool, default=False)
     parser.add_argument(
+        "--precision",
+        type=str | None,
+        default=None,
+        help="Lightning precision of every row, e.g. bf16-mixed or 16-mixed on a GPU (default: float32).",
+    )
+    parser.add_argument(
         "--threads",
         type=int | None,
         default=None,

@@ -241,6 +241,7 @@ def _run_rows(config: Namespace, parser: ArgumentParser, rows: list[RowSpec], ta
                     devices=config.devices,
                     enable_progress_bar=config.progress_bar,
                     overlays_per_task=0,
+                    precision=config.precision,
                     config={"benchmark": {"row": row.name}},
                 )
                 record = _record(row, engine.run(strategy, tasks))

@@ -97,6 +97,12 @@ def continual_parser() -> ArgumentParser:
     parser.add_argument("--accelerator", type=str, default="auto")
     parser.add_argument("--devices", type=int | str, default=1)
     parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (default: automatic).")
+    parser.add_argument(
+        "--precision",
+        type=str | None,
+        default=None,
+        help="Lightning precision, e.g. bf16-mixed or 16-mixed on a GPU (default: float32).",
+    )
     parser.add_argument("--progress_bar", type=bool, nargs="?", const=True, default=True)
     parser.add_argument("--overlays_per_task", type=int, default=4)
     parser.add_class_arguments(MoleFlow, "model", skip=_COMPONENT_ARGS)
@@ -205,6 +211,7 @@ def run_continual(config: Namespace) -> dict[str, Any]:
         devices=config.devices,
         enable_progress_bar=config.progress_bar,
         overlays_per_task=config.overlays_per_task,
+        precision=config.precision,
         config={"cli": config.as_dict()},
     )
     return engine.run(MoleFlowStrategy(model, config.routing), build_tasks(config.tasks), stop_after=config.stop_after)

@@ -82,6 +82,7 @@ class ContinualEngine:
         accelerator: Lightning accelerator.
         devices: Lightning devices.
         enable_progress_bar: Lightning's progress bars inside a task.
+        precision: Lightning precision of every fit and test (``"bf16-mixed"``, ``"16-mixed"``); ``None``: float32.
         overlays_per_task: Anomaly-map overlays saved per task at the end (0: none).
         config: Extra configuration to store in ``results.json`` (the CLI passes the whole resolved config).
     """
@@ -97,12 +98,13 @@ class ContinualEngine:
         enable_progress_bar: bool = True,
         overlays_per_task: int = 4,
         config: dict[str, Any] | None = None,
+        precision: str | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.seed = seed
         self.resume = resume
         self.overwrite = overwrite
-        self.trainer = TaskTrainer(accelerator, devices, enable_progress_bar)
+        self.trainer = TaskTrainer(accelerator, devices, enable_progress_bar, precision)
         self.overlays_per_task = overlays_per_task
         self.config = config or {}
 
@@ -113,6 +115,7 @@ class ContinualEngine:
                 "seed": self.seed,
                 "accelerator": self.trainer.accelerator,
                 "devices": self.trainer.devices,
+                "precision": self.trainer.precision,
             },
             **strategy.describe(),
             "tasks": [

@@ -23,16 +23,20 @@ class TaskTrainer:
         accelerator: Lightning accelerator.
         devices: Lightning devices.
         progress_bar: Lightning's progress bars.
+        precision: Lightning precision (e.g. ``"bf16-mixed"``, ``"16-mixed"`` on a GPU); ``None``: full float32.
         last_engine: The Engine of the latest call (its trainer can save a Lightning checkpoint of the module).
     """
 
     accelerator: str = "auto"
     devices: int | str = 1
     progress_bar: bool = True
+    precision: str | None = None
     last_engine: Engine | None = None
 
     def engine(self, root_dir: Path, **trainer_kwargs: Any) -> Engine:
         """A fresh Engine writing under ``root_dir``."""
+        if self.precision is not None:
+            trainer_kwargs.setdefault("precision", self.precision)
         self.last_engine = Engine(
             default_root_dir=root_dir,
             logger=False,

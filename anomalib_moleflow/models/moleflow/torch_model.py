@@ -412,12 +412,12 @@ class MoleFlowModel(nn.Module):
         routed = self.route(image_embedding, tasks)
         task_ids = routed.task
         height, width = patches.shape[1:3]
-        scores = patches.new_zeros(patches.shape[:3])
+        scores = patches.new_zeros(patches.shape[:3], dtype=torch.float32)  # float32 also under mixed precision
         for task in task_ids.unique().tolist():
             selected = task_ids == task
             z, log_det = self.encode(patches[selected], task)
             nll = self.patch_nll(z, log_det)
-            scores[selected] = rearrange(nll, "(b h w) -> b h w", h=height, w=width)
+            scores[selected] = rearrange(nll.float(), "(b h w) -> b h w", h=height, w=width)
         anomaly_map = self.anomaly_map_generator(scores, tuple(images.shape[-2:]))
         pred_score = top_k_image_score(scores, self.score_aggregation_top_k)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map), routed
