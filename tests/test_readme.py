@@ -21,7 +21,7 @@ def readme_commands(program: str) -> list[list[str]]:
     """Every command of ``program`` in the README's bash blocks (``&&`` chains split), as argument lists."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.DOTALL):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # continuation lines joined
             words = shlex.split(line, comments=True)
             while words:
                 end = words.index("&&") if "&&" in words else len(words)
