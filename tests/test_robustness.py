@@ -304,3 +304,26 @@ def test_predict_routes_a_mixed_nested_folder_and_writes_the_csv(
     overlays = sorted(path.name for path in (tmp_path / "p" / "overlays").iterdir())
     assert len(overlays) == len(expected)
     assert sum(name.startswith("unknown_anomalous_") for name in overlays) == 3
+
+
+def test_torch_export_of_a_two_task_model_matches_pytorch(
+    unknown_product_run: tuple[MoleFlow, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from anomalib.data.utils import read_image
+    from anomalib.deploy import ExportType, TorchInferencer
+    from anomalib.engine import Engine
+
+    model, root, _ = unknown_product_run
+    path = Engine(default_root_dir=tmp_path, logger=False).export(model, ExportType.TORCH, export_root=tmp_path)
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")  # anomalib refuses pickled models unless the user trusts the file
+    inferencer = TorchInferencer(path=path, device="cpu")
+    model.eval()
+    for task, category in enumerate((TINY_CATEGORIES[0], TINY_CATEGORIES[2])):
+        for image in sorted((root / category / "test").rglob("*.png"))[:3]:
+            exported = inferencer.predict(str(image))
+            with torch.no_grad(), model.record_routing() as log:
+                expected = model(read_image(image, as_tensor=True)[None])
+            assert log.tasks().tolist() == [task]
+            torch.testing.assert_close(exported.pred_score.detach(), expected.pred_score.detach(), atol=1e-3, rtol=0)
+            exported_map = exported.anomaly_map.detach().reshape(expected.anomaly_map.shape)
+            torch.testing.assert_close(exported_map, expected.anomaly_map.detach(), atol=1e-3, rtol=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from einops import rearrange
 from FrEIA.framework import SequenceINN
@@ -10,6 +12,12 @@ from torch import nn
 
 from .adapters import SpatialContext
 from .lora import FlowState, MoLELinear
+
+
+def _global_scale_softplus(a: torch.Tensor, softplus: nn.Softplus) -> torch.Tensor:
+    """FrEIA ``AllInOneBlock``'s default (``SOFTPLUS``) global affine activation: ``0.1 * softplus(a)``."""
+    return 0.1 * softplus(a)
+
 
 #: Scale clamp of the affine couplings (AllInOneBlock: s = clamp * tanh(0.1 * a)).
 AFFINE_CLAMP = 2.0
@@ -110,6 +118,10 @@ class MoLEFlow(nn.Module):
         self.blocks = SequenceINN(dim)
         for _ in range(num_blocks):
             self.blocks.append(AllInOneBlock, subnet_constructor=subnet, affine_clamping=AFFINE_CLAMP)
+            block = self.blocks.module_list[-1]
+            # FrEIA sets this activation to a lambda, which cannot be pickled; anomalib's TORCH export pickles the
+            # whole model. Same function, as a picklable partial of a module-level one.
+            block.global_scale_activation = partial(_global_scale_softplus, softplus=block.softplus)
 
     def moles(self) -> list[MoLELinear]:
         """Every task-aware linear of the flow."""
