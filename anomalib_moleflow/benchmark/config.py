@@ -8,6 +8,7 @@ from typing import Any
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from anomalib_moleflow.baselines import TimmFastflow, TimmPadim, TimmPatchcore
+from anomalib_moleflow.engine.options import add_run_options
 from anomalib_moleflow.models import MoleFlow
 
 #: Every row of the standard table, in order.
@@ -97,32 +98,10 @@ def benchmark_parser() -> ArgumentParser:
         default=None,
         help="Run the whole table once per seed (into OUTPUT/seed_N) and write OUTPUT/seeds.md: mean ± half-range.",
     )
-    parser.add_argument(
-        "--resume",
-        type=bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help="Continue each row after its last finished task (rows keep their state under OUTPUT/rows/).",
+    add_run_options(
+        parser, "Continue each row after its last finished task (rows keep their state under OUTPUT/rows/)."
     )
-    parser.add_argument(
-        "--overwrite",
-        type=bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help="Delete an earlier benchmark's outputs in --output first (without it, or --resume, such a folder is "
-        "refused).",
-    )
-    parser.add_argument("--accelerator", type=str, default="auto")
-    parser.add_argument("--devices", type=int | str, default=1)
     parser.add_argument("--progress_bar", type=bool, default=False)
-    parser.add_argument(
-        "--precision",
-        type=str | None,
-        default=None,
-        help="Lightning precision of every row, e.g. bf16-mixed or 16-mixed on a GPU (default: float32).",
-    )
     parser.add_argument(
         "--threads",
         type=int | None,

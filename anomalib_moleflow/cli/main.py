@@ -63,6 +63,7 @@ def translate_study_flags(argv: Sequence[str], model_args: Sequence[str]) -> lis
 
 def continual_parser() -> ArgumentParser:
     """Parser of ``moleflow continual``."""
+    from anomalib_moleflow.engine.options import add_run_options
     from anomalib_moleflow.models import MoleFlow
 
     parser = ArgumentParser(description="Learn a task sequence with MoLE-Flow and report the study's metrics.")
@@ -75,17 +76,7 @@ def continual_parser() -> ArgumentParser:
         default="router",
         help="router: the model picks each test image's task; oracle: the true task (ablations).",
     )
-    parser.add_argument(
-        "--resume", type=bool, nargs="?", const=True, default=False, help="Continue after the last finished task."
-    )
-    parser.add_argument(
-        "--overwrite",
-        type=bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help="Delete an earlier run's outputs in --output first (without it, or --resume, such a folder is refused).",
-    )
+    add_run_options(parser, "Continue after the last finished task.")
     parser.add_argument("--stop_after", type=int | None, default=None, help="Stop after this many tasks.")
     parser.add_argument(
         "--from_checkpoint",
@@ -94,15 +85,7 @@ def continual_parser() -> ArgumentParser:
         help="Start from a saved model and learn the tasks it lacks. --model.* options that define the architecture "
         "must match it; training options (lr, max_epochs, loss weights) apply to the new tasks.",
     )
-    parser.add_argument("--accelerator", type=str, default="auto")
-    parser.add_argument("--devices", type=int | str, default=1)
     parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (default: automatic).")
-    parser.add_argument(
-        "--precision",
-        type=str | None,
-        default=None,
-        help="Lightning precision, e.g. bf16-mixed or 16-mixed on a GPU (default: float32).",
-    )
     parser.add_argument("--progress_bar", type=bool, nargs="?", const=True, default=True)
     parser.add_argument("--overlays_per_task", type=int, default=4)
     parser.add_class_arguments(MoleFlow, "model", skip=_COMPONENT_ARGS)

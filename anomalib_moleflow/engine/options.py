@@ -1,0 +1,26 @@
+"""Command-line options shared by every command that runs the continual engine (``continual``, ``benchmark``)."""
+
+from __future__ import annotations
+
+from jsonargparse import ArgumentParser
+
+
+def add_run_options(parser: ArgumentParser, resume_help: str) -> None:
+    """Add ``--resume``, ``--overwrite``, ``--accelerator``, ``--devices`` and ``--precision`` to ``parser``."""
+    parser.add_argument("--resume", type=bool, nargs="?", const=True, default=False, help=resume_help)
+    parser.add_argument(
+        "--overwrite",
+        type=bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="Delete the earlier run's outputs in --output first (without it, or --resume, such a folder is refused).",
+    )
+    parser.add_argument("--accelerator", type=str, default="auto")
+    parser.add_argument("--devices", type=int | str, default=1)
+    parser.add_argument(
+        "--precision",
+        type=str | None,
+        default=None,
+        help="Lightning precision of every fit and test, e.g. bf16-mixed or 16-mixed on a GPU (default: float32).",
+    )
