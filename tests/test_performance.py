@@ -102,7 +102,7 @@ def test_validation_runs_once_after_the_last_epoch(uncached: tuple[MoleFlow, dic
 
 
 def test_disk_cache_roundtrip(tmp_path: Path) -> None:
-    cache = FeatureCache(3, (2, 2, 4), mode="disk", folder=tmp_path)
+    cache = FeatureCache(3, mode="disk", folder=tmp_path)
     values = torch.randn(2, 2, 2, 4)
     cache.put(["a", "b"], values)
     assert cache.get(["a", "c"], torch.device("cpu")) is None

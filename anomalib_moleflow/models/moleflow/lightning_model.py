@@ -187,9 +187,8 @@ class MoleFlow(AnomalibModule):
         self.unknown_as_anomalous = unknown_as_anomalous
         self.feature_cache = feature_cache
         self.feature_cache_dtype = feature_cache_dtype
-        self._cache: FeatureCache | None = None
+        self._cache: FeatureCache | None = None  # training images of the running fit
         self._test_cache: FeatureCache | None = None
-        self._cache_size = 0  # training images of the running fit (0: no cache)
         self.lr = lr
         self.max_epochs = max_epochs
         self._oracle_task: int | None = None
@@ -347,31 +346,31 @@ class MoleFlow(AnomalibModule):
         ):
             reason = "the training transforms are random"
         else:
-            self._cache_size = len(dataset)
+            folder = getattr(self.trainer, "default_root_dir", None)
+            self._cache = FeatureCache(len(dataset), self.feature_cache, self.feature_cache_dtype, folder)
             return
         logger.info("No training feature cache: %s.", reason)
 
-    def _training_patches(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch and image embeddings of a training batch, from the feature cache when every image is in it."""
-        keys = [str(path) for path in batch.image_path] if getattr(batch, "image_path", None) else None
-        if self._cache is not None and keys:
-            cached = self._cache.get(keys, batch.image.device)
-            if cached is not None:
-                return cached, cached.mean(dim=(1, 2))
-        patches, image_embedding = self.model.embed(batch.image)
-        if self._cache_size and keys:
-            if self._cache is None:
-                folder = getattr(self.trainer, "default_root_dir", None)
-                self._cache = FeatureCache(
-                    self._cache_size, patches.shape[1:], self.feature_cache, self.feature_cache_dtype, folder
-                )
-            self._cache.put(keys, patches)
-        return patches, image_embedding
+    def _patches(self, batch: Batch | torch.Tensor, cache: FeatureCache | None) -> torch.Tensor:
+        """Patch embeddings ``(b, h, w, d)`` of a batch's images, from ``cache`` when it holds every one of them.
+
+        Images are keyed by their paths; a bare tensor (no paths) is always embedded.
+        """
+        images = batch if isinstance(batch, torch.Tensor) else batch.image
+        paths = None if isinstance(batch, torch.Tensor) else getattr(batch, "image_path", None)
+        keys = [str(path) for path in paths] if cache is not None and paths else None
+        cached = cache.get(keys, images.device) if keys else None
+        if cached is not None:
+            return cached
+        patches, _ = self.model.embed(images)
+        if keys:
+            cache.put(keys, patches)  # type: ignore[union-attr]
+        return patches
 
     def _close_cache(self) -> None:
         if self._cache is not None:
             self._cache.close()
-        self._cache, self._cache_size = None, 0
+        self._cache = None
 
     def on_train_end(self) -> None:
         """Free the feature cache."""
@@ -386,7 +385,8 @@ class MoleFlow(AnomalibModule):
         """One step of the training task: tail-aware NLL + log-det regularisation; feeds the router."""
         del args, kwargs
         task = self.training_task
-        patches, image_embedding = self._training_patches(batch)
+        patches = self._patches(batch, self._cache)
+        image_embedding = patches.mean(dim=(1, 2))  # as MoleFlowModel.embed
         nll, log_det = self.model.train_patches(patches, task)
         loss = self.loss(nll, log_det)
         if not torch.isfinite(loss):
@@ -435,33 +435,20 @@ class MoleFlow(AnomalibModule):
         if self.feature_cache == "off" or self._test_cache is not None:
             yield
             return
-        self._test_cache = FeatureCache(
-            capacity, self._patch_shape(), self.feature_cache, self.feature_cache_dtype, folder
-        )
+        self._test_cache = FeatureCache(capacity, self.feature_cache, self.feature_cache_dtype, folder)
         try:
             yield
         finally:
             self._test_cache.close()
             self._test_cache = None
 
-    def _patch_shape(self) -> tuple[int, int, int]:
-        """``(h, w, d)`` of one image's patch embedding."""
-        height, width = self.model.image_size
-        with torch.no_grad():
-            probe = torch.zeros(1, 3, height, width, device=self.device)
-            return tuple(self.model.embed(probe)[0].shape[1:])  # type: ignore[return-value]
-
-    def _score(self, images: torch.Tensor, keys: Sequence[str] | None = None) -> tuple[InferenceBatch, Routed]:
+    def _score(self, batch: Batch | torch.Tensor) -> tuple[InferenceBatch, Routed]:
         """Raw predictions and each image's routing (recorded in every open routing log).
 
-        ``keys`` (the images' paths) let the test feature cache answer instead of the backbone.
+        A batch's image paths let the test feature cache answer instead of the backbone.
         """
-        patches = None
-        if self._test_cache is not None and keys:
-            patches = self._test_cache.get(keys, images.device)
-            if patches is None:
-                patches, _ = self.model.embed(images)
-                self._test_cache.put(keys, patches)
+        images = batch if isinstance(batch, torch.Tensor) else batch.image
+        patches = self._patches(batch, self._test_cache) if self._test_cache is not None else None
         given = self._given_tasks(images.shape[0], images.device)
         predictions, routed = self.model.predict(images, given, patches=patches)
         self._routing.append(routed)
@@ -483,7 +470,7 @@ class MoleFlow(AnomalibModule):
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Score validation images (with the training task's expert during ``fit``); gather per-task statistics."""
         del args, kwargs
-        predictions, routed = self._score(batch.image)
+        predictions, routed = self._score(batch.image)  # validation images are not cached
         batch.update(**predictions._asdict())
         if isinstance(self.post_processor, TaskPostProcessor):
             self.post_processor.update_statistics(batch, routed.task)
@@ -500,8 +487,7 @@ class MoleFlow(AnomalibModule):
         return self._score_and_post_process(batch)
 
     def _score_and_post_process(self, batch: Batch) -> Batch:
-        keys = [str(path) for path in batch.image_path] if getattr(batch, "image_path", None) else None
-        predictions, routed = self._score(batch.image, keys)
+        predictions, routed = self._score(batch)
         batch.update(**predictions._asdict())
         if isinstance(self.post_processor, TaskPostProcessor):
             self.post_processor.post_process_batch(batch, routed.task)

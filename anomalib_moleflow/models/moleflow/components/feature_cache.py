@@ -65,11 +65,12 @@ def is_random(transform: object) -> bool:
 
 
 class FeatureCache:
-    """Patch embeddings of one task's training images, keyed by image path.
+    """Patch embeddings of a set of images, keyed by image path.
+
+    Storage is chosen and allocated at the first :meth:`put`, when the size of one embedding is known.
 
     Args:
-        num_images: Number of training images (rows of the disk cache).
-        shape: Shape of one image's patch embedding, ``(h, w, d)``.
+        num_images: Number of distinct images expected (rows of the disk cache).
         mode: ``memory``, ``disk`` (memory-mapped file in ``folder``), or ``auto`` (memory when the cache takes less
             than :data:`MEMORY_SHARE` of the available memory, else disk).
         dtype: Storage type; ``float16`` halves the size (the flow still computes in float32).
@@ -79,37 +80,44 @@ class FeatureCache:
     def __init__(
         self,
         num_images: int,
-        shape: Sequence[int],
         mode: CacheMode = "auto",
         dtype: CacheDtype = "float32",
         folder: Path | str | None = None,
     ) -> None:
-        self.shape = tuple(shape)
-        self.dtype = dtype
-        size = num_images * int(np.prod(self.shape)) * (2 if dtype == "float16" else 4)
-        if mode == "auto":
-            available = available_memory()
-            mode = "memory" if available is None or size <= MEMORY_SHARE * available else "disk"
-        if mode not in {"memory", "disk"}:
+        if mode not in {"auto", "memory", "disk"}:
             msg = f"FeatureCache mode must be 'auto', 'memory' or 'disk', got {mode!r}."
             raise ValueError(msg)
+        self.num_images = num_images
         self.mode = mode
+        self.dtype = dtype
+        self.folder = folder
         self._rows: dict[str, int] = {}
         self._memory: dict[str, torch.Tensor] = {}
         self._file: Path | None = None
         self._array: np.memmap | None = None
-        if mode == "disk":
-            fd, name = tempfile.mkstemp(prefix="moleflow_features_", suffix=".npy", dir=folder)
+
+    def _allocate(self, shape: Sequence[int]) -> None:
+        """Choose memory or disk for embeddings of ``shape`` ``(h, w, d)``; create the disk file."""
+        size = self.num_images * int(np.prod(shape)) * (2 if self.dtype == "float16" else 4)
+        if self.mode == "auto":
+            available = available_memory()
+            self.mode = "memory" if available is None or size <= MEMORY_SHARE * available else "disk"
+        if self.mode == "disk":
+            fd, name = tempfile.mkstemp(prefix="moleflow_features_", suffix=".npy", dir=self.folder)
             os.close(fd)
             self._file = Path(name)
-            self._array = np.lib.format.open_memmap(name, mode="w+", dtype=dtype, shape=(num_images, *self.shape))
-        logger.info("Feature cache: %s, %s, up to %.1f MiB for %d images.", mode, dtype, size / 2**20, num_images)
+            self._array = np.lib.format.open_memmap(name, mode="w+", dtype=self.dtype, shape=(self.num_images, *shape))
+        logger.info(
+            "Feature cache: %s, %s, up to %.1f MiB for %d images.", self.mode, self.dtype, size / 2**20, self.num_images
+        )
 
     def __len__(self) -> int:
         return len(self._memory) + len(self._rows)
 
     def get(self, keys: Sequence[str], device: torch.device) -> torch.Tensor | None:
         """The cached ``(b, h, w, d)`` float32 embeddings of ``keys``, or ``None`` unless every key is cached."""
+        if self.mode == "auto" or (self.mode == "disk" and self._array is None):
+            return None  # nothing stored yet
         if self.mode == "memory":
             if not all(key in self._memory for key in keys):
                 return None
@@ -122,6 +130,8 @@ class FeatureCache:
 
     def put(self, keys: Sequence[str], embeddings: torch.Tensor) -> None:
         """Store ``(b, h, w, d)`` embeddings under ``keys``."""
+        if self.mode == "auto" or (self.mode == "disk" and self._array is None):
+            self._allocate(embeddings.shape[1:])
         values = embeddings.detach().to("cpu", getattr(torch, self.dtype))
         for key, value in zip(keys, values, strict=True):
             if self.mode == "memory":
