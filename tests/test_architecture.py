@@ -17,7 +17,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"models", "data"}),
     frozenset({"baselines", "reports"}),
     frozenset({"engine"}),
-    frozenset({"benchmark"}),
+    frozenset({"benchmark", "ablation"}),
     frozenset({"cli"}),
 )
 

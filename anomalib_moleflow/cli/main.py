@@ -102,6 +102,45 @@ def generate_demo_parser() -> ArgumentParser:
     return parser
 
 
+def ablate_parser() -> ArgumentParser:
+    """Parser of ``moleflow ablate``."""
+    parser = ArgumentParser(description="Run an ablation or sweep suite (MAIN plus one override per run) into tables.")
+    parser.add_argument("--suite", type=str | None, default=None, help="A suite of configs/ablations/ (e.g. core).")
+    parser.add_argument("--config", type=str | None, default=None, help="A suite YAML instead of --suite.")
+    parser.add_argument(
+        "--base",
+        type=str | None,
+        default=None,
+        help="A continual config that replaces the suite's base (other data), e.g. configs/continual/elpv.yaml.",
+    )
+    parser.add_argument("--output", type=str, default="results/ablations", help="Suites go to OUTPUT/SUITE/.")
+    parser.add_argument(
+        "--scale",
+        type=Literal["full", "smoke"],
+        default="full",
+        help="full: the suite's configs (GPU); smoke: two generated tasks, tiny random backbone, one epoch (CPU).",
+    )
+    parser.add_argument("--summary", type=str | None, default=None, help="Merge the suites finished in this folder.")
+    parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (default: automatic).")
+    return parser
+
+
+def run_ablate(config: Namespace) -> Path:
+    """Run ``moleflow ablate``; returns the table it wrote (the suite's, or the summary)."""
+    from anomalib_moleflow.ablation import load_suite, run_suite
+    from anomalib_moleflow.ablation.suite import suite_path
+    from anomalib_moleflow.reports.ablation_table import write_summary
+
+    if config.summary:
+        return write_summary(config.summary)
+    if not (config.suite or config.config):
+        msg = "Pass --suite NAME (a file of configs/ablations/), --config FILE, or --summary FOLDER."
+        raise ValueError(msg)
+    suite = load_suite(config.config or suite_path(config.suite), config.base)
+    run_suite(suite, config.output, config.scale)
+    return Path(config.output) / suite.name / "suite.md"
+
+
 def predict_parser() -> ArgumentParser:
     """Parser of ``moleflow predict``."""
     parser = ArgumentParser(description="Score images of any of the learned products with a saved model.")
@@ -150,6 +189,7 @@ def build_parser() -> ArgumentParser:
     )
     subcommands.add_subcommand("generate-demo", generate_demo_parser(), help="Generate the offline demo dataset.")
     subcommands.add_subcommand("predict", predict_parser(), help="Score images with a saved model, into a CSV.")
+    subcommands.add_subcommand("ablate", ablate_parser(), help="Run an ablation or sweep suite; merge suites.")
     subcommands.add_subcommand(
         "convert-8bit", convert_parser(), help="Copy a dataset folder with its 16-bit images converted to 8 bits."
     )
@@ -268,6 +308,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_benchmark(options)
             table = "seeds.md" if options.seeds else "benchmark.md"
             sys.stdout.write((Path(options.output) / table).read_text())
+        elif command == "ablate":
+            from anomalib_moleflow.runtime import torch_threads
+
+            with torch_threads(options.threads):
+                table = run_ablate(options)
+            sys.stdout.write(table.read_text())
         elif command == "predict":
             from anomalib_moleflow.runtime import torch_threads
 

@@ -1,0 +1,83 @@
+"""``run_suite``: every run of a suite through the continual engine; finished runs skipped, failures kept."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import seed_everything
+
+from anomalib_moleflow.data import build_tasks
+from anomalib_moleflow.engine import ContinualEngine, MoleFlowStrategy
+from anomalib_moleflow.engine.continual import STATE_FILE
+from anomalib_moleflow.io import atomic_write_text
+from anomalib_moleflow.models import MoleFlow
+from anomalib_moleflow.reports.ablation_table import write_suite_report
+
+from .suite import Scale, Suite, config_key
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+#: A run whose final image AUROC is below this trained to nothing (the study's "training failed" rows are ~0.6).
+CHANCE = 0.65
+
+
+def _run_one(config: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """One continual run of a resolved config into ``folder`` (continuing an interrupted one)."""
+    seed = int(config.get("seed", 42))
+    seed_everything(seed, verbose=False)
+    model = MoleFlow(**config.get("model", {}), visualizer=False)
+    engine = ContinualEngine(
+        output_dir=folder,
+        seed=seed,
+        resume=(folder / STATE_FILE).exists(),
+        accelerator=config.get("accelerator", "auto"),
+        devices=config.get("devices", 1),
+        enable_progress_bar=bool(config.get("progress_bar", False)),
+        overlays_per_task=int(config.get("overlays_per_task", 0)),
+        precision=config.get("precision"),
+    )
+    strategy = MoleFlowStrategy(model, config.get("routing", "router"))
+    return engine.run(strategy, build_tasks(config["tasks"]))
+
+
+def run_suite(suite: Suite, output: Path | str, scale: Scale = "full") -> dict[str, Any]:
+    """Run every run of ``suite`` into ``OUTPUT/SUITE/runs/``, then write the suite's table, CSV, JSON (and plot).
+
+    A run whose folder already holds a finished ``run.json`` for the same resolved config is skipped; an
+    interrupted one continues after its last finished task. A run that raises (e.g. NaN in training) or, at full
+    scale, ends near chance is recorded as failed, and the suite goes on.
+
+    Returns:
+        The suite report (also ``OUTPUT/SUITE/suite.json``).
+    """
+    folder = Path(output) / suite.name
+    records = []
+    for run in suite.runs:
+        config = suite.resolved(run, scale, Path(output) / "data")
+        key = config_key(config)
+        run_dir = folder / "runs" / f"{run.slug}-{key}"
+        done = run_dir / RUN_FILE
+        if done.exists():
+            logger.info("[%s] %s: finished earlier, skipped.", suite.name, run.name)
+            records.append(json.loads(done.read_text()))
+            continue
+        record: dict[str, Any] = {"name": run.name, "key": key, "value": run.value, "settings": run.settings}
+        record |= {"reference": run.reference, "depth": run.depth}
+        try:
+            results = _run_one(config, run_dir)
+            final = results["final"]
+            record |= {"metrics": final, "routing": results["routing_accuracy"]["overall"], "status": "ok"}
+            if scale == "full" and (final.get("image_AUROC") or 0.0) < CHANCE:  # smoke runs are near chance
+                record |= {"status": "failed", "reason": f"image AUROC {100 * final['image_AUROC']:.1f} (chance)"}
+        except Exception as error:  # a diverged run is a result of the suite, not the end of it
+            reason = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+            record |= {"metrics": {}, "routing": None, "status": "failed", "reason": reason}
+            logger.warning("[%s] %s failed: %s", suite.name, run.name, reason)
+        atomic_write_text(done, json.dumps(record, indent=2, default=str))
+        records.append(record)
+        write_suite_report(suite.name, suite.sweep_key, records, folder)  # partial tables survive an interruption
+    return write_suite_report(suite.name, suite.sweep_key, records, folder)
