@@ -13,7 +13,7 @@ def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: moleflow")
-    for command in ("continual", "benchmark", "generate-demo", "convert-8bit", "moleflow anomalib"):
+    for command in ("continual", "benchmark", "ablate", "predict", "generate-demo", "convert-8bit", "moleflow anomalib"):
         assert command in out
 
 
