@@ -13,7 +13,8 @@ def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: moleflow")
-    for command in ("continual", "benchmark", "ablate", "predict", "generate-demo", "convert-8bit", "moleflow anomalib"):
+    commands = ("continual", "benchmark", "ablate", "predict", "generate-demo", "convert-8bit", "moleflow anomalib")
+    for command in commands:
         assert command in out
 
 
