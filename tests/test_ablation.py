@@ -96,3 +96,46 @@ def test_every_suite_of_the_study_loads() -> None:
         suite = load_suite(suite_path(name))
         assert suite.runs[0].reference, name  # MAIN carries the study's values
         assert all(isinstance(value, (int, float, bool)) for run in suite.runs for value in run.settings.values())
+
+
+def test_a_run_held_by_another_live_process_is_left_to_it(tmp_path: Path) -> None:
+    import os
+    import socket
+
+    from anomalib_moleflow.ablation.runner import LOCK_FILE, _claim
+
+    run_dir = tmp_path / "run"
+    assert _claim(run_dir)  # this process
+    assert not _claim(run_dir)  # held by a live process (this one)
+    (run_dir / LOCK_FILE).write_text(f"{socket.gethostname()} 999999999")  # a process of this machine that died
+    assert _claim(run_dir)
+    assert (run_dir / LOCK_FILE).read_text() == f"{socket.gethostname()} {os.getpid()}"
+    (run_dir / LOCK_FILE).write_text("another-machine 1")
+    assert not _claim(run_dir)  # another machine sharing the folder
+
+
+def test_suite_skips_a_run_another_process_holds(tmp_path: Path) -> None:
+    from anomalib_moleflow.ablation.runner import LOCK_FILE
+    from anomalib_moleflow.ablation.suite import config_key
+
+    suite = {
+        "name": "two",
+        "base": str(REPO / "configs" / "continual" / "mvtec_1x1.yaml"),
+        "runs": [{"name": "MAIN"}, {"name": "w/o LoRA", "set": {"model.use_lora": False}}],
+    }
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    loaded = load_suite(path)
+    run = loaded.runs[1]
+    held = (
+        tmp_path
+        / "out"
+        / "two"
+        / "runs"
+        / f"{run.slug}-{config_key(loaded.resolved(run, 'smoke', tmp_path / 'out' / 'data'))}"
+    )
+    held.mkdir(parents=True)
+    (held / LOCK_FILE).write_text("another-machine 1")
+    report = run_suite(loaded, tmp_path / "out", "smoke")
+    assert [row["status"] for row in report["rows"]] == ["ok", "running elsewhere"]
+    assert not (held / "run.json").exists()
