@@ -327,3 +327,29 @@ def test_torch_export_of_a_two_task_model_matches_pytorch(
             torch.testing.assert_close(exported.pred_score.detach(), expected.pred_score.detach(), atol=1e-3, rtol=0)
             exported_map = exported.anomaly_map.detach().reshape(expected.anomaly_map.shape)
             torch.testing.assert_close(exported_map, expected.anomaly_map.detach(), atol=1e-3, rtol=0)
+
+
+def test_anomalib_predict_cli_scores_a_mixed_folder_with_the_checkpoint(
+    unknown_product_run: tuple[MoleFlow, Path, Path], tmp_path: Path
+) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    _, root, output = unknown_product_run
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for category in (TINY_CATEGORIES[0], TINY_CATEGORIES[2]):
+        shutil.copy(sorted((root / category / "test" / "good").glob("*.png"))[0], folder / f"{category}.png")
+    model_args = []
+    for key in ("backbone", "image_size", "embed_dim", "lora_rank", "num_coupling_layers", "dia_blocks"):
+        model_args += [f"--model.{key}", str(TINY_MODEL_KWARGS[key])]
+    model_args += ["--model.layers", json.dumps(list(TINY_MODEL_KWARGS["layers"])), "--model.pre_trained", "false"]
+    command = [
+        sys.executable, "-m", "anomalib.cli.cli", "predict", "--model", "anomalib_moleflow.MoleFlow", *model_args,
+        "--ckpt_path", str(output / "model.ckpt"), "--data", str(folder), "--default_root_dir", str(tmp_path / "out"),
+    ]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    written = sorted(path.name for path in (tmp_path / "out").rglob("*.png"))
+    assert written == sorted(f"{category}.png" for category in (TINY_CATEGORIES[0], TINY_CATEGORIES[2]))
