@@ -2,7 +2,7 @@
 
 Every image is routed to its product's expert (or flagged as an unknown product), scored, normalised with that
 product's statistics, and written to ``predictions.csv`` as soon as its batch is done, so memory stays flat on large
-folders. Overlays are drawn by anomalib's visualizer.
+folders. Each overlay shows the image beside its anomaly map on one colour scale, titled with task, label and score.
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from anomalib.data import ImageItem
 from anomalib.data.utils import read_image
-from anomalib.visualization.image.item_visualizer import visualize_image_item
 from torchvision.transforms.v2.functional import resize
 from tqdm import tqdm
 
 from anomalib_moleflow.data.checks import IMAGE_SUFFIXES, DatasetError, check_image
 from anomalib_moleflow.models import MoleFlow
+from anomalib_moleflow.reports.plots import save_scored_overlay
 
 logger = logging.getLogger(__name__)
 
@@ -119,18 +118,9 @@ def predict_folder(
                         label,
                     ])  # fmt: skip
                     if overlays:
-                        item = ImageItem(
-                            image=images[index].cpu(),
-                            image_path=str(file),
-                            anomaly_map=final.anomaly_map[index].cpu(),
-                            pred_score=final.pred_score[index].cpu(),
-                            pred_mask=None if final.pred_mask is None else final.pred_mask[index].cpu(),
-                        )
-                        fields = ["image"]
-                        overlay = [("image", ["anomaly_map"])]
-                        picture = visualize_image_item(item, fields=fields, overlay_fields=overlay)
-                        if picture is not None:
-                            picture.save(output / "overlays" / _overlay_name(task, label, score, file))
+                        title = f"{file.name}: {task}, {label}, score {score:.3f}"
+                        overlay = output / "overlays" / _overlay_name(task, label, score, file)
+                        save_scored_overlay(images[index], final.anomaly_map[index], title, overlay)
                 handle.flush()
                 bar.update(len(chunk))
     logger.info("Scored %d image(s) into '%s'.", len(files), path)

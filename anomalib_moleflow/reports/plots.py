@@ -1,4 +1,5 @@
-"""PNG plots: task x task heatmaps, per-task final bars, anomaly-map overlays (anomalib's visualizer)."""
+"""PNG plots: task x task heatmaps, per-task final bars, anomaly-map overlays (anomalib's visualizer, and a
+scored overlay with a colour bar for ``moleflow predict``)."""
 
 from __future__ import annotations
 
@@ -100,3 +101,33 @@ def save_overlays(model: torch.nn.Module, datamodule: Any, task_name: str, outpu
         picture.save(path)
         paths.append(path)
     return paths
+
+
+def save_scored_overlay(image: torch.Tensor, anomaly_map: torch.Tensor, title: str, path: Path) -> Path:
+    """The image beside its normalised anomaly map (one 0-1 colour scale with a colour bar), titled with ``title``.
+
+    anomalib's item visualizer has no colour bar or score and clips its panel titles at small sizes, which is why
+    ``moleflow predict`` draws its overlays here.
+
+    Args:
+        image: ``(3, H, W)`` image in [0, 1].
+        anomaly_map: ``(H, W)`` or ``(1, H, W)`` normalised anomaly map (0.5 is the task's threshold).
+        title: Figure title, e.g. the routed task, the label and the score.
+        path: PNG to write.
+    """
+    picture = image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+    heat = anomaly_map.detach().float().reshape(picture.shape[:2]).cpu().numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(7.4, 3.8), constrained_layout=True)
+    axes[0].imshow(picture)
+    axes[0].set_title("image")
+    axes[1].imshow(picture)
+    shown = axes[1].imshow(heat, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+    axes[1].set_title("anomaly map (0.5 = threshold)")
+    for axis in axes:
+        axis.axis("off")
+    fig.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.02)
+    fig.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
