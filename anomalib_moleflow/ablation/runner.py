@@ -109,25 +109,13 @@ def run_suite(suite: Suite, output: Path | str, scale: Scale = "full") -> dict[s
             logger.info("[%s] %s: finished earlier, skipped.", suite.name, run.name)
             records.append(json.loads(done.read_text()))
             continue
-        if not _claim(run_dir):
-            logger.info("[%s] %s: another process is running it, skipped.", suite.name, run.name)
-            records.append(
-                {
-                    "name": run.name,
-                    "key": key,
-                    "value": run.value,
-                    "settings": run.settings,
-                    "reference": run.reference,
-                    "depth": run.depth,
-                    "metrics": {},
-                    "routing": None,
-                    "status": "running elsewhere",
-                    "reason": (run_dir / LOCK_FILE).read_text(),
-                }
-            )
-            continue
         record: dict[str, Any] = {"name": run.name, "key": key, "value": run.value, "settings": run.settings}
         record |= {"reference": run.reference, "depth": run.depth}
+        if not _claim(run_dir):
+            logger.info("[%s] %s: another process is running it, skipped.", suite.name, run.name)
+            holder = (run_dir / LOCK_FILE).read_text()
+            records.append(record | {"metrics": {}, "routing": None, "status": "running elsewhere", "reason": holder})
+            continue
         try:
             results = _run_one(config, run_dir)
             final = results["final"]
