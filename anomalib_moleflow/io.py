@@ -53,7 +53,9 @@ def atomic_write_text(path: Path | str, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def claim_output_dir(folder: Path | str, outputs: Sequence[str], resume: bool, overwrite: bool) -> None:
+def claim_output_dir(
+    folder: Path | str, outputs: Sequence[str], resume: bool, overwrite: bool, resumable: bool = True
+) -> None:
     """Make sure a new run neither mixes with nor silently replaces an earlier run's outputs in ``folder``.
 
     Args:
@@ -62,6 +64,7 @@ def claim_output_dir(folder: Path | str, outputs: Sequence[str], resume: bool, o
             removes, so that a user's other files in the folder stay.
         resume: The run continues the earlier one: its outputs are kept.
         overwrite: Remove the earlier run's outputs first.
+        resumable: The command has a ``--resume`` option (named in the message).
 
     Raises:
         ValueError: If both ``resume`` and ``overwrite`` are set.
@@ -77,9 +80,10 @@ def claim_output_dir(folder: Path | str, outputs: Sequence[str], resume: bool, o
         return
     names = ", ".join(path.name for path in found[:5]) + (", ..." if len(found) > 5 else "")
     if not overwrite:
+        resume_hint = "--resume to continue that run, " if resumable else ""
         msg = (
-            f"'{folder}' already holds the outputs of an earlier run ({names}). Pass --resume to continue that run, "
-            "--overwrite to delete its outputs and start again, or choose another --output."
+            f"'{folder}' already holds the outputs of an earlier run ({names}). Pass {resume_hint}--overwrite to "
+            "delete its outputs and start again, or choose another --output."
         )
         raise FileExistsError(msg)
     for path in found:

@@ -12,7 +12,7 @@ ROOT = "anomalib_moleflow"
 
 #: Layers, bottom first. A module may import from its own component and from components of lower layers only.
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"io", "metrics", "compat", "registry", "runtime"}),
+    frozenset({"io", "metrics", "compat", "registry", "runtime", "deploy"}),
     frozenset({"checkpoint"}),
     frozenset({"models", "data"}),
     frozenset({"baselines", "reports"}),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,8 @@ def test_results_schema_and_files(frozen_run: tuple[dict, Path]) -> None:
         overlays = list((output / "overlays" / category).glob("*.png"))
         assert len(overlays) == 1  # overlays_per_task=1
         assert overlays[0].read_bytes().startswith(PNG_SIGNATURE)
+        # named TASK_LABEL_SCORE_NAME like `moleflow predict`'s; the first one shown is a defective image
+        assert re.fullmatch(rf"{category}_(anomalous|normal)_[01]\.\d{{3}}_(?!good_)\w+_\d+\.png", overlays[0].name)
     assert (output / "model.ckpt").exists()
 
 

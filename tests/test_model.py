@@ -861,6 +861,41 @@ def test_mixed_batch_is_routed_per_image_without_leaking(continual_run: Continua
     assert not torch.allclose(wrong.pred_score, mixed.pred_score[:1])
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"use_lora": False}, {"use_whitening_adapter": False, "exact_likelihood": False}, {"dia_blocks": 0}],
+    ids=["lora", "full-rank", "no-whitening", "no-dia"],
+)
+def test_one_pass_over_a_mixed_batch_equals_each_task_alone(overrides: dict[str, Any]) -> None:
+    """The routed path gathers each image's expert weights (exportable, one pass); it must equal the per-task path."""
+    torch.manual_seed(0)
+    model = small_model(**overrides)
+    for name in "abc":
+        model.add_task(name)
+    perturb(model)  # every expert, whitening and DIA differs between tasks
+    model.eval()
+    patches, _ = model.embed(torch.rand(5, 3, 32, 32))
+    tasks = torch.tensor([2, 0, 1, 2, 0])
+    with torch.no_grad():
+        z, log_det = model.encode(patches, tasks)
+        tokens = patches.shape[1] * patches.shape[2]
+        for index, task in enumerate(tasks.tolist()):
+            alone_z, alone_log_det = model.encode(patches[index : index + 1], task)
+            rows = slice(index * tokens, (index + 1) * tokens)
+            torch.testing.assert_close(z[rows], alone_z, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(log_det[rows], alone_log_det, rtol=1e-5, atol=1e-5)
+        other, _ = model.encode(patches, torch.tensor([0, 1, 2, 0, 1]))
+    assert not torch.allclose(other, z)  # the gathered experts differ per task
+
+
+def test_a_task_separated_model_refuses_the_one_pass_path() -> None:
+    model = small_model(task_separated=True)
+    model.add_task("a")
+    patches, _ = model.embed(torch.rand(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="one task at a time"):
+        model.encode(patches, torch.tensor([0]))
+
+
 def test_forward_after_fit_routes_each_image(sequential_run: ContinualRun, make_datamodule: Any) -> None:
     """Right after ``engine.fit``, ``model(images)`` must route: the training task is forced only while fitting."""
     model, categories = sequential_run.model, sequential_run.categories

@@ -164,6 +164,30 @@ def run_predict(config: Namespace) -> Path:
     return predict_folder(model, config.input, config.output, config.batch_size, config.overlays, config.progress_bar)
 
 
+def export_parser() -> ArgumentParser:
+    """Parser of ``moleflow export``."""
+    from anomalib_moleflow.engine.options import add_overwrite_option
+
+    parser = ArgumentParser(description="Export a saved model with every task into one artefact, and its loader.")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (same keys as the options).")
+    parser.add_argument("--ckpt", type=str, required=True, help="A model.ckpt written by `moleflow continual`.")
+    parser.add_argument("--output", type=str, default="results/export", help="Output folder.")
+    parser.add_argument(
+        "--format", type=Literal["onnx", "openvino", "torch"], default="onnx", help="onnx, openvino or torch."
+    )
+    add_overwrite_option(parser, "Replace an earlier export in --output (without it, such a folder is refused).")
+    return parser
+
+
+def run_export(config: Namespace) -> Path:
+    """Run ``moleflow export``; returns the model file."""
+    from anomalib_moleflow.engine.export import export_model
+    from anomalib_moleflow.models import MoleFlow
+
+    model = MoleFlow.continue_from(config.ckpt, visualizer=False)
+    return export_model(model, config.output, config.format, config.overwrite)
+
+
 def convert_parser() -> ArgumentParser:
     """Parser of ``moleflow convert-8bit``."""
     from anomalib_moleflow.data.convert import convert_8bit
@@ -189,6 +213,9 @@ def build_parser() -> ArgumentParser:
     )
     subcommands.add_subcommand("generate-demo", generate_demo_parser(), help="Generate the offline demo dataset.")
     subcommands.add_subcommand("predict", predict_parser(), help="Score images with a saved model, into a CSV.")
+    subcommands.add_subcommand(
+        "export", export_parser(), help="Export a saved model (router and every expert) to ONNX, OpenVINO or torch."
+    )
     subcommands.add_subcommand("ablate", ablate_parser(), help="Run an ablation or sweep suite; merge suites.")
     subcommands.add_subcommand(
         "convert-8bit", convert_parser(), help="Copy a dataset folder with its 16-bit images converted to 8 bits."
@@ -320,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             with torch_threads(options.threads):
                 csv_path = run_predict(options)
             sys.stdout.write(f"{csv_path}\n")
+        elif command == "export":
+            sys.stdout.write(f"{run_export(options)}\n")
         elif command == "convert-8bit":
             from anomalib_moleflow.data.convert import convert_8bit
 

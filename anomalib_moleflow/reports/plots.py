@@ -3,6 +3,7 @@ scored overlay with a colour bar for ``moleflow predict``)."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +13,15 @@ mpl.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from anomalib.visualization import visualize_image_item
 
 from anomalib_moleflow.metrics import METRICS
 
 
 def plot_matrix_heatmaps(results: dict[str, Any], output_dir: Path) -> list[Path]:
-    """One heatmap per metric of ``matrix[metric][i][j]`` (row: after task i, column: tested on task j)."""
+    """One heatmap per metric of ``matrix[metric][i][j]`` (row: after task i, column: tested on task j).
+
+    Each metric has one fixed colour scale, the same in every run: 50-100 for AUROC (50 is chance), 0-100 otherwise.
+    """
     tasks = results["tasks"]
     paths = []
     for metric, rows in results["matrix"].items():
@@ -27,7 +30,8 @@ def plot_matrix_heatmaps(results: dict[str, Any], output_dir: Path) -> list[Path
             continue
         size = max(4.0, 0.6 * len(tasks) + 2)
         fig, ax = plt.subplots(figsize=(size, size * 0.85))
-        image = ax.imshow(values, vmin=np.nanmin(values), vmax=100, cmap="viridis")
+        low = 50.0 if "AUROC" in metric else 0.0
+        image = ax.imshow(values, vmin=low, vmax=100, cmap="viridis")
         ax.set_xticks(range(len(tasks)), tasks, rotation=60, ha="right")
         ax.set_yticks(range(len(tasks)), tasks)
         ax.set_xlabel("evaluated task")
@@ -36,7 +40,8 @@ def plot_matrix_heatmaps(results: dict[str, Any], output_dir: Path) -> list[Path
         if len(tasks) <= 16:
             for (i, j), value in np.ndenumerate(values):
                 if not np.isnan(value):
-                    ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="w", fontsize=7)
+                    bright = (value - low) / max(100 - low, 1e-9) > 0.6  # viridis turns yellow: dark text there
+                    ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="k" if bright else "w", fontsize=7)
         fig.colorbar(image, ax=ax)
         fig.tight_layout()
         path = output_dir / f"heatmap_{metric}.png"
@@ -59,7 +64,7 @@ def plot_final_bars(results: dict[str, Any], output_dir: Path) -> Path:
     ax.set_ylabel("%")
     ax.set_ylim(0, 100)
     ax.set_title("Final value per task")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside the bars
     fig.tight_layout()
     path = output_dir / "final_per_task.png"
     fig.savefig(path, dpi=100)
@@ -68,9 +73,11 @@ def plot_final_bars(results: dict[str, Any], output_dir: Path) -> Path:
 
 
 def save_overlays(model: torch.nn.Module, datamodule: Any, task_name: str, output_dir: Path, count: int) -> list[Path]:
-    """Save anomaly-map overlays of the first ``count`` test images (defective first) with anomalib's visualizer.
+    """Save scored overlays of the first ``count`` test images (defective first) as ``overlays/TASK/*.png``.
 
-    The model scores the images with routing and per-task post-processing, as at test time.
+    The model scores the images with routing and per-task post-processing, as at test time. Each file is named
+    ``TASK_LABEL_SCORE_NAME.png`` (like ``moleflow predict``'s) and shows the image and its map on one 0-1 scale with
+    a colour bar, the ground-truth defect outlined in white.
     """
     if count <= 0:
         return []
@@ -83,37 +90,36 @@ def save_overlays(model: torch.nn.Module, datamodule: Any, task_name: str, outpu
     batch = dataset.collate_fn([dataset[int(i)] for i in order])
     model.eval()
     with torch.no_grad():
-        predictions = model(batch.image)
-    batch = batch.update(**predictions._asdict())
+        _, final, routed = model.score_images(batch.image)
+    names = model.task_names
     paths = []
-    has_mask = batch.gt_mask is not None
-    for index, item in enumerate(batch):
-        fields = ["image", "gt_mask"] if has_mask else ["image"]
-        overlays = (
-            [("image", ["anomaly_map"]), ("image", ["pred_mask"])]
-            if item.pred_mask is not None
-            else [("image", ["anomaly_map"])]
-        )
-        picture = visualize_image_item(item, fields=fields, overlay_fields=overlays)
-        if picture is None:
-            continue
-        path = folder / f"{index:02d}_{Path(str(item.image_path)).stem}.png"
-        picture.save(path)
-        paths.append(path)
+    for index in range(len(order)):
+        score = float(final.pred_score[index])
+        label = "anomalous" if final.pred_label is None or bool(final.pred_label[index]) else "normal"
+        routed_to = "unknown product" if bool(routed.unknown[index]) else names[int(routed.task[index])]
+        truth = "defect" if int(batch.gt_label[index]) else "good"
+        file = Path(str(batch.image_path[index]))
+        title = f"{file.parent.name}/{file.name} ({truth}): routed to {routed_to}, {label}, score {score:.3f}"
+        mask = None if batch.gt_mask is None else batch.gt_mask[index]
+        path = folder / f"{task_name}_{label}_{score:.3f}_{file.parent.name}_{file.stem}.png"
+        paths.append(save_scored_overlay(batch.image[index], final.anomaly_map[index], title, path, mask))
     return paths
 
 
-def save_scored_overlay(image: torch.Tensor, anomaly_map: torch.Tensor, title: str, path: Path) -> Path:
+def save_scored_overlay(
+    image: torch.Tensor, anomaly_map: torch.Tensor, title: str, path: Path, mask: torch.Tensor | None = None
+) -> Path:
     """The image beside its normalised anomaly map (one 0-1 colour scale with a colour bar), titled with ``title``.
 
     anomalib's item visualizer has no colour bar or score and clips its panel titles at small sizes, which is why
-    ``moleflow predict`` draws its overlays here.
+    overlays are drawn here.
 
     Args:
         image: ``(3, H, W)`` image in [0, 1].
         anomaly_map: ``(H, W)`` or ``(1, H, W)`` normalised anomaly map (0.5 is the task's threshold).
-        title: Figure title, e.g. the routed task, the label and the score.
+        title: Figure title, e.g. the routed task, the label and the score (wrapped when long).
         path: PNG to write.
+        mask: Optional ``(H, W)`` ground-truth mask, outlined in white on both panels.
     """
     picture = image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
     heat = anomaly_map.detach().float().reshape(picture.shape[:2]).cpu().numpy()
@@ -123,10 +129,14 @@ def save_scored_overlay(image: torch.Tensor, anomaly_map: torch.Tensor, title: s
     axes[1].imshow(picture)
     shown = axes[1].imshow(heat, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
     axes[1].set_title("anomaly map (0.5 = threshold)")
+    if mask is not None and bool(mask.any()):
+        outline = mask.detach().float().reshape(picture.shape[:2]).cpu().numpy()
+        for axis in axes:
+            axis.contour(outline, levels=[0.5], colors="white", linewidths=1.0)
     for axis in axes:
         axis.axis("off")
     fig.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.02)
-    fig.suptitle(title)
+    fig.suptitle("\n".join(textwrap.wrap(title, 70)), fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -40,6 +40,9 @@ from .torch_model import RUNTIME_SETTINGS, MoleFlowModel, model_settings
 
 logger = logging.getLogger(__name__)
 
+#: ONNX opset of exports (the lowest that torch's exporter writes natively).
+ONNX_OPSET = 18
+
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
@@ -459,7 +462,7 @@ class MoleFlow(AnomalibModule):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Unknown products scored anomalous (normalised score 1, label anomalous) when ``unknown_as_anomalous``."""
         normalised = isinstance(self.post_processor, TaskPostProcessor) and self.post_processor.enable_normalization
-        if not (self.unknown_as_anomalous and normalised and routed.unknown.any()):
+        if not (self.unknown_as_anomalous and normalised):
             return pred_score, pred_label
         unknown = routed.unknown.to(pred_score.device)
         pred_score = torch.where(unknown, torch.ones_like(pred_score), pred_score)
@@ -506,6 +509,21 @@ class MoleFlow(AnomalibModule):
         elif self.post_processor:
             final = self.post_processor(raw)
         return ScoredImages(raw, final, routed)
+
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """anomalib's ONNX export, at opset 18 unless told otherwise.
+
+        anomalib asks for opset 14, which torch's exporter does not write; it writes 18 and tries to convert down,
+        which fails on this graph (reduce ops whose axes are inputs) and prints a traceback before keeping 18.
+        """
+        kwargs.setdefault("opset_version", ONNX_OPSET)
+        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
     def forward(self, batch: torch.Tensor, *args: Any, **kwargs: Any) -> InferenceBatch:
         """Pre-process, score with routing, and post-process each image with its task's statistics."""

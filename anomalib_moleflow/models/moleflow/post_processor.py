@@ -117,7 +117,8 @@ class TaskPostProcessor(DynamicBufferMixin, PostProcessor):
         task_ids: torch.Tensor,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Normalise each image's score and map with the statistics of its task."""
-        self.ensure_tasks(int(task_ids.max()) + 1)
+        if not torch.compiler.is_exporting():  # the model grows the table with its tasks; this guards direct use
+            self.ensure_tasks(int(task_ids.max()) + 1)
         image_threshold, pixel_threshold = self._thresholds(task_ids)
         if pred_score is not None:
             pred_score = normalize(

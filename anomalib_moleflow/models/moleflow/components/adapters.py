@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -45,6 +46,20 @@ class WhiteningAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Whiten ``(..., d)`` features."""
         return F.layer_norm(x, (self.dim,)) * self.gamma + self.beta
+
+
+def per_image_whitening(
+    adapters: Sequence[WhiteningAdapter], x: torch.Tensor, image_tasks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whiten ``(b, h, w, d)`` features, image ``i`` with the adapter of task ``image_tasks[i]``.
+
+    Returns:
+        The features and each image's ``log|det|`` ``(b,)``.
+    """
+    gamma = torch.stack([adapter.gamma for adapter in adapters])[image_tasks]  # (b, d)
+    beta = torch.stack([adapter.beta for adapter in adapters])[image_tasks]
+    whitened = F.layer_norm(x, (x.shape[-1],)) * gamma[:, None, None] + beta[:, None, None]
+    return whitened, gamma.log().sum(dim=-1)
 
 
 class SpatialContext(nn.Module):

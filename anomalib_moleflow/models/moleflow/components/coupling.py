@@ -148,11 +148,17 @@ class MoLEFlow(nn.Module):
     def forward(
         self,
         tokens: torch.Tensor,
-        task: str,
+        task: str | torch.Tensor,
         grid: tuple[int, int],
         rev: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the coupling blocks on ``((b h w), d)`` tokens with the experts of ``task``.
+
+        Args:
+            tokens: Input tokens.
+            task: Expert key for the whole batch, or an expert index per image ``(b,)`` (a routed batch).
+            grid: Patch grid ``(h, w)``.
+            rev: Run the inverse.
 
         Returns:
             Output tokens and the per-token log-determinant ``((b h w),)``.
@@ -161,8 +167,12 @@ class MoLEFlow(nn.Module):
             return tokens, tokens.new_zeros(tokens.shape[0])
         # FrEIA calls subnets with the conditioning half only, so the task and grid reach them through the flow's
         # shared state, set for the duration of this pass.
-        self.state.task, self.state.grid = task, grid
+        if isinstance(task, torch.Tensor):
+            self.state.image_tasks = task
+        else:
+            self.state.task = task
+        self.state.grid = grid
         try:
             return self.blocks(tokens, rev=rev)
         finally:
-            self.state.task = None
+            self.state.task, self.state.image_tasks = None, None

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F  # noqa: N812
+from einops import rearrange
 from torch import nn
 
 
@@ -13,12 +14,14 @@ from torch import nn
 class FlowState:
     """Mutable routing state shared by every task-aware layer of one flow.
 
-    The flow runs one task at a time; the model sets ``task`` (expert key) and ``grid`` (patch grid ``(h, w)``,
-    needed by the convolutions inside coupling subnets that see tokens as ``(b h w) c``) before each pass.
+    The flow sets it before each pass: ``grid`` (patch grid ``(h, w)``, needed by the convolutions inside coupling
+    subnets that see tokens as ``(b h w) c``), and either ``task`` (one expert key for the whole batch: training) or
+    ``image_tasks`` (an expert index per image ``(b,)``: a routed batch that mixes tasks).
     """
 
     task: str | None = None
     grid: tuple[int, int] = (1, 1)
+    image_tasks: torch.Tensor | None = None
 
 
 class LoRAExpert(nn.Module):
@@ -93,11 +96,33 @@ class MoLELinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply base and the current task's expert to ``(n, in)`` inputs."""
+        """Apply base and the current task's expert (or each image's expert) to ``(n, in)`` inputs."""
         out = self.base(x)
+        if self.state.image_tasks is not None:
+            return out + self._per_image_expert(x, self.state.image_tasks)
         if self.state.task is not None and self.state.task in self.experts:
             out = out + self.experts[self.state.task](x)
         return out
+
+    def _per_image_expert(self, x: torch.Tensor, image_tasks: torch.Tensor) -> torch.Tensor:
+        """Expert output for ``((b n), in)`` tokens, image ``i`` through expert ``image_tasks[i]``.
+
+        The experts' weights are stacked and gathered per image, so one batched matmul serves a batch that mixes
+        tasks: the cost is one expert's, whatever the number of tasks, and the graph has no data-dependent branch
+        (it exports to ONNX as is). Experts are keyed by task index in order, so stack position = task index.
+        """
+        experts = list(self.experts.values())
+        tokens = rearrange(x, "(b n) i -> b n i", b=image_tasks.shape[0])
+        if self.use_lora:
+            lora_a = torch.stack([e.lora_a for e in experts])[image_tasks]  # (b, r, in)
+            lora_b = torch.stack([e.lora_b for e in experts])[image_tasks]  # (b, out, r)
+            hidden = torch.einsum("bni,bri->bnr", tokens, lora_a)
+            update = torch.einsum("bnr,bor->bno", hidden, lora_b) * experts[0].scaling
+        else:
+            weight = torch.stack([e.weight for e in experts])[image_tasks]  # (b, out, in)
+            bias = torch.stack([e.bias for e in experts])[image_tasks]  # (b, out)
+            update = torch.einsum("bni,boi->bno", tokens, weight) + bias[:, None]
+        return rearrange(update, "b n o -> (b n) o")
 
 
 __all__ = ["FlowState", "FullRankExpert", "LoRAExpert", "MoLELinear"]

@@ -200,10 +200,8 @@ class MahalanobisRouter(nn.Module):
 
     def distances(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Distances ``(n, tasks)`` to every fitted prototype (``inf`` where a prototype is not fitted)."""
-        columns = [
-            p.distance(embeddings) if p.ready else embeddings.new_full((embeddings.shape[0],), float("inf"))
-            for p in self.prototypes
-        ]
+        # torch.where, not a Python test of ``count``: the exported graph must not branch on a buffer's value.
+        columns = [torch.where(p.count > 0, p.distance(embeddings), float("inf")) for p in self.prototypes]
         return torch.stack(columns, dim=1)
 
     def route(
@@ -224,7 +222,7 @@ class MahalanobisRouter(nn.Module):
         if tasks is not None:
             tasks = tasks.to(embeddings.device).long()
             return Routed(tasks, distances.gather(1, tasks[:, None])[:, 0], torch.zeros_like(tasks, dtype=torch.bool))
-        if not any(p.ready for p in self.prototypes):
+        if not torch.compiler.is_exporting() and not any(p.ready for p in self.prototypes):
             msg = "The router has no fitted task yet: train at least one task before testing."
             raise RuntimeError(msg)
         distance, task = distances.min(dim=1)
