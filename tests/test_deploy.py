@@ -93,6 +93,10 @@ def _assert_matches_pytorch(model: MoleFlow, path: Path, root: Path) -> None:
     ):
         torch.testing.assert_close(torch.from_numpy(out[name]), expected.float(), atol=1e-3, rtol=1e-5, msg=name)
     assert out["pred_label"].tolist() == final.pred_label.tolist()
+    single = inferencer.run(images[-1:].numpy())  # a batch of one image
+    np.testing.assert_allclose(single["pred_score"], out["pred_score"][-1:], atol=1e-5)
+    with pytest.raises(ValueError, match="images, got shape"):  # not the model's size: read_image resizes files
+        inferencer.run(np.zeros((1, 3, 32, 32), dtype=np.float32))
 
 
 def test_onnx_export_of_a_two_task_model_matches_pytorch(
@@ -122,11 +126,16 @@ def test_exported_model_runs_without_torch_and_agrees_with_moleflow_predict(
     two_task_run: tuple[MoleFlow, Path, Path], onnx_export: Path, tmp_path: Path
 ) -> None:
     model, root, _ = two_task_run
+    from PIL import Image
+
     folder = tmp_path / "line"
-    for file in _files(root):
+    for index, file in enumerate(_files(root)):
         target = folder / file.parent.parent.parent.name / f"{file.parent.name}_{file.name}"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(file.read_bytes())
+        if index % 4 == 0:  # a camera image of another size: both sides resize it to the model's 64 x 64
+            with Image.open(file) as image:
+                image.resize((100, 80), Image.Resampling.BICUBIC).save(target.with_name(f"big_{target.name}"))
     exported_csv = tmp_path / "exported.csv"
     script = f"""
 import runpy, sys

@@ -3,6 +3,7 @@ transforms) and validation once after the last epoch. Behaviour only; the timing
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +155,19 @@ def test_mixed_precision_runs_and_is_recorded(tiny_mvtec_root: Path, tmp_path: P
     results = engine.run(MoleFlow(**TINY_MODEL_KWARGS), tasks)
     assert results["config"]["engine"]["precision"] == "bf16-mixed"
     assert 0.0 <= results["final"]["image_AUROC"] <= 1.0
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
+def test_compile_mode_trains_the_same_weights_and_keeps_checkpoint_keys(
+    tiny_mvtec_root: Path, tmp_path: Path, uncached: tuple[MoleFlow, dict[str, int]]
+) -> None:
+    compiled, _ = _fit(tiny_mvtec_root, tmp_path, feature_cache="off", compile_mode="default")
+    assert compiled.model.feature_extractor._compiled_call_impl is not None
+    assert compiled.model.flows[0].blocks._compiled_call_impl is not None
+    _same_weights(uncached[0], compiled, atol=1e-4)
+    assert list(compiled.state_dict()) == list(uncached[0].state_dict())  # same checkpoint layout
+
+
+def test_unknown_compile_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        MoleFlow(**{**TINY_MODEL_KWARGS, "compile_mode": "fast"})

@@ -107,7 +107,8 @@ def test_resume_may_change_speed_only_settings(one_task_run: Path, tiny_mvtec_ro
     output = tmp_path / "run"
     shutil.copytree(one_task_run, output)
     results = _engine(output, resume=True).run(_model(feature_cache="off"), _tasks(tiny_mvtec_root))
-    assert results["config"]["speed"] == {"feature_cache": "auto", "feature_cache_dtype": "float32"}  # the run's
+    speed = {"feature_cache": "auto", "feature_cache_dtype": "float32", "compile_mode": "off"}
+    assert results["config"]["speed"] == speed  # the run's
 
 
 # ----------------------------------------------------------------------------------------------------- checksums

@@ -143,6 +143,8 @@ def run_ablate(config: Namespace) -> Path:
 
 def predict_parser() -> ArgumentParser:
     """Parser of ``moleflow predict``."""
+    from anomalib_moleflow.models.moleflow.lightning_model import CompileMode
+
     parser = ArgumentParser(description="Score images of any of the learned products with a saved model.")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (same keys as the options).")
     parser.add_argument("--ckpt", type=str, required=True, help="A model.ckpt written by `moleflow continual`.")
@@ -152,6 +154,12 @@ def predict_parser() -> ArgumentParser:
     parser.add_argument("--overlays", type=bool, default=True, help="Save an anomaly-map overlay per image.")
     parser.add_argument("--progress_bar", type=bool, default=True)
     parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (default: automatic).")
+    parser.add_argument(
+        "--compile_mode",
+        type=CompileMode,
+        default="off",
+        help="torch.compile the model first (e.g. default on a GPU); the checkpoint's own setting is not used.",
+    )
     return parser
 
 
@@ -160,21 +168,20 @@ def run_predict(config: Namespace) -> Path:
     from anomalib_moleflow.engine.predict import predict_folder
     from anomalib_moleflow.models import MoleFlow
 
-    model = MoleFlow.continue_from(config.ckpt, visualizer=False)
+    model = MoleFlow.continue_from(config.ckpt, visualizer=False, compile_mode=config.compile_mode)
     return predict_folder(model, config.input, config.output, config.batch_size, config.overlays, config.progress_bar)
 
 
 def export_parser() -> ArgumentParser:
     """Parser of ``moleflow export``."""
+    from anomalib_moleflow.engine.export import ExportFormat
     from anomalib_moleflow.engine.options import add_overwrite_option
 
     parser = ArgumentParser(description="Export a saved model with every task into one artefact, and its loader.")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (same keys as the options).")
     parser.add_argument("--ckpt", type=str, required=True, help="A model.ckpt written by `moleflow continual`.")
     parser.add_argument("--output", type=str, default="results/export", help="Output folder.")
-    parser.add_argument(
-        "--format", type=Literal["onnx", "openvino", "torch"], default="onnx", help="onnx, openvino or torch."
-    )
+    parser.add_argument("--format", type=ExportFormat, default="onnx", help="onnx, openvino or torch.")
     add_overwrite_option(parser, "Replace an earlier export in --output (without it, such a folder is refused).")
     return parser
 
@@ -184,7 +191,7 @@ def run_export(config: Namespace) -> Path:
     from anomalib_moleflow.engine.export import export_model
     from anomalib_moleflow.models import MoleFlow
 
-    model = MoleFlow.continue_from(config.ckpt, visualizer=False)
+    model = MoleFlow.continue_from(config.ckpt, visualizer=False, compile_mode="off")
     return export_model(model, config.output, config.format, config.overwrite)
 
 

@@ -15,9 +15,7 @@ import pandas as pd
 from anomalib.data import AnomalibDataModule
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-#: PIL modes of more than 8 bits per channel: anomalib's ``convert("RGB")`` clips them to white.
-WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+from anomalib_moleflow.deploy.inferencer import IMAGE_SUFFIXES, WIDE_MODES
 
 
 class DatasetError(RuntimeError):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .checks import IMAGE_SUFFIXES, WIDE_MODES
+from anomalib_moleflow.deploy.inferencer import IMAGE_SUFFIXES, WIDE_MODES
 
 logger = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -40,7 +41,10 @@ COLUMNS = (
     "normalized_score",
     "label",
 )
+#: Image file suffixes read from folders.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+#: PIL modes with more than 8 bits per channel, which anomalib's reader (``convert("RGB")``) clips to white.
+WIDE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
 
 @dataclass
@@ -80,18 +84,39 @@ class RoutedPrediction:
         ]
 
 
-def read_image(path: Path | str) -> np.ndarray:
-    """An image file as ``(3, H, W)`` float32 in [0, 1] (grayscale and RGBA converted to RGB, like anomalib)."""
+def overlay_name(task: str, label: str, score: float, file: Path | str) -> str:
+    """File name of an image's overlay: ``TASK_LABEL_SCORE_NAME.png``."""
+    return f"{task}_{label}_{score:.3f}_{Path(file).stem}.png"
+
+
+def read_image(path: Path | str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """An image file as ``(3, H, W)`` float32 in [0, 1] (grayscale and RGBA converted to RGB, like anomalib).
+
+    Args:
+        path: The file.
+        size: ``(height, width)`` to resize to: bilinear with antialiasing on the [0, 1] floats, per channel, which is
+            what the PyTorch side does (torchvision's ``resize(antialias=True)``, which matches PIL's).
+    """
     with Image.open(path) as image:
-        if image.mode in {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}:
-            msg = f"'{path}' has 16-bit or float pixels: convert it to 8 bits first (`moleflow convert-8bit`)."
+        if image.mode in WIDE_MODES:
+            msg = f"'{path}' has 16-bit or float pixels (PIL mode {image.mode}): convert it to 8 bits first."
             raise ValueError(msg)
-        pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        rgb = image.convert("RGB")
+    pixels = np.asarray(rgb, dtype=np.float32) / 255.0
+    if size is not None and pixels.shape[:2] != tuple(size):
+        channels = [Image.fromarray(np.ascontiguousarray(pixels[..., c]), mode="F") for c in range(3)]
+        resized = [channel.resize((size[1], size[0]), Image.Resampling.BILINEAR) for channel in channels]
+        pixels = np.stack([np.asarray(channel, dtype=np.float32) for channel in resized], axis=-1)
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
 def image_files(source: Path | str) -> list[Path]:
-    """An image file, or the images of a folder (nested folders included), sorted."""
+    """An image file, or the images of a folder (nested folders included), sorted.
+
+    Raises:
+        FileNotFoundError: If ``source`` does not exist.
+        ValueError: If it holds no image.
+    """
     source = Path(source)
     if not source.exists():
         msg = f"'{source}' does not exist: pass an image file or a folder of images."
@@ -101,7 +126,7 @@ def image_files(source: Path | str) -> list[Path]:
     files = sorted(path for path in source.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         msg = f"No images ({', '.join(sorted(IMAGE_SUFFIXES))}) under '{source}'."
-        raise FileNotFoundError(msg)
+        raise ValueError(msg)
     return files
 
 
@@ -111,9 +136,10 @@ class RoutedInferencer:
     Args:
         path: The model file.
         device: OpenVINO device (``CPU``, ``GPU``, ...); ONNX Runtime picks its providers, CUDA first when present.
+        threads: CPU threads of the runtime (``None``: its default, every core).
     """
 
-    def __init__(self, path: Path | str, device: str = "CPU") -> None:
+    def __init__(self, path: Path | str, device: str = "CPU", threads: int | None = None) -> None:
         path = Path(path)
         metadata_path = path.parent / "metadata.json"
         if not path.is_file() or not metadata_path.is_file():
@@ -122,33 +148,43 @@ class RoutedInferencer:
         self.metadata = json.loads(metadata_path.read_text())
         self.task_names: list[str] = list(self.metadata["task_names"])
         self.outputs: list[str] = list(self.metadata["outputs"])
-        if path.suffix == ".onnx":
-            import onnxruntime
-
-            available = onnxruntime.get_available_providers()
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-            session = onnxruntime.InferenceSession(str(path), providers=providers)
-            input_name = session.get_inputs()[0].name
-            self._run = lambda images: session.run(None, {input_name: images})
-        elif path.suffix == ".xml":
-            import openvino
-
-            # f32: on CPUs with bf16 units OpenVINO would otherwise run in bf16, off by ~1e-2 from PyTorch.
-            compiled = openvino.Core().compile_model(str(path), device, {"INFERENCE_PRECISION_HINT": "f32"})
-            self._run = lambda images: list(compiled(images).to_tuple())
-        else:
+        self.image_size: tuple[int, int] = tuple(self.metadata["image_size"])  # type: ignore[assignment]
+        if path.suffix not in {".onnx", ".xml"}:
             msg = f"'{path}': expected model.onnx or model.xml."
             raise ValueError(msg)
+        runtime = "onnxruntime" if path.suffix == ".onnx" else "openvino"
+        try:
+            module = importlib.import_module(runtime)
+        except ImportError as error:
+            msg = f"Running '{path.name}' needs {runtime}: `pip install {runtime}`."
+            raise ImportError(msg) from error
+        if runtime == "onnxruntime":
+            options = module.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+            available = module.get_available_providers()
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+            session = module.InferenceSession(str(path), options, providers=providers)
+            input_name = session.get_inputs()[0].name
+            self._run = lambda images: session.run(None, {input_name: images})
+        else:
+            # f32: on CPUs with bf16 units OpenVINO would otherwise run in bf16, off by ~1e-2 from PyTorch.
+            config = {"INFERENCE_PRECISION_HINT": "f32"} | ({"INFERENCE_NUM_THREADS": threads} if threads else {})
+            compiled = module.Core().compile_model(str(path), device, config)
+            self._run = lambda images: list(compiled(images).to_tuple())
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """The model's raw outputs (named by ``metadata.json``) for ``(b, 3, H, W)`` float32 images in [0, 1]."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            msg = f"Expected (batch, 3, height, width) images, got shape {images.shape}."
+        """The model's raw outputs (named by ``metadata.json``) for ``(b, 3, H, W)`` float32 images in [0, 1].
+
+        ``(H, W)`` is the model's ``image_size`` (:func:`read_image` resizes files to it).
+        """
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != self.image_size:
+            msg = f"Expected (batch, 3, {self.image_size[0]}, {self.image_size[1]}) images, got shape {images.shape}."
             raise ValueError(msg)
         return dict(zip(self.outputs, self._run(np.ascontiguousarray(images, dtype=np.float32)), strict=True))
 
     def predict(self, images: np.ndarray, paths: Sequence[str] | None = None) -> list[RoutedPrediction]:
-        """Score ``(b, 3, H, W)`` images in [0, 1] (any size: the model resizes)."""
+        """Score ``(b, 3, H, W)`` images in [0, 1] at the model's ``image_size``."""
         out = self.run(images)
         paths = list(paths) if paths is not None else [""] * len(images)
         return [
@@ -166,18 +202,12 @@ class RoutedInferencer:
         ]
 
     def predict_files(self, files: Sequence[Path | str], batch_size: int = 8) -> Iterator[RoutedPrediction]:
-        """Score image files, ``batch_size`` at a time (images of one size share a batch)."""
-        batch: list[np.ndarray] = []
-        names: list[str] = []
-        for file in files:
-            image = read_image(file)
-            if batch and (len(batch) == batch_size or image.shape != batch[0].shape):
-                yield from self.predict(np.stack(batch), names)
-                batch, names = [], []
-            batch.append(image)
-            names.append(str(file))
-        if batch:
-            yield from self.predict(np.stack(batch), names)
+        """Score image files of any size, ``batch_size`` at a time (each resized to the model's ``image_size``)."""
+        files = list(files)
+        for begin in range(0, len(files), batch_size):
+            chunk = files[begin : begin + batch_size]
+            images = np.stack([read_image(file, self.image_size) for file in chunk])
+            yield from self.predict(images, [str(file) for file in chunk])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             writer.writerow(COLUMNS)
             for prediction in inferencer.predict_files(files, args.batch_size):
                 writer.writerow(prediction.row())
-    except (FileNotFoundError, ValueError, OSError) as error:
+    except (ValueError, OSError, ImportError) as error:
         sys.stderr.write(f"moleflow_inferencer: error: {error}\n")
         return 1
     sys.stdout.write(f"{args.csv}\n")

@@ -17,11 +17,12 @@ Formats:
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -34,19 +35,23 @@ from anomalib_moleflow.models.moleflow.lightning_model import ONNX_OPSET
 logger = logging.getLogger(__name__)
 
 ExportFormat = Literal["onnx", "openvino", "torch"]
-#: What an export writes in its folder (removed by ``overwrite``).
-EXPORT_OUTPUTS: tuple[str, ...] = ("model.onnx", "model.xml", "model.bin", "metadata.json", "moleflow_inferencer.py")
 #: The loader's name beside the model.
 LOADER_NAME = "moleflow_inferencer.py"
+#: What an export writes in its folder (removed by ``overwrite``).
+EXPORT_OUTPUTS: tuple[str, ...] = ("model.onnx", "model.xml", "model.bin", "metadata.json", LOADER_NAME, "weights")
 
 
 def export_routed_onnx(model: MoleFlow, path: Path | str) -> Path:
-    """Write ``model``'s :class:`RoutedGraph` to ONNX: dynamic batch, height and width, inputs in [0, 1]."""
+    """Write ``model``'s :class:`RoutedGraph` to ONNX: any batch size, images at ``image_size`` in [0, 1].
+
+    The height and width are fixed: the loader resizes like the PyTorch side does (antialiased bilinear), while the
+    graph's own resize (anomalib's export transform) is not antialiased and would score resized images differently.
+    """
     path = Path(path)
     graph = RoutedGraph(model.eval().cpu()).eval()
     height, width = model.model.image_size
     example = torch.rand(2, 3, height, width)  # batch 2: a size-1 example would be specialised to 1
-    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
+    dims = {0: torch.export.Dim("batch")}
     with torch.no_grad():
         torch.onnx.export(
             graph,
@@ -68,12 +73,14 @@ def export_model(
 ) -> Path:
     """Export a trained model with all its tasks into ``output``; returns the model file.
 
+    The model is moved to the CPU and set to eval mode; modules compiled by ``compile_mode`` are exported uncompiled.
+
     Raises:
         ValueError: For an unknown format, a model without tasks, or a task-separated model (one flow per task).
         FileExistsError: If ``output`` holds an earlier export and ``overwrite`` is not set.
         ModuleNotFoundError: If the format's package (``onnxscript``, ``openvino``) is not installed.
     """
-    if export_format not in ("onnx", "openvino", "torch"):
+    if export_format not in get_args(ExportFormat):
         msg = f"Unknown export format '{export_format}': choose onnx, openvino or torch."
         raise ValueError(msg)
     if model.model.num_tasks == 0:
@@ -83,15 +90,17 @@ def export_model(
         msg = "A task-separated model (the one-flow-per-task ablation) has no single routed graph: export it as torch."
         raise ValueError(msg)
     output = Path(output)
-    claim_output_dir(output, (*EXPORT_OUTPUTS, "weights"), resume=False, overwrite=overwrite, resumable=False)
+    openvino = importlib.import_module("openvino") if export_format == "openvino" else None  # fail before writing
+    claim_output_dir(output, EXPORT_OUTPUTS, resume=False, overwrite=overwrite, resumable=False)
     output.mkdir(parents=True, exist_ok=True)
+    for module in model.modules():
+        # torch.compile's in-place wrapper (``nn.Module.compile``) is neither picklable nor traceable by the exporter.
+        module._compiled_call_impl = None
     if export_format == "torch":
         return model.eval().cpu().to_torch(output)  # anomalib's: weights/torch/model.pt
     onnx_path = export_routed_onnx(model, output / "model.onnx")
     path = onnx_path
-    if export_format == "openvino":
-        import openvino
-
+    if openvino is not None:
         path = output / "model.xml"
         # fp32: an fp16 model would not match PyTorch within 1e-3.
         openvino.save_model(openvino.convert_model(onnx_path), path, compress_to_fp16=False)
@@ -100,7 +109,7 @@ def export_model(
         "format": export_format,
         "task_names": model.task_names,
         "image_size": list(model.model.image_size),
-        "input": "image: (batch, 3, height, width) float32 RGB in [0, 1]; resized inside the model",
+        "input": "image: (batch, 3, image_size[0], image_size[1]) float32 RGB in [0, 1] (the loader resizes files)",
         "outputs": list(ROUTED_OUTPUTS),
         "opset": ONNX_OPSET,
     }

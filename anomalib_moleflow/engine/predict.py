@@ -17,39 +17,12 @@ from anomalib.data.utils import read_image
 from torchvision.transforms.v2.functional import resize
 from tqdm import tqdm
 
-from anomalib_moleflow.data.checks import IMAGE_SUFFIXES, DatasetError, check_image
+from anomalib_moleflow.data.checks import check_image
+from anomalib_moleflow.deploy.inferencer import COLUMNS, image_files, overlay_name
 from anomalib_moleflow.models import MoleFlow
 from anomalib_moleflow.reports.plots import save_scored_overlay
 
 logger = logging.getLogger(__name__)
-
-COLUMNS = (
-    "image_path",
-    "routed_task",
-    "router_distance",
-    "unknown_product",
-    "raw_score",
-    "normalized_score",
-    "label",
-)
-
-
-def image_files(source: Path | str) -> list[Path]:
-    """The image files of a single image or of a folder (nested folders included), sorted.
-
-    Raises:
-        FileNotFoundError: If ``source`` does not exist.
-        DatasetError: If it holds no image.
-    """
-    source = Path(source)
-    if not source.exists():
-        msg = f"'{source}' does not exist: pass an image file or a folder of images."
-        raise FileNotFoundError(msg)
-    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        msg = f"No images ({', '.join(sorted(IMAGE_SUFFIXES))}) under '{source}'."
-        raise DatasetError(msg)
-    return files
 
 
 def _batches(
@@ -63,10 +36,6 @@ def _batches(
             check_image(path)  # one clear message for a broken or 16-bit file
             images.append(resize(read_image(path, as_tensor=True), list(size), antialias=True))
         yield chunk, torch.stack(images)
-
-
-def _overlay_name(task: str, label: str, score: float, file: Path) -> str:
-    return f"{task}_{label}_{score:.3f}_{file.stem}.png"
 
 
 @torch.no_grad()
@@ -97,6 +66,7 @@ def predict_folder(
     names = model.task_names
     size = tuple(model.model.image_size)
     model.eval()
+    model.compile_modules()  # the model's compile_mode (no Lightning setup runs here)
     path = output / "predictions.csv"
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -119,7 +89,7 @@ def predict_folder(
                     ])  # fmt: skip
                     if overlays:
                         title = f"{file.name}: {task}, {label}, score {score:.3f}"
-                        overlay = output / "overlays" / _overlay_name(task, label, score, file)
+                        overlay = output / "overlays" / overlay_name(task, label, score, file)
                         save_scored_overlay(images[index], final.anomaly_map[index], title, overlay)
                 handle.flush()
                 bar.update(len(chunk))

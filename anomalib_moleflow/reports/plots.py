@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from anomalib_moleflow.deploy.inferencer import overlay_name
 from anomalib_moleflow.metrics import METRICS
 
 
@@ -96,12 +97,12 @@ def save_overlays(model: torch.nn.Module, datamodule: Any, task_name: str, outpu
     for index in range(len(order)):
         score = float(final.pred_score[index])
         label = "anomalous" if final.pred_label is None or bool(final.pred_label[index]) else "normal"
-        routed_to = "unknown product" if bool(routed.unknown[index]) else names[int(routed.task[index])]
+        routed_to = "unknown" if bool(routed.unknown[index]) else names[int(routed.task[index])]
         truth = "defect" if int(batch.gt_label[index]) else "good"
         file = Path(str(batch.image_path[index]))
         title = f"{file.parent.name}/{file.name} ({truth}): routed to {routed_to}, {label}, score {score:.3f}"
         mask = None if batch.gt_mask is None else batch.gt_mask[index]
-        path = folder / f"{task_name}_{label}_{score:.3f}_{file.parent.name}_{file.stem}.png"
+        path = folder / overlay_name(routed_to, label, score, f"{file.parent.name}_{file.name}")
         paths.append(save_scored_overlay(batch.image[index], final.anomaly_map[index], title, path, mask))
     return paths
 

@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the flows (Patchcore: 1)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--embed_dim", type=int, default=128, help="MoLE-Flow's D")
+    parser.add_argument("--lora_rank", type=int, default=16, help="MoLE-Flow's LoRA rank")
+    parser.add_argument("--compile_mode", default="off", help="MoLE-Flow's compile_mode (torch.compile)")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared CPU)")
     parser.add_argument("--output", default=None, help="write the measurements as JSON here")
@@ -75,7 +77,13 @@ def build(name: str, args: argparse.Namespace) -> Any:
     if name == "moleflow":
         from anomalib_moleflow import MoleFlow
 
-        return MoleFlow(**shared, embed_dim=args.embed_dim, lora_rank=16, max_epochs=args.epochs)
+        return MoleFlow(
+            **shared,
+            embed_dim=args.embed_dim,
+            lora_rank=args.lora_rank,
+            max_epochs=args.epochs,
+            compile_mode=args.compile_mode,
+        )
     if name == "fastflow":
         from anomalib_moleflow.baselines import TimmFastflow
 

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from anomalib import LearningType
@@ -39,6 +39,9 @@ from .post_processor import TaskPostProcessor
 from .torch_model import RUNTIME_SETTINGS, MoleFlowModel, model_settings
 
 logger = logging.getLogger(__name__)
+
+#: ``compile_mode`` values: off, or a ``torch.compile`` mode.
+CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
 
 #: ONNX opset of exports (the lowest that torch's exporter writes natively).
 ONNX_OPSET = 18
@@ -115,6 +118,11 @@ class MoleFlow(AnomalibModule):
             ``auto`` (in memory, or a memory-mapped file when large), ``memory``, ``disk`` or ``off``. Bypassed
             when the training transforms are random.
         feature_cache_dtype: Storage type of the cache (``float16`` halves it).
+        compile_mode: ``torch.compile`` the backbone, the shared coupling blocks and the DIAs, in place, when a
+            fit/test/predict sets up (or :meth:`compile_modules` is called): ``off``, or a torch.compile mode
+            (``default``, ``reduce-overhead``, ``max-autotune``). Results stay within float tolerance (a test
+            compares). Worth it on a GPU; each new task compiles the coupling blocks again (its experts are other
+            modules).
         pre_processor: anomalib pre-processor, or ``True`` for resize to ``image_size`` + ImageNet normalisation. A
             custom one must resize to ``image_size``.
         post_processor: Post-processor, or ``True`` for the per-task :class:`TaskPostProcessor`.
@@ -123,7 +131,7 @@ class MoleFlow(AnomalibModule):
     """
 
     #: Settings that change only speed and memory, never a result (a resumed run may change them).
-    SPEED_SETTINGS: tuple[str, ...] = ("feature_cache", "feature_cache_dtype")
+    SPEED_SETTINGS: tuple[str, ...] = ("feature_cache", "feature_cache_dtype", "compile_mode")
 
     def __init__(
         self,
@@ -156,6 +164,7 @@ class MoleFlow(AnomalibModule):
         exact_likelihood: bool = True,
         feature_cache: CacheMode = "auto",
         feature_cache_dtype: CacheDtype = "float32",
+        compile_mode: CompileMode = "off",
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -165,6 +174,7 @@ class MoleFlow(AnomalibModule):
         _check(max_epochs >= 1, f"max_epochs must be >= 1, got {max_epochs}.")
         _check(feature_cache in {"auto", "memory", "disk", "off"}, f"Unknown feature_cache {feature_cache!r}.")
         _check(feature_cache_dtype in {"float32", "float16"}, f"Unknown feature_cache_dtype {feature_cache_dtype!r}.")
+        _check(compile_mode in get_args(CompileMode), f"compile_mode must be one of {get_args(CompileMode)}.")
         if pre_processor is True:
             pre_processor = self.configure_pre_processor((image_size, image_size))
         super().__init__(
@@ -190,6 +200,7 @@ class MoleFlow(AnomalibModule):
         self.unknown_as_anomalous = unknown_as_anomalous
         self.feature_cache = feature_cache
         self.feature_cache_dtype = feature_cache_dtype
+        self.compile_mode = compile_mode
         self._cache: FeatureCache | None = None  # training images of the running fit
         self._test_cache: FeatureCache | None = None
         self.lr = lr
@@ -312,14 +323,30 @@ class MoleFlow(AnomalibModule):
         return self._routing.record()
 
     def setup(self, stage: str) -> None:
-        """Before fitting a model that has no task (and no checkpoint to restore tasks from), add one.
+        """Before fitting a model that has no task (and no checkpoint to restore tasks from), add one; compile.
 
         The task is named after the datamodule's category, or ``task_0``.
         """
-        if stage != "fit" or self.model.num_tasks > 0 or getattr(self.trainer, "ckpt_path", None):
+        if stage == "fit" and self.model.num_tasks == 0 and not getattr(self.trainer, "ckpt_path", None):
+            datamodule = getattr(self.trainer, "datamodule", None)
+            self.add_task(str(getattr(datamodule, "category", None) or "task_0"))
+        self.compile_modules()
+
+    def compile_modules(self) -> None:
+        """``torch.compile`` (``compile_mode``) the backbone, shared coupling blocks and DIAs not compiled yet.
+
+        In place (``nn.Module.compile``): parameters and state-dict keys stay the same, so checkpoints do not change.
+        """
+        if self.compile_mode == "off":
             return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        self.add_task(str(getattr(datamodule, "category", None) or "task_0"))
+        # The coupling blocks' subnets read the task's expert by name: dynamo compiles them once per task, so its
+        # recompile limit (8 by default) must exceed the number of tasks, or later tasks would silently run eagerly.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * self.model.num_tasks)
+        modules = [self.model.feature_extractor, *(flow.blocks for flow in self.model.flows), *self.model.dias]
+        mode = None if self.compile_mode == "default" else self.compile_mode
+        for module in modules:
+            if getattr(module, "_compiled_call_impl", None) is None and next(module.parameters(), None) is not None:
+                module.compile(mode=mode)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint with non-finite network weights before any of them is loaded (Lightning loads after)."""

@@ -109,9 +109,9 @@ class MoLELinear(nn.Module):
 
         The experts' weights are stacked and gathered per image, so one batched matmul serves a batch that mixes
         tasks: the cost is one expert's, whatever the number of tasks, and the graph has no data-dependent branch
-        (it exports to ONNX as is). Experts are keyed by task index in order, so stack position = task index.
+        (it exports to ONNX as is).
         """
-        experts = list(self.experts.values())
+        experts = [self.experts[str(task)] for task in range(len(self.experts))]  # keys are the task indices
         tokens = rearrange(x, "(b n) i -> b n i", b=image_tasks.shape[0])
         if self.use_lora:
             lora_a = torch.stack([e.lora_a for e in experts])[image_tasks]  # (b, r, in)
