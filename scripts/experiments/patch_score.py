@@ -6,6 +6,7 @@ them, Padim-style (per-position Gaussian) and Patchcore-style (nearest neighbour
 the very same patch embeddings give the bar that the features allow.
 
     python scripts/experiments/patch_score.py --data demo --variants study,study+no_ln,exact --epochs 20 --seeds 0,1,2
+    python scripts/experiments/patch_score.py --data demo --variants exact+pool1,exact+pool1+no_ctx  # modifiers chain
 
 Prints one markdown table (mean ± spread over seeds) per dataset.
 """
@@ -97,7 +98,8 @@ def _pos_after(model: MoleFlowModel, scale: float = 1.0) -> None:
         adapter.forward = lambda v, o=original: o(v) + pos
 
 
-#: Modifiers of a run ``BASE[+MODIFIER]``: BASE is ``study`` (exact_likelihood=False) or ``exact`` (the default).
+#: Modifiers of a run ``BASE[+MODIFIER...]`` (chained, see :func:`resolve`): BASE is ``study`` (exact_likelihood=False)
+#: or ``exact`` (the default).
 VARIANTS: dict[str, dict] = {
     "": {},
     "no_pos": {"settings": {"use_pos_embedding": False}},
@@ -116,7 +118,19 @@ VARIANTS: dict[str, dict] = {
     "spatial_fixed_whiten_logdet": {"frozen": "spatial_context", "whiten_logdet": True},
     "dim_full": {"embed_dim": "full"},
     "pool1": {"patch_size": 1},
+    "scale3": {"settings": {"scale_context_kernel": 3}},
+    "scale9": {"settings": {"scale_context_kernel": 9}},
+    "spatial5": {"settings": {"spatial_context_kernel": 5}},
 }
+
+
+def resolve(modifiers: str) -> dict:
+    """The spec of ``MOD1+MOD2+...`` (settings merged; later modifiers win)."""
+    spec: dict = {}
+    for name in filter(None, modifiers.split("+")):
+        extra = VARIANTS[name]
+        spec = {**spec, **extra, "settings": {**spec.get("settings", {}), **extra.get("settings", {})}}
+    return spec
 
 
 def _count_whitening_log_det(model: MoleFlowModel) -> None:
@@ -288,7 +302,7 @@ def main() -> None:
             add(f"{category}|padim_pool1", metrics(to_map(base, s, args.image_size), top_k(s, 1), split))
         for variant in args.variants.split(","):
             base, _, modifier = variant.partition("+")
-            spec = VARIANTS[modifier]
+            spec = resolve(modifier)
             settings = {"exact_likelihood": {"study": False, "exact": True}[base], **spec.get("settings", {})}
             for seed in seeds:
                 torch.manual_seed(seed)
