@@ -80,6 +80,31 @@ def _no_ln(model: MoleFlowModel) -> None:
         adapter.forward = lambda x, a=adapter: x * a.gamma + a.beta
 
 
+def _subnet_conv(model: MoleFlowModel, kernel: int = 3) -> None:
+    """Fastflow-like context inside every coupling subnet: a full k x k convolution of the conditioning half over the
+    patch grid, added to the subnet's hidden layer (shared base, zero at start, so the flow starts as before)."""
+    from anomalib_moleflow.models.moleflow.components.coupling import MoLESubnet
+
+    subnets = [m for flow in model.flows for m in flow.modules() if isinstance(m, MoLESubnet)]
+    for subnet in subnets:
+        conv = torch.nn.Conv2d(subnet.fc1.base.in_features, subnet.fc1.base.out_features, kernel, padding=kernel // 2)
+        torch.nn.init.zeros_(conv.weight)
+        torch.nn.init.zeros_(conv.bias)
+        subnet.add_module("context_conv", conv)
+
+        def forward(x: torch.Tensor, m: MoLESubnet = subnet) -> torch.Tensor:
+            height, width = m.state.grid
+            grid = rearrange(x, "(b h w) c -> b c h w", h=height, w=width)
+            hidden = m.fc1(x) + rearrange(m.context_conv(grid), "b c h w -> (b h w) c")
+            out = m.fc2(m.act(hidden))
+            if m.scale_conv is None:
+                return out
+            context = rearrange(m.scale_conv(grid), "b c h w -> (b h w) c") * (0.2 * torch.sigmoid(m.scale_theta))
+            return torch.cat([out[:, : m.scale_channels] + context, out[:, m.scale_channels :]], dim=1)
+
+        subnet.forward = forward
+
+
 def _channel_standardize(model: MoleFlowModel, train_patches: torch.Tensor) -> None:
     """Per-channel standardisation with the task's training statistics instead of per-patch LayerNorm."""
     x = train_patches if model.pos_embedding is None else train_patches + model.pos_embedding
@@ -121,6 +146,7 @@ VARIANTS: dict[str, dict] = {
     "scale3": {"settings": {"scale_context_kernel": 3}},
     "scale9": {"settings": {"scale_context_kernel": 9}},
     "spatial5": {"settings": {"spatial_context_kernel": 5}},
+    "subnet_conv3": {"patch": _subnet_conv},
 }
 
 
