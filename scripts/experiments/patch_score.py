@@ -147,6 +147,7 @@ VARIANTS: dict[str, dict] = {
     "scale9": {"settings": {"scale_context_kernel": 9}},
     "spatial5": {"settings": {"spatial_context_kernel": 5}},
     "subnet_conv3": {"patch": _subnet_conv},
+    "multiscale": {"multiscale": True},
 }
 
 
@@ -263,6 +264,49 @@ def flow_scores(model: MoleFlowModel, patches: torch.Tensor) -> dict[str, torch.
     return {"nll": torch.cat(nll), "quad": torch.cat(quad)}
 
 
+def multiscale_scores(
+    args: argparse.Namespace, layers: list[str], stage_feats: dict, settings: dict, seed: int
+) -> tuple[dict[str, torch.Tensor], MoleFlowModel, list[float]]:
+    """Fastflow's layout with MoLE-Flow's flow: one flow per backbone stage, on that stage's own grid and channels.
+
+    Each stage's patch scores are standardised by its training patches' scores, upsampled to the finest grid and
+    averaged (Fastflow averages its stages' maps too). Returns the scores, the finest stage's model (for the map)
+    and the first stage's losses.
+    """
+    combined: dict[str, torch.Tensor] = {}
+    finest: MoleFlowModel | None = None
+    first_losses: list[float] = []
+    for index, layer in enumerate(layers):
+        channels = stage_feats["train"][0][index].shape[1]
+        torch.manual_seed(seed)
+        model = MoleFlowModel(
+            backbone=args.backbone,
+            layers=[layer],
+            image_size=args.image_size,
+            patch_size=1,
+            embed_dim=channels - channels % 4,
+            lora_rank=16,
+            **settings,
+        )
+        model.anomaly_map_generator = type(model.anomaly_map_generator)(sigma=args.sigma)
+        model.add_task("t")
+        with torch.no_grad():
+            train_p, test_p = (
+                torch.cat([model.patch_embedding([stages[index]]) for stages in stage_feats[key]])
+                for key in ("train", "test")
+            )
+        losses = train_flow(model, train_p, args.epochs, args.lr, args.batch, seed)
+        first_losses = first_losses or losses
+        finest = finest or model
+        train_s, test_s = flow_scores(model, train_p), flow_scores(model, test_p)
+        for kind, test in test_s.items():
+            standard = (test - train_s[kind].mean()) / train_s[kind].std()
+            upsampled = F.interpolate(standard[:, None], size=finest.grid, mode="bilinear", align_corners=False)[:, 0]
+            combined[kind] = combined.get(kind, 0) + upsampled / len(layers)
+    assert finest is not None
+    return combined, finest, first_losses
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -331,6 +375,16 @@ def main() -> None:
             spec = resolve(modifier)
             settings = {"exact_likelihood": {"study": False, "exact": True}[base], **spec.get("settings", {})}
             for seed in seeds:
+                if spec.get("multiscale"):
+                    start = time.perf_counter()
+                    scores, model, losses = multiscale_scores(args, layers, stage_feats, settings, seed)
+                    for kind, s in scores.items():
+                        add(f"{category}|{variant}:{kind}", metrics(to_map(model, s, args.image_size), top_k(s), split))
+                    print(
+                        f"  {variant} seed {seed}: loss {losses[0]:.1f} -> {losses[-1]:.1f} "
+                        f"({time.perf_counter() - start:.0f} s) {rows[f'{category}|{variant}:nll'][-1]}"
+                    )
+                    continue
                 torch.manual_seed(seed)
                 dim = channels if spec.get("embed_dim") == "full" else args.embed_dim
                 dim = dim - dim % 4
