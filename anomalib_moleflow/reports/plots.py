@@ -77,7 +77,8 @@ def save_overlays(model: torch.nn.Module, datamodule: Any, task_name: str, outpu
     """Save scored overlays of the first ``count`` test images (defective first) as ``overlays/TASK/*.png``.
 
     The model scores the images with routing and per-task post-processing, as at test time. Each file is named
-    ``TASK_LABEL_SCORE_NAME.png`` (like ``moleflow predict``'s) and shows the image and its map on one 0-1 scale with
+    ``TASK_LABEL_SCORE_NAME.png`` like ``moleflow predict``'s (TASK: the routed task or ``unknown``; NAME: the defect
+    type and file name) and shows the image and its map on one 0-1 scale with
     a colour bar, the ground-truth defect outlined in white.
     """
     if count <= 0:

@@ -440,7 +440,7 @@ class MoleFlowModel(nn.Module):
         routed = self.route(image_embedding, tasks)
         height, width = patches.shape[1:3]
         if self.task_separated or not torch.compiler.is_exporting():
-            # Eager: one pass per task present, each with plain linears (gathering per-image weights costs ~15 %).
+            # Eager: one pass per task present, with plain linears (gathering per-image weights was slower on CPU).
             scores = patches.new_zeros(patches.shape[:3], dtype=torch.float32)  # float32 also under mixed precision
             for task in routed.task.unique().tolist():
                 selected = routed.task == task

@@ -45,7 +45,12 @@ class WhiteningAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Whiten ``(..., d)`` features."""
-        return F.layer_norm(x, (self.dim,)) * self.gamma + self.beta
+        return whiten(x, self.gamma, self.beta)
+
+
+def whiten(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """LayerNorm of ``(..., d)`` features over ``d`` (no affine), then ``* gamma + beta`` (broadcast)."""
+    return F.layer_norm(x, (x.shape[-1],)) * gamma + beta
 
 
 def per_image_whitening(
@@ -58,8 +63,7 @@ def per_image_whitening(
     """
     gamma = torch.stack([adapter.gamma for adapter in adapters])[image_tasks]  # (b, d)
     beta = torch.stack([adapter.beta for adapter in adapters])[image_tasks]
-    whitened = F.layer_norm(x, (x.shape[-1],)) * gamma[:, None, None] + beta[:, None, None]
-    return whitened, gamma.log().sum(dim=-1)
+    return whiten(x, gamma[:, None, None], beta[:, None, None]), gamma.log().sum(dim=-1)
 
 
 class SpatialContext(nn.Module):
