@@ -171,3 +171,29 @@ def test_compile_mode_trains_the_same_weights_and_keeps_checkpoint_keys(
 def test_unknown_compile_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="compile_mode must be one of"):
         MoleFlow(**{**TINY_MODEL_KWARGS, "compile_mode": "fast"})
+
+
+@pytest.mark.parametrize("profile", ["mvtec", "lite0", "smoke"])
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_every_command_of_the_one_command_benchmark_is_accepted_by_its_script(profile: str, device: str) -> None:
+    """``run_all.py`` passes each script its flags: a renamed or missing flag would only fail on the GPU machine."""
+    import importlib.util
+
+    folder = Path(__file__).resolve().parents[1] / "scripts" / "benchmarks"
+
+    def load(name: str) -> Any:
+        spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), folder / name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    run_all = load("run_all.py")
+    options = run_all.argparse.Namespace(device=device, profile=profile, pre_trained=0, epochs=3, threads=2)
+    commands = run_all.commands(options)
+    scripts = [argv[0] for _, argv in commands]
+    assert {"speed_memory.py", "task_scaling.py", "deploy_speed.py", "stream_memory.py"} <= set(scripts)
+    assert ("The same with torch.compile" in dict(commands)) == (device == "cuda")
+    for _, argv in commands:
+        parsed = vars(load(argv[0]).parse_args(argv[1:]))  # exits (SystemExit) on an unknown flag
+        if "image_size" in parsed:
+            assert parsed["image_size"] == int(run_all.PROFILES[profile]["model"][-1])
