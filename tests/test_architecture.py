@@ -123,3 +123,15 @@ def test_a_wrong_import_is_caught() -> None:
     target = _resolve(f"{node.module}.{node.names[0].name}")
     assert target == "anomalib_moleflow.engine"
     assert layer(target) > layer("anomalib_moleflow.models.moleflow.lightning_model")
+
+
+def test_docs_architecture_lists_the_layers_as_checked_here() -> None:
+    """docs/architecture.md's layer table names every component of LAYERS in the same layer."""
+    import re
+
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    rows = dict(re.findall(r"^\| (\d+) \| ([^|]+) \|", text, flags=re.MULTILINE))
+    assert len(rows) == len(LAYERS)
+    for index, members in enumerate(LAYERS):
+        listed = set(re.findall(r"`([a-z_]+)(?:\.py|/)`", rows[str(index)]))
+        assert listed == set(members), (index, listed, members)
