@@ -81,7 +81,7 @@ def export_model(
         ModuleNotFoundError: If the format's package (``onnxscript``, ``openvino``) is not installed.
     """
     if export_format not in get_args(ExportFormat):
-        msg = f"Unknown export format '{export_format}': choose onnx, openvino or torch."
+        msg = f"Unknown export format '{export_format}': choose one of {', '.join(get_args(ExportFormat))}."
         raise ValueError(msg)
     if model.model.num_tasks == 0:
         msg = "The model has no task: train it (`moleflow continual`) before exporting."
