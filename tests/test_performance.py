@@ -173,6 +173,12 @@ def test_unknown_compile_mode_is_refused() -> None:
         MoleFlow(**{**TINY_MODEL_KWARGS, "compile_mode": "fast"})
 
 
+@pytest.mark.parametrize(("name", "value"), [("feature_cache", "ram"), ("feature_cache_dtype", "bfloat16")])
+def test_unknown_cache_settings_are_refused(name: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"Unknown {name} '{value}'"):
+        MoleFlow(**{**TINY_MODEL_KWARGS, name: value})
+
+
 @pytest.mark.parametrize("profile", ["mvtec", "lite0", "smoke"])
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 def test_every_command_of_the_one_command_benchmark_is_accepted_by_its_script(profile: str, device: str) -> None:

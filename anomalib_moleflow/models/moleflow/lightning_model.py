@@ -172,8 +172,8 @@ class MoleFlow(AnomalibModule):
     ) -> None:
         _check(lr > 0, f"lr must be > 0, got {lr}.")
         _check(max_epochs >= 1, f"max_epochs must be >= 1, got {max_epochs}.")
-        _check(feature_cache in {"auto", "memory", "disk", "off"}, f"Unknown feature_cache {feature_cache!r}.")
-        _check(feature_cache_dtype in {"float32", "float16"}, f"Unknown feature_cache_dtype {feature_cache_dtype!r}.")
+        _check(feature_cache in get_args(CacheMode), f"Unknown feature_cache {feature_cache!r}.")
+        _check(feature_cache_dtype in get_args(CacheDtype), f"Unknown feature_cache_dtype {feature_cache_dtype!r}.")
         _check(compile_mode in get_args(CompileMode), f"compile_mode must be one of {get_args(CompileMode)}.")
         if pre_processor is True:
             pre_processor = self.configure_pre_processor((image_size, image_size))
