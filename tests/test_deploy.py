@@ -92,7 +92,10 @@ def _assert_matches_pytorch(model: MoleFlow, path: Path, root: Path) -> None:
         ("router_distance", routed.distance),
     ):
         torch.testing.assert_close(torch.from_numpy(out[name]), expected.float(), atol=1e-3, rtol=1e-5, msg=name)
-    assert out["pred_label"].tolist() == final.pred_label.tolist()
+    # labels agree wherever the score is not within float tolerance of the 0.5 threshold (a tie can go either way)
+    clear = (final.pred_score - 0.5).abs() > 1e-3
+    assert clear.sum() >= len(clear) - 2
+    assert out["pred_label"][clear.numpy()].tolist() == final.pred_label[clear].tolist()
     single = inferencer.run(images[-1:].numpy())  # a batch of one image
     np.testing.assert_allclose(single["pred_score"], out["pred_score"][-1:], atol=1e-5)
     with pytest.raises(ValueError, match="images, got shape"):  # not the model's size: read_image resizes files

@@ -369,13 +369,35 @@ def test_new_task_starts_as_base_flow(use_lora: bool) -> None:
     assert torch.equal(out, tokens)
     assert torch.equal(log_det, torch.zeros(10))
 
-    # the new whitening adapter is LayerNorm followed by an identity affine
+    # the new whitening adapter is the image's LayerNorm followed by an identity affine
     whitening = model.whitening[1]
     assert isinstance(whitening, WhiteningAdapter)
     torch.testing.assert_close(whitening.gamma, torch.ones(8), rtol=0, atol=1e-6)
     assert torch.equal(whitening.beta, torch.zeros(8))
     with torch.no_grad():
-        torch.testing.assert_close(whitening(patches), nn.functional.layer_norm(patches, (8,)), rtol=0, atol=1e-6)
+        expected = nn.functional.layer_norm(patches, patches.shape[-3:])
+        torch.testing.assert_close(whitening(patches), expected, rtol=0, atol=1e-6)
+
+
+def test_image_whitening_keeps_each_patch_magnitude_and_removes_the_image_gain() -> None:
+    """``image`` normalisation (the default) keeps a patch's magnitude relative to its image, the defect cue that the
+    study's per-patch LayerNorm removes; both remove an image's overall gain and offset."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 4, 8)
+    louder = x.clone()
+    louder[0, 1, 2] *= 3.0  # one patch with three times the activation
+    image, patch = WhiteningAdapter(8, "image"), WhiteningAdapter(8, "patch")
+    with torch.no_grad():
+        for adapter in (image, patch):
+            torch.testing.assert_close(adapter(2.5 * x + 0.7), adapter(x), rtol=0, atol=1e-4)  # gain, offset gone
+        assert image(louder)[0, 1, 2].norm() > 2 * image(x)[0, 1, 2].norm()
+        torch.testing.assert_close(patch(louder)[0, 1, 2], patch(x)[0, 1, 2], rtol=0, atol=1e-4)
+        torch.testing.assert_close(image(louder)[1], image(x)[1])  # every image is normalised on its own
+
+
+def test_whitening_norm_is_checked() -> None:
+    with pytest.raises(ValueError, match="whitening_norm must be one of"):
+        small_model(whitening_norm="channel")
 
 
 def test_whitening_adapter_is_bounded() -> None:
@@ -863,8 +885,14 @@ def test_mixed_batch_is_routed_per_image_without_leaking(continual_run: Continua
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"use_lora": False}, {"use_whitening_adapter": False, "exact_likelihood": False}, {"dia_blocks": 0}],
-    ids=["lora", "full-rank", "no-whitening", "no-dia"],
+    [
+        {},
+        {"use_lora": False},
+        {"whitening_norm": "patch"},
+        {"use_whitening_adapter": False, "exact_likelihood": False},
+        {"dia_blocks": 0},
+    ],
+    ids=["lora", "full-rank", "patch-norm", "no-whitening", "no-dia"],
 )
 def test_one_pass_over_a_mixed_batch_equals_each_task_alone(overrides: dict[str, Any]) -> None:
     """The routed path gathers each image's expert weights (exportable, one pass); it must equal the per-task path."""

@@ -114,6 +114,20 @@ def _channel_standardize(model: MoleFlowModel, train_patches: torch.Tensor) -> N
         adapter.forward = lambda v, a=adapter: (v - mean) / std * a.gamma + a.beta
 
 
+def _soft_ln(model: MoleFlowModel, train_patches: torch.Tensor, c: float = 1.0) -> None:
+    """Per-patch LayerNorm whose variance floor is ``c`` times the task's mean patch variance: patches far below the
+    typical variance (flat background) are not blown up to unit scale, typical and larger ones are normalised."""
+    x = train_patches if model.pos_embedding is None else train_patches + model.pos_embedding
+    floor = c * x.var(dim=-1, unbiased=False).mean()
+
+    def forward(v: torch.Tensor, a: torch.nn.Module) -> torch.Tensor:
+        centred = v - v.mean(dim=-1, keepdim=True)
+        return centred / (centred.pow(2).mean(dim=-1, keepdim=True) + floor).sqrt() * a.gamma + a.beta
+
+    for adapter in model.whitening:
+        adapter.forward = lambda v, a=adapter: forward(v, a)
+
+
 def _pos_after(model: MoleFlowModel, scale: float = 1.0) -> None:
     """Positional code added after whitening (and scaled), instead of before it."""
     pos = model.pos_embedding * scale
@@ -123,8 +137,9 @@ def _pos_after(model: MoleFlowModel, scale: float = 1.0) -> None:
         adapter.forward = lambda v, o=original: o(v) + pos
 
 
-#: Modifiers of a run ``BASE[+MODIFIER...]`` (chained, see :func:`resolve`): BASE is ``study`` (exact_likelihood=False)
-#: or ``exact`` (the default).
+#: Modifiers of a run ``BASE[+MODIFIER...]`` (chained, see :func:`resolve`): BASE is ``study`` (exact_likelihood=False,
+#: per-patch LayerNorm) or ``exact`` (the defaults). Sections 1-8c of docs/quality.md ran before per-image
+#: normalisation became the default: add ``+patch_ln`` to their ``exact`` variants to run them as they ran.
 VARIANTS: dict[str, dict] = {
     "": {},
     "no_pos": {"settings": {"use_pos_embedding": False}},
@@ -148,6 +163,11 @@ VARIANTS: dict[str, dict] = {
     "spatial5": {"settings": {"spatial_context_kernel": 5}},
     "subnet_conv3": {"patch": _subnet_conv},
     "multiscale": {"multiscale": True},
+    "image_ln": {"settings": {"whitening_norm": "image"}},
+    "patch_ln": {"settings": {"whitening_norm": "patch"}},
+    "soft_ln": {"fit": _soft_ln},
+    "soft_ln_0.1": {"fit": lambda m, p: _soft_ln(m, p, 0.1)},
+    "nearest": {"upsample": "nearest"},
 }
 
 
@@ -254,14 +274,17 @@ def train_flow(
 
 @torch.no_grad()
 def flow_scores(model: MoleFlowModel, patches: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Patch scores ``(b, h, w)``: full NLL and the ``0.5||z||^2`` part alone."""
+    """Patch scores ``(b, h, w)``: full NLL, the ``0.5||z||^2`` part alone, and both as Fastflow's ``-exp(-s / D)``."""
     nll, quad = [], []
     for x in patches.split(32):
         z, log_det = model.encode(x, 0)
         shape = {"b": x.shape[0], "h": x.shape[1], "w": x.shape[2]}
         nll.append(rearrange(model.patch_nll(z, log_det), "(b h w) -> b h w", **shape))
         quad.append(rearrange(0.5 * z.pow(2).sum(-1), "(b h w) -> b h w", **shape))
-    return {"nll": torch.cat(nll), "quad": torch.cat(quad)}
+    dim = patches.shape[-1]
+    # Fastflow's map value, -exp(-0.5 * mean(z^2)): a saturating transform before the map's upsampling and blur
+    nll_t, quad_t = torch.cat(nll), torch.cat(quad)
+    return {"nll": nll_t, "quad": quad_t, "prob": -torch.exp(-quad_t / dim), "nll_prob": -torch.exp(-nll_t / dim)}
 
 
 def multiscale_scores(
@@ -346,9 +369,19 @@ def main() -> None:
         channels = sum(f.shape[1] for f in stage_feats["train"][0])
         print(f"{category}: train {tuple(split['train'].shape)} test {tuple(split['test'].shape)} channels {channels}")
 
-        def patches_for(model: MoleFlowModel, key: str, cached: dict = stage_feats) -> torch.Tensor:
+        def patches_for(
+            model: MoleFlowModel, key: str, cached: dict = stage_feats, upsample: str = "bilinear"
+        ) -> torch.Tensor:
+            """Patch embeddings; ``upsample="nearest"`` brings coarse stages to the finest grid as Padim does."""
             with torch.no_grad():
-                return torch.cat([model.patch_embedding(stages) for stages in cached[key]])
+                if upsample == "bilinear":  # the model's own embedding
+                    return torch.cat([model.patch_embedding(stages) for stages in cached[key]])
+                return torch.cat(
+                    [
+                        model.patch_embedding([F.interpolate(s, stages[0].shape[-2:], mode=upsample) for s in stages])
+                        for stages in cached[key]
+                    ]
+                )
 
         if args.baselines:
             base = MoleFlowModel(
@@ -373,7 +406,10 @@ def main() -> None:
         for variant in args.variants.split(","):
             base, _, modifier = variant.partition("+")
             spec = resolve(modifier)
-            settings = {"exact_likelihood": {"study": False, "exact": True}[base], **spec.get("settings", {})}
+            study = {"exact_likelihood": False, "whitening_norm": "patch"}  # the study's training and normalisation
+            settings = {**({} if base == "exact" else study), **spec.get("settings", {})}
+            if base not in {"study", "exact"}:
+                raise ValueError(f"Unknown base {base!r}: study or exact.")
             for seed in seeds:
                 if spec.get("multiscale"):
                     start = time.perf_counter()
@@ -401,7 +437,11 @@ def main() -> None:
                 if "patch_size" in spec:
                     model.patch_embedding = PatchEmbedding(dim, patch_size=spec["patch_size"])
                 model.add_task("t")
-                train_p, test_p = patches_for(model, "train"), patches_for(model, "test")
+                upsample = spec.get("upsample", "bilinear")
+                train_p, test_p = (
+                    patches_for(model, "train", upsample=upsample),
+                    patches_for(model, "test", upsample=upsample),
+                )
                 if "patch" in spec:
                     spec["patch"](model)
                 if "fit" in spec:

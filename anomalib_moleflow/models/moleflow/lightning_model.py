@@ -32,6 +32,7 @@ from torch import nn, optim
 from anomalib_moleflow.checkpoint import check_finite_state, read_checkpoint
 from anomalib_moleflow.metrics import default_evaluator
 
+from .components.adapters import WhiteningNorm
 from .components.feature_cache import CacheDtype, CacheMode, FeatureCache, is_random
 from .components.router import Routed, RoutingLog, RoutingRecorder
 from .loss import MoleFlowLoss
@@ -95,6 +96,8 @@ class MoleFlow(AnomalibModule):
         lora_rank: LoRA rank of the experts.
         use_lora: Low-rank experts; ``False``: per-task full-rank linear.
         use_whitening_adapter: Per-task whitening adapter.
+        whitening_norm: The whitening LayerNorm normalises each ``image`` (its patches and channels together, as
+            anomalib's Fastflow) or each ``patch`` (the study's); see :class:`MoleFlowModel`.
         use_pos_embedding: 2D sinusoidal positional embedding.
         spatial_context_kernel: Shared spatial context kernel (0: off).
         scale_context_kernel: Scale context kernel inside each coupling subnet (0: off).
@@ -146,6 +149,7 @@ class MoleFlow(AnomalibModule):
         lora_rank: int = 64,
         use_lora: bool = True,
         use_whitening_adapter: bool = True,
+        whitening_norm: WhiteningNorm = "image",
         use_pos_embedding: bool = True,
         spatial_context_kernel: int = 3,
         scale_context_kernel: int = 5,

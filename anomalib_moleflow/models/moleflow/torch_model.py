@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from anomalib.data import InferenceBatch
@@ -13,7 +13,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from .anomaly_map import AnomalyMapGenerator, top_k_image_score
-from .components.adapters import WhiteningAdapter, per_image_whitening
+from .components.adapters import WhiteningAdapter, WhiteningNorm, per_image_whitening
 from .components.backbone import build_feature_extractor
 from .components.coupling import MoLEFlow
 from .components.dia import DeepInvertibleAdapter, per_image_dia
@@ -22,8 +22,9 @@ from .components.router import MahalanobisRouter, Routed
 
 logger = logging.getLogger(__name__)
 
-#: Bumped when the layout or the meaning of the state dict changes (3: ``exact_likelihood``, ``embed_dim=None``).
-CHECKPOINT_FORMAT = 3
+#: Bumped when the layout or the meaning of the state dict changes (3: ``exact_likelihood``, ``embed_dim=None``;
+#: 4: ``whitening_norm``, whose default ``image`` changes what a whitening adapter saved before means).
+CHECKPOINT_FORMAT = 4
 
 
 #: Settings that do not change what a saved state dict means (free to differ between a checkpoint and a model).
@@ -59,6 +60,9 @@ class MoleFlowModel(nn.Module):
         lora_alpha: LoRA alpha (update scaled by alpha / rank); ``None``: ``lora_rank``.
         use_lora: Low-rank experts; ``False`` for per-task full-rank linears.
         use_whitening_adapter: Per-task whitening adapter.
+        whitening_norm: What the whitening adapter's LayerNorm normalises over: ``image`` (each image's patches and
+            channels together, as anomalib's Fastflow) or ``patch`` (each patch alone, the study's), which removes
+            every patch's magnitude, a defect cue (``docs/quality.md``).
         use_pos_embedding: Add the 2D sinusoidal positional embedding.
         spatial_context_kernel: Kernel of the shared spatial context (0: off, else odd).
         scale_context_kernel: Kernel of the scale context in each coupling subnet (0: off, else odd).
@@ -87,6 +91,7 @@ class MoleFlowModel(nn.Module):
         lora_alpha: float | None = None,
         use_lora: bool = True,
         use_whitening_adapter: bool = True,
+        whitening_norm: WhiteningNorm = "image",
         use_pos_embedding: bool = True,
         spatial_context_kernel: int = 3,
         scale_context_kernel: int = 5,
@@ -121,6 +126,10 @@ class MoleFlowModel(nn.Module):
         _check(dia_blocks >= 0, f"dia_blocks must be >= 0, got {dia_blocks}.")
         _check(num_coupling_layers + dia_blocks > 0, "num_coupling_layers and dia_blocks cannot both be 0.")
         _check(lora_rank >= 1, f"lora_rank must be >= 1, got {lora_rank}.")
+        _check(
+            whitening_norm in get_args(WhiteningNorm),
+            f"whitening_norm must be one of {get_args(WhiteningNorm)}, got {whitening_norm!r}.",
+        )
         for name, kernel in (
             ("spatial_context_kernel", spatial_context_kernel),
             ("scale_context_kernel", scale_context_kernel),
@@ -144,6 +153,7 @@ class MoleFlowModel(nn.Module):
         self.lora_alpha = self.settings["lora_alpha"]
         self.use_lora = use_lora
         self.use_whitening_adapter = use_whitening_adapter
+        self.whitening_norm = whitening_norm
         self.spatial_context_kernel = spatial_context_kernel
         self.scale_context_kernel = scale_context_kernel
         self.score_aggregation_top_k = score_aggregation_top_k
@@ -208,7 +218,9 @@ class MoleFlowModel(nn.Module):
             raise ValueError(msg)
         index = len(self.task_names)
         self.task_names.append(name)
-        self.whitening.append(WhiteningAdapter(self.embed_dim) if self.use_whitening_adapter else nn.Identity())
+        self.whitening.append(
+            WhiteningAdapter(self.embed_dim, self.whitening_norm) if self.use_whitening_adapter else nn.Identity()
+        )
         self.dias.append(DeepInvertibleAdapter(self.embed_dim, self.dia_blocks) if self.dia_blocks else nn.Identity())
         self.router.add_task()
         if self.task_separated:

@@ -4,28 +4,37 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from einops import rearrange
 from torch import nn
 
+#: What the whitening adapter normalises over: ``image`` (default) standardises each image over all its patches and
+#: channels, as anomalib's Fastflow does, so every patch keeps its magnitude relative to the image; ``patch`` is the
+#: study's per-patch LayerNorm, which removes each patch's magnitude, often the strongest defect cue
+#: (``docs/quality.md``, section 8d).
+WhiteningNorm = Literal["image", "patch"]
+
 # gamma = 0.5 + 1.5 * sigmoid(raw) equals 1 when sigmoid(raw) = 1/3, i.e. raw = -log 2.
 _GAMMA_IDENTITY_RAW = -math.log(2.0)
 
 
 class WhiteningAdapter(nn.Module):
-    """LayerNorm without affine, then a bounded task-owned affine that starts at identity.
+    """LayerNorm without affine (over each image or each patch), then a bounded task-owned affine from identity.
 
     ``gamma = 0.5 + 1.5 * sigmoid(gamma_raw)`` lies in [0.5, 2] and ``beta = 2 * tanh(beta_raw)`` in [-2, 2].
 
     Args:
         dim: Channels D.
+        norm: ``image``: normalise each image's ``(h, w, d)`` features together; ``patch``: each patch's ``d``.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, norm: WhiteningNorm = "image") -> None:
         super().__init__()
         self.dim = dim
+        self.norm = norm
         self.gamma_raw = nn.Parameter(torch.full((dim,), _GAMMA_IDENTITY_RAW))
         self.beta_raw = nn.Parameter(torch.zeros(dim))
 
@@ -44,13 +53,13 @@ class WhiteningAdapter(nn.Module):
         return self.gamma.log().sum()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Whiten ``(..., d)`` features."""
-        return whiten(x, self.gamma, self.beta)
+        """Whiten ``(b, h, w, d)`` features."""
+        return whiten(x, self.gamma, self.beta, self.norm)
 
 
-def whiten(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """LayerNorm of ``(..., d)`` features over ``d`` (no affine), then ``* gamma + beta`` (broadcast)."""
-    return F.layer_norm(x, (x.shape[-1],)) * gamma + beta
+def whiten(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, norm: WhiteningNorm) -> torch.Tensor:
+    """LayerNorm of ``(b, h, w, d)`` features (no affine) over ``(h, w, d)`` or ``d``, then ``* gamma + beta``."""
+    return F.layer_norm(x, x.shape[-3:] if norm == "image" else x.shape[-1:]) * gamma + beta
 
 
 def per_image_whitening(
@@ -63,7 +72,7 @@ def per_image_whitening(
     """
     gamma = torch.stack([adapter.gamma for adapter in adapters])[image_tasks]  # (b, d)
     beta = torch.stack([adapter.beta for adapter in adapters])[image_tasks]
-    return whiten(x, gamma[:, None, None], beta[:, None, None]), gamma.log().sum(dim=-1)
+    return whiten(x, gamma[:, None, None], beta[:, None, None], adapters[0].norm), gamma.log().sum(dim=-1)
 
 
 class SpatialContext(nn.Module):
