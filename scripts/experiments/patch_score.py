@@ -105,6 +105,23 @@ def _subnet_conv(model: MoleFlowModel, kernel: int = 3) -> None:
         subnet.forward = forward
 
 
+def _robust_image_ln(model: MoleFlowModel) -> None:
+    """Per-image normalisation with robust statistics: the median over the image's patches of each patch's channel
+    mean and of its mean square deviation from that centre, so a defect on under half of the image cannot move them."""
+
+    def median(v: torch.Tensor) -> torch.Tensor:  # over the patches of each image; TopK exports to ONNX
+        flat = rearrange(v, "b h w -> b (h w)")
+        return flat.topk(flat.shape[1] // 2 + 1, dim=1).values[:, -1, None, None, None]
+
+    def forward(x: torch.Tensor, a: torch.nn.Module) -> torch.Tensor:
+        centre = median(x.mean(dim=-1))
+        scale = median((x - centre).pow(2).mean(dim=-1)).add(1e-5).sqrt()
+        return (x - centre) / scale * a.gamma + a.beta
+
+    for adapter in model.whitening:
+        adapter.forward = lambda x, a=adapter: forward(x, a)
+
+
 def _channel_standardize(model: MoleFlowModel, train_patches: torch.Tensor) -> None:
     """Per-channel standardisation with the task's training statistics instead of per-patch LayerNorm."""
     x = train_patches if model.pos_embedding is None else train_patches + model.pos_embedding
@@ -165,6 +182,7 @@ VARIANTS: dict[str, dict] = {
     "multiscale": {"multiscale": True},
     "image_ln": {"settings": {"whitening_norm": "image"}},
     "patch_ln": {"settings": {"whitening_norm": "patch"}},
+    "robust_image_ln": {"patch": _robust_image_ln},
     "soft_ln": {"fit": _soft_ln},
     "soft_ln_0.1": {"fit": lambda m, p: _soft_ln(m, p, 0.1)},
     "nearest": {"upsample": "nearest"},
