@@ -130,6 +130,27 @@ def test_anomalib_cli_train_then_test(tiny_mvtec_root: Path, tmp_path: Path) -> 
         assert 0.0 <= float(found.group(1)) <= 1.0, (key, found.group(1))
 
 
+@pytest.mark.parametrize(
+    ("config", "section"),
+    [
+        ("configs/moleflow.yaml", ("model", "init_args")),
+        ("configs/continual/mvtec_1x1.yaml", ("model",)),
+        ("configs/continual/elpv.yaml", ("model",)),
+        ("configs/benchmark/mvtec_1x1.yaml", ("moleflow",)),
+    ],
+)
+def test_study_configs_keep_the_studys_training(config: str, section: tuple[str, ...]) -> None:
+    """Where our defaults depart from the study, every config that reproduces the study sets the study's value."""
+    import yaml
+
+    settings = yaml.safe_load((Path(__file__).resolve().parents[1] / config).read_text())
+    for key in section:
+        settings = settings[key]
+    assert settings["exact_likelihood"] is False
+    assert settings["patch_size"] == 3
+    assert settings["whitening_norm"] == "patch"
+
+
 @pytest.mark.parametrize("config", ["configs/moleflow.yaml"])
 def test_main_config_matches_the_constructor_defaults(config: str) -> None:
     import yaml

@@ -26,6 +26,7 @@ from anomalib_moleflow.models.moleflow.components.dia import DeepInvertibleAdapt
 from anomalib_moleflow.models.moleflow.components.lora import FullRankExpert, LoRAExpert
 from anomalib_moleflow.models.moleflow.loss import MoleFlowLoss
 from anomalib_moleflow.models.moleflow.post_processor import STAT_COLUMNS, TaskPostProcessor
+from anomalib_moleflow.models.moleflow.torch_model import CHECKPOINT_FORMAT
 
 SUBPROCESS_TIMEOUT = 240
 
@@ -395,9 +396,25 @@ def test_image_whitening_keeps_each_patch_magnitude_and_removes_the_image_gain()
         torch.testing.assert_close(image(louder)[1], image(x)[1])  # every image is normalised on its own
 
 
-def test_whitening_norm_is_checked() -> None:
+def test_whitening_norm_is_checked_and_reaches_every_task() -> None:
     with pytest.raises(ValueError, match="whitening_norm must be one of"):
         small_model(whitening_norm="channel")
+    with pytest.raises(ValueError, match="whitening_norm must be one of"):
+        WhiteningAdapter(8, "channel")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"patch grids \(b, h, w, d\)"):
+        WhiteningAdapter(8)(torch.randn(10, 8))  # flattened tokens would be normalised across images
+    torch.manual_seed(0)
+    per_patch = small_model(whitening_norm="patch")
+    torch.manual_seed(0)
+    per_image = small_model()
+    for model in (per_patch, per_image):
+        model.add_task("a")
+        model.add_task("b")
+    assert [adapter.norm for adapter in per_patch.whitening] == ["patch", "patch"]
+    assert [adapter.norm for adapter in per_image.whitening] == ["image", "image"]
+    patches = random_patches(per_patch)
+    with torch.no_grad():
+        assert not torch.allclose(per_patch.flow_inputs(patches, 1), per_image.flow_inputs(patches, 1), atol=1e-3)
 
 
 def test_whitening_adapter_is_bounded() -> None:
@@ -1231,7 +1248,7 @@ def test_checkpoint_of_another_format_is_refused_with_a_clear_message() -> None:
     model = small_model()
     model.add_task("a")
     state = copy.deepcopy(model.state_dict())
-    state["_extra_state"]["fingerprint"]["format"] = 2
+    state["_extra_state"]["fingerprint"]["format"] = CHECKPOINT_FORMAT - 1
     with pytest.raises(ValueError, match="another version of anomalib-moleflow"):
         small_model().load_state_dict(state)
 

@@ -129,7 +129,7 @@ class MoleFlowModel(nn.Module):
         _check(
             whitening_norm in get_args(WhiteningNorm),
             f"whitening_norm must be one of {get_args(WhiteningNorm)}, got {whitening_norm!r}.",
-        )
+        )  # before any task exists (the adapters check it again)
         for name, kernel in (
             ("spatial_context_kernel", spatial_context_kernel),
             ("scale_context_kernel", scale_context_kernel),

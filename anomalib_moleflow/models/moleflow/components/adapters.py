@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -33,6 +33,9 @@ class WhiteningAdapter(nn.Module):
 
     def __init__(self, dim: int, norm: WhiteningNorm = "image") -> None:
         super().__init__()
+        if norm not in get_args(WhiteningNorm):
+            msg = f"whitening_norm must be one of {get_args(WhiteningNorm)}, got {norm!r}."
+            raise ValueError(msg)
         self.dim = dim
         self.norm = norm
         self.gamma_raw = nn.Parameter(torch.full((dim,), _GAMMA_IDENTITY_RAW))
@@ -59,6 +62,9 @@ class WhiteningAdapter(nn.Module):
 
 def whiten(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, norm: WhiteningNorm) -> torch.Tensor:
     """LayerNorm of ``(b, h, w, d)`` features (no affine) over ``(h, w, d)`` or ``d``, then ``* gamma + beta``."""
+    if x.ndim != 4:
+        msg = f"Whitening takes patch grids (b, h, w, d), got shape {tuple(x.shape)}."
+        raise ValueError(msg)
     return F.layer_norm(x, x.shape[-3:] if norm == "image" else x.shape[-1:]) * gamma + beta
 
 
