@@ -424,10 +424,10 @@ def main() -> None:
         for variant in args.variants.split(","):
             base, _, modifier = variant.partition("+")
             spec = resolve(modifier)
-            study = {"exact_likelihood": False, "whitening_norm": "patch"}  # the study's training and normalisation
-            settings = {**({} if base == "exact" else study), **spec.get("settings", {})}
             if base not in {"study", "exact"}:
                 raise ValueError(f"Unknown base {base!r}: study or exact.")
+            study = {"exact_likelihood": False, "whitening_norm": "patch"}  # the study's training and normalisation
+            settings = {**({} if base == "exact" else study), **spec.get("settings", {})}
             for seed in seeds:
                 if spec.get("multiscale"):
                     start = time.perf_counter()

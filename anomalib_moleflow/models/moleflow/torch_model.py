@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, get_args
+from typing import Any
 
 import torch
 from anomalib.data import InferenceBatch
@@ -13,7 +13,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from .anomaly_map import AnomalyMapGenerator, top_k_image_score
-from .components.adapters import WhiteningAdapter, WhiteningNorm, per_image_whitening
+from .components.adapters import WhiteningAdapter, WhiteningNorm, check_whitening_norm, per_image_whitening
 from .components.backbone import build_feature_extractor
 from .components.coupling import MoLEFlow
 from .components.dia import DeepInvertibleAdapter, per_image_dia
@@ -126,10 +126,7 @@ class MoleFlowModel(nn.Module):
         _check(dia_blocks >= 0, f"dia_blocks must be >= 0, got {dia_blocks}.")
         _check(num_coupling_layers + dia_blocks > 0, "num_coupling_layers and dia_blocks cannot both be 0.")
         _check(lora_rank >= 1, f"lora_rank must be >= 1, got {lora_rank}.")
-        _check(
-            whitening_norm in get_args(WhiteningNorm),
-            f"whitening_norm must be one of {get_args(WhiteningNorm)}, got {whitening_norm!r}.",
-        )  # before any task exists (the adapters check it again)
+        check_whitening_norm(whitening_norm)  # now, not when the first task adds its adapter
         for name, kernel in (
             ("spatial_context_kernel", spatial_context_kernel),
             ("scale_context_kernel", scale_context_kernel),

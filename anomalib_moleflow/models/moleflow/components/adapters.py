@@ -17,6 +17,14 @@ from torch import nn
 #: (``docs/quality.md``, section 8d).
 WhiteningNorm = Literal["image", "patch"]
 
+
+def check_whitening_norm(norm: str) -> None:
+    """Raise a ValueError naming the choices unless ``norm`` is a :data:`WhiteningNorm`."""
+    if norm not in get_args(WhiteningNorm):
+        msg = f"whitening_norm must be one of {get_args(WhiteningNorm)}, got {norm!r}."
+        raise ValueError(msg)
+
+
 # gamma = 0.5 + 1.5 * sigmoid(raw) equals 1 when sigmoid(raw) = 1/3, i.e. raw = -log 2.
 _GAMMA_IDENTITY_RAW = -math.log(2.0)
 
@@ -33,9 +41,7 @@ class WhiteningAdapter(nn.Module):
 
     def __init__(self, dim: int, norm: WhiteningNorm = "image") -> None:
         super().__init__()
-        if norm not in get_args(WhiteningNorm):
-            msg = f"whitening_norm must be one of {get_args(WhiteningNorm)}, got {norm!r}."
-            raise ValueError(msg)
+        check_whitening_norm(norm)
         self.dim = dim
         self.norm = norm
         self.gamma_raw = nn.Parameter(torch.full((dim,), _GAMMA_IDENTITY_RAW))
