@@ -122,6 +122,19 @@ def _robust_image_ln(model: MoleFlowModel) -> None:
         adapter.forward = lambda x, a=adapter: forward(x, a)
 
 
+def _stage_ln(model: MoleFlowModel, split: int = 40) -> None:
+    """Per-patch LayerNorm of each stage's channels on their own (lite0: blocks.2 = the first 40 of D = 152), so the
+    fine stage's norm is not swamped by the coarse stage's (``--embed_dim`` must equal the channel count)."""
+
+    def forward(x: torch.Tensor, a: torch.nn.Module) -> torch.Tensor:
+        fine, coarse = x[..., :split], x[..., split:]
+        normed = torch.cat([F.layer_norm(fine, fine.shape[-1:]), F.layer_norm(coarse, coarse.shape[-1:])], dim=-1)
+        return normed * a.gamma + a.beta
+
+    for adapter in model.whitening:
+        adapter.forward = lambda x, a=adapter: forward(x, a)
+
+
 def _channel_standardize(model: MoleFlowModel, train_patches: torch.Tensor) -> None:
     """Per-channel standardisation with the task's training statistics instead of per-patch LayerNorm."""
     x = train_patches if model.pos_embedding is None else train_patches + model.pos_embedding
@@ -183,6 +196,7 @@ VARIANTS: dict[str, dict] = {
     "image_ln": {"settings": {"whitening_norm": "image"}},
     "patch_ln": {"settings": {"whitening_norm": "patch"}},
     "robust_image_ln": {"patch": _robust_image_ln},
+    "stage_ln": {"patch": _stage_ln},
     "soft_ln": {"fit": _soft_ln},
     "soft_ln_0.1": {"fit": lambda m, p: _soft_ln(m, p, 0.1)},
     "nearest": {"upsample": "nearest"},
