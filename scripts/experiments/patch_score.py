@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -75,9 +76,19 @@ def datasets(name: str, root: Path) -> dict[str, object]:
 # ------------------------------------------------------------ variants
 
 
-def _no_ln(model: MoleFlowModel) -> None:
+def _replace_norm(model: MoleFlowModel, normalise: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Every whitening adapter: ``normalise`` instead of its LayerNorm, then its own ``* gamma + beta``."""
     for adapter in model.whitening:
-        adapter.forward = lambda x, a=adapter: x * a.gamma + a.beta
+        adapter.forward = lambda x, a=adapter: normalise(x) * a.gamma + a.beta
+
+
+def _whitening_input(model: MoleFlowModel, patches: torch.Tensor) -> torch.Tensor:
+    """What the whitening adapters see: the patches plus the positional code."""
+    return patches if model.pos_embedding is None else patches + model.pos_embedding
+
+
+def _no_ln(model: MoleFlowModel) -> None:
+    _replace_norm(model, lambda x: x)
 
 
 def _subnet_conv(model: MoleFlowModel, kernel: int = 3) -> None:
@@ -113,49 +124,39 @@ def _robust_image_ln(model: MoleFlowModel) -> None:
         flat = rearrange(v, "b h w -> b (h w)")
         return flat.topk(flat.shape[1] // 2 + 1, dim=1).values[:, -1, None, None, None]
 
-    def forward(x: torch.Tensor, a: torch.nn.Module) -> torch.Tensor:
+    def normalise(x: torch.Tensor) -> torch.Tensor:
         centre = median(x.mean(dim=-1))
-        scale = median((x - centre).pow(2).mean(dim=-1)).add(1e-5).sqrt()
-        return (x - centre) / scale * a.gamma + a.beta
+        return (x - centre) / median((x - centre).pow(2).mean(dim=-1)).add(1e-5).sqrt()
 
-    for adapter in model.whitening:
-        adapter.forward = lambda x, a=adapter: forward(x, a)
+    _replace_norm(model, normalise)
 
 
 def _stage_ln(model: MoleFlowModel, split: int = 40) -> None:
     """Per-patch LayerNorm of each stage's channels on their own (lite0: blocks.2 = the first 40 of D = 152), so the
     fine stage's norm is not swamped by the coarse stage's (``--embed_dim`` must equal the channel count)."""
-
-    def forward(x: torch.Tensor, a: torch.nn.Module) -> torch.Tensor:
-        fine, coarse = x[..., :split], x[..., split:]
-        normed = torch.cat([F.layer_norm(fine, fine.shape[-1:]), F.layer_norm(coarse, coarse.shape[-1:])], dim=-1)
-        return normed * a.gamma + a.beta
-
-    for adapter in model.whitening:
-        adapter.forward = lambda x, a=adapter: forward(x, a)
+    _replace_norm(
+        model,
+        lambda x: torch.cat([F.layer_norm(part, part.shape[-1:]) for part in (x[..., :split], x[..., split:])], -1),
+    )
 
 
 def _channel_standardize(model: MoleFlowModel, train_patches: torch.Tensor) -> None:
     """Per-channel standardisation with the task's training statistics instead of per-patch LayerNorm."""
-    x = train_patches if model.pos_embedding is None else train_patches + model.pos_embedding
-    mean = x.mean(dim=(0, 1, 2))
-    std = x.std(dim=(0, 1, 2)) + 1e-6
-    for adapter in model.whitening:
-        adapter.forward = lambda v, a=adapter: (v - mean) / std * a.gamma + a.beta
+    x = _whitening_input(model, train_patches)
+    mean, std = x.mean(dim=(0, 1, 2)), x.std(dim=(0, 1, 2)) + 1e-6
+    _replace_norm(model, lambda v: (v - mean) / std)
 
 
 def _soft_ln(model: MoleFlowModel, train_patches: torch.Tensor, c: float = 1.0) -> None:
     """Per-patch LayerNorm whose variance floor is ``c`` times the task's mean patch variance: patches far below the
     typical variance (flat background) are not blown up to unit scale, typical and larger ones are normalised."""
-    x = train_patches if model.pos_embedding is None else train_patches + model.pos_embedding
-    floor = c * x.var(dim=-1, unbiased=False).mean()
+    floor = c * _whitening_input(model, train_patches).var(dim=-1, unbiased=False).mean()
 
-    def forward(v: torch.Tensor, a: torch.nn.Module) -> torch.Tensor:
+    def normalise(v: torch.Tensor) -> torch.Tensor:
         centred = v - v.mean(dim=-1, keepdim=True)
-        return centred / (centred.pow(2).mean(dim=-1, keepdim=True) + floor).sqrt() * a.gamma + a.beta
+        return centred / (centred.pow(2).mean(dim=-1, keepdim=True) + floor).sqrt()
 
-    for adapter in model.whitening:
-        adapter.forward = lambda v, a=adapter: forward(v, a)
+    _replace_norm(model, normalise)
 
 
 def _pos_after(model: MoleFlowModel, scale: float = 1.0) -> None:
