@@ -193,7 +193,10 @@ def test_shipped_configs_parse() -> None:
         parse_rows(config.rows, config.overrides)
         assert list(config.rows) == list(ROWS)
     quality = parser.parse_args(["--config", str(REPO / "configs" / "benchmark" / "quality.yaml")])
-    assert [RowSpec.parse(row).regime for row in quality.rows] == ["continual", "separate", "separate", "separate"]
+    specs = parse_rows(quality.rows, quality.overrides)
+    assert [spec.regime for spec in specs] == ["continual", "continual", "separate", "separate", "separate"]
+    assert quality.overrides["moleflow#fine_patch"] == {"layers": ["blocks.2"], "whitening_norm": "patch"}
+    assert quality.moleflow.max_epochs == quality.fastflow.max_epochs  # the same training budget for both flows
     assert len(quality.seeds) == 3
     mvtec = parser.parse_args(["--config", str(REPO / "configs" / "benchmark" / "mvtec_1x1.yaml")])
     assert mvtec.tasks["categories"] == sorted(mvtec.tasks["categories"])

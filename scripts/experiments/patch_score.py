@@ -276,15 +276,30 @@ def patchcore_scores(train: torch.Tensor, test: torch.Tensor, bank_size: int = 2
 
 
 def train_flow(
-    model: MoleFlowModel, patches: torch.Tensor, epochs: int, lr: float, batch: int, seed: int, frozen: str = ""
+    model: MoleFlowModel,
+    patches: torch.Tensor,
+    epochs: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    frozen: str = "",
+    schedule: str = "constant",
 ) -> list[float]:
-    """Adam on task 0's parameters (base included) over cached patch embeddings; the study's loss."""
+    """Adam on task 0's parameters (base included) over cached patch embeddings; the study's loss.
+
+    ``schedule="cosine"`` anneals the learning rate to 0 over the run, one step per batch.
+    """
     loss_fn = MoleFlowLoss()
     params = model.set_trainable(0, train_shared=True)
     if frozen:
         excluded = {id(p) for name, p in model.named_parameters() if frozen in name}
         params = [p for p in params if id(p) not in excluded]
     optimizer = torch.optim.Adam(params, lr=lr)
+    steps = epochs * -(-patches.shape[0] // batch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        (lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))) if schedule == "cosine" else (lambda _: 1.0),
+    )
     generator = torch.Generator().manual_seed(seed)
     model.train()
     losses = []
@@ -299,6 +314,7 @@ def train_flow(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            scheduler.step()
             total += loss.item() * x.shape[0]
         losses.append(total / patches.shape[0])
     model.eval()
@@ -351,7 +367,7 @@ def multiscale_scores(
                 torch.cat([model.patch_embedding([stages[index]]) for stages in stage_feats[key]])
                 for key in ("train", "test")
             )
-        losses = train_flow(model, train_p, args.epochs, args.lr, args.batch, seed)
+        losses = train_flow(model, train_p, args.epochs, args.lr, args.batch, seed, schedule=args.schedule)
         first_losses = first_losses or losses
         finest = finest or model
         train_s, test_s = flow_scores(model, train_p), flow_scores(model, test_p)
@@ -377,6 +393,7 @@ def main() -> None:
     parser.add_argument("--variants", default="study,exact")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--baselines", action="store_true")
@@ -484,7 +501,9 @@ def main() -> None:
                 start = time.perf_counter()
                 if spec.get("whiten_logdet"):
                     _count_whitening_log_det(model)
-                losses = train_flow(model, train_p, args.epochs, args.lr, args.batch, seed, spec.get("frozen", ""))
+                losses = train_flow(
+                    model, train_p, args.epochs, args.lr, args.batch, seed, spec.get("frozen", ""), args.schedule
+                )
                 scores = flow_scores(model, test_p)
                 for kind, s in scores.items():
                     anomaly_map = to_map(model, s, args.image_size)
