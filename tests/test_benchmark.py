@@ -184,6 +184,10 @@ def test_row_names_and_overrides_are_checked() -> None:
         parse_rows(["moleflow", "moleflow"], {})
     with pytest.raises(ValueError, match="match no model"):
         parse_rows(["moleflow"], {"fastflow/joint": {"backbone": "x"}})
+    with pytest.raises(ValueError, match="match no model"):
+        parse_rows(["moleflow"], {"moleflw#typo": {"backbone": "x"}})
+    # a config's labelled row left out by ``--rows``: its override has nothing to apply to, so it is skipped
+    assert [row.name for row in parse_rows(["moleflow"], {"moleflow#fine": {"layers": ["a"]}})] == ["moleflow"]
 
 
 def test_shipped_configs_parse() -> None:
@@ -194,6 +198,10 @@ def test_shipped_configs_parse() -> None:
         assert list(config.rows) == list(ROWS)
     quality = parser.parse_args(["--config", str(REPO / "configs" / "benchmark" / "quality.yaml")])
     specs = parse_rows(quality.rows, quality.overrides)
+    subset = parser.parse_args(
+        ["--config", str(REPO / "configs" / "benchmark" / "quality.yaml"), "--rows", "[moleflow]"]
+    )
+    assert [spec.name for spec in parse_rows(subset.rows, subset.overrides)] == ["moleflow"]  # README's subset runs
     assert [spec.regime for spec in specs] == ["continual", "continual", "separate", "separate", "separate"]
     assert quality.overrides["moleflow#fine_patch"] == {"layers": ["blocks.2"], "whitening_norm": "patch"}
     assert quality.moleflow.max_epochs == quality.fastflow.max_epochs  # the same training budget for both flows

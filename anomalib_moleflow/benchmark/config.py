@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,8 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from anomalib_moleflow.baselines import TimmFastflow, TimmPadim, TimmPatchcore
 from anomalib_moleflow.engine.options import add_run_options
 from anomalib_moleflow.models import MoleFlow
+
+logger = logging.getLogger(__name__)
 
 #: Every row of the standard table, in order.
 ROWS: tuple[str, ...] = (
@@ -135,8 +138,21 @@ def benchmark_parser() -> ArgumentParser:
     return parser
 
 
+def _is_row(name: str) -> bool:
+    """Whether ``name`` is a well-formed row name."""
+    try:
+        RowSpec.parse(name)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_rows(names: list[str], overrides: dict[str, Any]) -> list[RowSpec]:
     """Rows of the config, checked (unique names; override keys must name a model or a row).
+
+    A labelled row exists only through its override, so a config's overrides for labelled rows that ``names`` leaves
+    out (``--rows`` running a subset of the config's rows) are skipped with a log line; any other key that names no
+    model or selected row is an error (a typo would otherwise be silently ignored).
 
     Raises:
         ValueError: On an unknown or repeated row, or an override for nothing.
@@ -149,7 +165,10 @@ def parse_rows(names: list[str], overrides: dict[str, Any]) -> list[RowSpec]:
         msg = f"Row names must be unique: {names}."
         raise ValueError(msg)
     known = {*MODELS, *(row.name for row in rows), *(row.base for row in rows)}
-    unknown = sorted(set(overrides) - known)
+    unselected = sorted(key for key in set(overrides) - known if "#" in key and _is_row(key))
+    if unselected:
+        logger.info("Overrides for rows not run here, skipped: %s.", ", ".join(unselected))
+    unknown = sorted(set(overrides) - known - set(unselected))
     if unknown:
         msg = f"overrides for {unknown} match no model or row; use one of {sorted(known)}."
         raise ValueError(msg)

@@ -7,6 +7,7 @@ the very same patch embeddings give the bar that the features allow.
 
     python scripts/experiments/patch_score.py --data demo --variants study,study+no_ln,exact --epochs 20 --seeds 0,1,2
     python scripts/experiments/patch_score.py --data demo --variants exact+pool1,exact+pool1+no_ctx  # modifiers chain
+    python scripts/experiments/patch_score.py --data demo --variants exact+pool1 --epochs 24 --schedule cosine
 
 Prints one markdown table (mean ± spread over seeds) per dataset.
 """
@@ -295,7 +296,7 @@ def train_flow(
         excluded = {id(p) for name, p in model.named_parameters() if frozen in name}
         params = [p for p in params if id(p) not in excluded]
     optimizer = torch.optim.Adam(params, lr=lr)
-    steps = epochs * -(-patches.shape[0] // batch)
+    steps = max(1, epochs * -(-patches.shape[0] // batch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         (lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))) if schedule == "cosine" else (lambda _: 1.0),
