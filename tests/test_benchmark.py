@@ -198,13 +198,13 @@ def test_shipped_configs_parse() -> None:
         assert list(config.rows) == list(ROWS)
     quality = parser.parse_args(["--config", str(REPO / "configs" / "benchmark" / "quality.yaml")])
     specs = parse_rows(quality.rows, quality.overrides)
+    assert [spec.regime for spec in specs] == ["continual", "continual", "separate", "separate", "separate"]
+    assert quality.overrides["moleflow#fine_patch"] == {"layers": ["blocks.2"], "whitening_norm": "patch"}
+    assert quality.moleflow.max_epochs == quality.fastflow.max_epochs  # the same training budget for both flows
     subset = parser.parse_args(
         ["--config", str(REPO / "configs" / "benchmark" / "quality.yaml"), "--rows", "[moleflow]"]
     )
     assert [spec.name for spec in parse_rows(subset.rows, subset.overrides)] == ["moleflow"]  # README's subset runs
-    assert [spec.regime for spec in specs] == ["continual", "continual", "separate", "separate", "separate"]
-    assert quality.overrides["moleflow#fine_patch"] == {"layers": ["blocks.2"], "whitening_norm": "patch"}
-    assert quality.moleflow.max_epochs == quality.fastflow.max_epochs  # the same training budget for both flows
     assert len(quality.seeds) == 3
     mvtec = parser.parse_args(["--config", str(REPO / "configs" / "benchmark" / "mvtec_1x1.yaml")])
     assert mvtec.tasks["categories"] == sorted(mvtec.tasks["categories"])
