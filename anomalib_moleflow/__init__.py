@@ -2,24 +2,20 @@
 
 Importing the package registers it with anomalib (see :mod:`anomalib_moleflow.registry`), so that
 ``anomalib.models.get_model("MoleFlow")`` and ``get_model({"class_path": "anomalib_moleflow.MoleFlow"})`` work.
+The model itself (torch, anomalib) loads on first use, so that the ``moleflow`` command starts in a fraction of a
+second.
 """
 
-import warnings
-
-with warnings.catch_warnings():
-    # Loading anomalib's model zoo imports two modules that anomalib itself deprecated; the notices are about
-    # anomalib's code, not the user's, and would otherwise open every command's output.
-    warnings.filterwarnings(
-        "ignore",
-        message=r"(Importing from timm\.models\.layers|The anomalib\.models\.components\.dinov2)",
-        category=FutureWarning,
-    )
-    from anomalib_moleflow.models import MoleFlow, MoleFlowModel, TaskPostProcessor
+import lazy_loader
 
 from anomalib_moleflow.registry import register_with_anomalib
 
 __version__ = "0.1.0"
 
-register_with_anomalib()
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={"models": ["MoleFlow", "MoleFlowModel", "TaskPostProcessor"]},
+)
+__all__ += ["__version__"]
 
-__all__ = ["MoleFlow", "MoleFlowModel", "TaskPostProcessor", "__version__"]
+register_with_anomalib()

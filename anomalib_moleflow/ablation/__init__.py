@@ -1,6 +1,12 @@
 """Ablation and sweep suites: MAIN plus one override per run, the study's tables, and a summary of suites."""
 
-from .runner import run_suite
-from .suite import Run, Suite, load_suite
+import lazy_loader
 
-__all__ = ["Run", "Suite", "load_suite", "run_suite"]
+# Submodules load on first use: the `moleflow` command answers --help without importing torch or anomalib.
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "runner": ["run_suite"],
+        "suite": ["Run", "Suite", "load_suite"],
+    },
+)

@@ -11,20 +11,15 @@ All of them evaluate with the package's metrics (image/pixel AUROC and AUPR, pix
 :func:`anomalib_moleflow.metrics.default_evaluator`.
 """
 
-from .common import non_backbone_size, tensor_size
-from .fastflow import TimmFastflow, TimmFastflowModel
-from .padim import TimmPadim
-from .patchcore import TimmPatchcore
-from .routing import RoutedExperts, RoutedModels, TaskRouter
+import lazy_loader
 
-__all__ = [
-    "RoutedExperts",
-    "RoutedModels",
-    "TaskRouter",
-    "TimmFastflow",
-    "TimmFastflowModel",
-    "TimmPadim",
-    "TimmPatchcore",
-    "non_backbone_size",
-    "tensor_size",
-]
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "common": ["non_backbone_size", "tensor_size"],
+        "fastflow": ["TimmFastflow", "TimmFastflowModel"],
+        "padim": ["TimmPadim"],
+        "patchcore": ["TimmPatchcore"],
+        "routing": ["RoutedExperts", "RoutedModels", "TaskRouter"],
+    },
+)

@@ -10,7 +10,9 @@ It writes ``benchmark.json``, ``.csv``, ``.md`` and ``.png`` in ``DIR``, and eac
 :mod:`.anomalib_pipeline` holds anomalib's own ``benchmark`` pipeline with a table that accepts mixed models.
 """
 
-from .config import ROWS, RowSpec, benchmark_parser
-from .runner import run_benchmark
+import lazy_loader
 
-__all__ = ["ROWS", "RowSpec", "benchmark_parser", "run_benchmark"]
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={"config": ["ROWS", "RowSpec", "benchmark_parser"], "runner": ["run_benchmark"]},
+)

@@ -1,17 +1,13 @@
 """Data: task sequences, the generated offline demo datamodule, ELPV, task groups, and input checks."""
 
-from .checks import DatasetError, check_datamodule
-from .datamodules import SyntheticMVTecAD, TaskGroup
-from .tasks import Task, TaskLike, build_tasks, joint_datamodule, resolve_tasks
+import lazy_loader
 
-__all__ = [
-    "DatasetError",
-    "SyntheticMVTecAD",
-    "Task",
-    "TaskGroup",
-    "TaskLike",
-    "build_tasks",
-    "check_datamodule",
-    "joint_datamodule",
-    "resolve_tasks",
-]
+# Submodules load on first use: the `moleflow` command answers --help without importing torch or anomalib.
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "checks": ["DatasetError", "check_datamodule"],
+        "datamodules": ["SyntheticMVTecAD", "TaskGroup"],
+        "tasks": ["Task", "TaskLike", "build_tasks", "joint_datamodule", "resolve_tasks"],
+    },
+)

@@ -40,7 +40,10 @@ COLUMNS = (
     "raw_score",
     "normalized_score",
     "label",
+    "error",
 )
+#: anomalib's mask folders (MVTec layout): their files are masks, not images to score.
+MASK_FOLDERS = frozenset({"ground_truth"})
 #: Image file suffixes read from folders.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 #: PIL modes with more than 8 bits per channel, which anomalib's reader (``convert("RGB")``) clips to white.
@@ -71,8 +74,12 @@ class RoutedPrediction:
     label: str
     anomaly_map: np.ndarray
 
+    error: str = ""
+
     def row(self) -> list[str]:
-        """The prediction as a CSV row of :data:`COLUMNS`."""
+        """The prediction as a CSV row of :data:`COLUMNS` (only the path and the error when it failed)."""
+        if self.error:
+            return [self.path, *[""] * (len(COLUMNS) - 2), self.error]
         return [
             self.path,
             self.routed_task,
@@ -81,12 +88,28 @@ class RoutedPrediction:
             f"{self.raw_score:.6g}",
             f"{self.score:.6g}",
             self.label,
+            "",
         ]
+
+    @classmethod
+    def failed(cls, path: str, error: str) -> RoutedPrediction:
+        """An image that could not be scored, and why."""
+        return cls(path, "", float("nan"), False, float("nan"), float("nan"), "", np.zeros((0, 0)), error)
 
 
 def overlay_name(task: str, label: str, score: float, file: Path | str) -> str:
     """File name of an image's overlay: ``TASK_LABEL_SCORE_NAME.png``."""
     return f"{task}_{label}_{score:.3f}_{Path(file).stem}.png"
+
+
+def overlay_path(folder: Path, file: Path, source: Path) -> Path:
+    """Where ``file``'s overlay goes: its path below ``source`` mirrored under ``folder``, as a PNG.
+
+    Unique per image (``a/000.png`` and ``b/000.png`` get two overlays); a non-PNG keeps its suffix in the name
+    (``000.jpg`` -> ``000.jpg.png``), so that ``000.png`` and ``000.jpg`` beside each other do not collide either.
+    """
+    relative = file.relative_to(source) if file.is_relative_to(source) else Path(file.name)
+    return folder / (relative if relative.suffix.lower() == ".png" else relative.with_name(relative.name + ".png"))
 
 
 def read_image(path: Path | str, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -108,6 +131,23 @@ def read_image(path: Path | str, size: tuple[int, int] | None = None) -> np.ndar
         resized = [channel.resize((size[1], size[0]), Image.Resampling.BILINEAR) for channel in channels]
         pixels = np.stack([np.asarray(channel, dtype=np.float32) for channel in resized], axis=-1)
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def scoreable_files(source: Path | str) -> tuple[list[Path], int]:
+    """:func:`image_files` without the files in anomalib's mask folders (:data:`MASK_FOLDERS`), and how many those were.
+
+    Raises:
+        FileNotFoundError: If ``source`` does not exist.
+        ValueError: If it holds no image, or only masks.
+    """
+    source = Path(source)
+    files = image_files(source)
+    root = source if source.is_dir() else source.parent
+    kept = [path for path in files if not MASK_FOLDERS.intersection(path.relative_to(root).parts[:-1])]
+    if not kept:
+        msg = f"'{source}' holds only mask files (under {'/'.join(sorted(MASK_FOLDERS))}): pass a folder of images."
+        raise ValueError(msg)
+    return kept, len(files) - len(kept)
 
 
 def image_files(source: Path | str) -> list[Path]:
@@ -202,12 +242,29 @@ class RoutedInferencer:
         ]
 
     def predict_files(self, files: Sequence[Path | str], batch_size: int = 8) -> Iterator[RoutedPrediction]:
-        """Score image files of any size, ``batch_size`` at a time (each resized to the model's ``image_size``)."""
+        """Score image files of any size, ``batch_size`` at a time (each resized to the model's ``image_size``).
+
+        A file that cannot be read, or whose score is not finite, yields a failed prediction (its ``error`` says
+        why) and the others are still scored.
+        """
         files = list(files)
         for begin in range(0, len(files), batch_size):
-            chunk = files[begin : begin + batch_size]
-            images = np.stack([read_image(file, self.image_size) for file in chunk])
-            yield from self.predict(images, [str(file) for file in chunk])
+            readable, images = [], []
+            for file in files[begin : begin + batch_size]:
+                try:
+                    images.append(read_image(file, self.image_size))
+                except (OSError, ValueError, SyntaxError) as error:
+                    yield RoutedPrediction.failed(str(file), f"unreadable image ({error})")
+                    continue
+                readable.append(str(file))
+            if not readable:
+                continue
+            for prediction in self.predict(np.stack(images), readable):
+                if not (np.isfinite(prediction.raw_score) and np.isfinite(prediction.score)):
+                    reason = "non-finite score: the model is damaged or diverged (export it again)"
+                    yield RoutedPrediction.failed(prediction.path, reason)
+                else:
+                    yield prediction
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -219,18 +276,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--device", default="CPU", help="OpenVINO device.")
     args = parser.parse_args(argv)
+    failed: list[str] = []
     try:
         inferencer = RoutedInferencer(args.model, args.device)
-        files = image_files(args.input)
+        files, skipped = scoreable_files(args.input)
         with Path(args.csv).open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(COLUMNS)
             for prediction in inferencer.predict_files(files, args.batch_size):
                 writer.writerow(prediction.row())
+                if prediction.error:
+                    failed.append(f"{prediction.path}: {prediction.error}")
+                    sys.stderr.write(f"moleflow_inferencer: {prediction.path}: {prediction.error}\n")
     except (ValueError, OSError, ImportError) as error:
         sys.stderr.write(f"moleflow_inferencer: error: {error}\n")
         return 1
-    sys.stdout.write(f"{args.csv}\n")
+    note = f"; {skipped} mask file(s) skipped" if skipped else ""
+    sys.stdout.write(f"{args.csv}: {len(files) - len(failed)} image(s) scored{note}\n")
+    if failed:
+        sys.stderr.write(f"moleflow_inferencer: error: {len(failed)} image(s) could not be scored (see the CSV).\n")
+        return 1
     return 0
 
 

@@ -1,25 +1,20 @@
-"""The continual protocol (one engine) and the strategies it runs: MoLE-Flow and anomalib baseline regimes."""
+"""The continual protocol (one engine, one runner) and the strategies it runs: MoLE-Flow and anomalib baselines."""
 
-from .continual import CHECKPOINT_FILE, STATE_FILE, ContinualEngine
-from .strategies import (
-    FinetuneStrategy,
-    JointStrategy,
-    MoleFlowStrategy,
-    SeparateStrategy,
-    Strategy,
-    check_finite,
+import lazy_loader
+
+# Submodules load on first use: the `moleflow` command answers --help without importing torch or anomalib.
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "continual": ["CHECKPOINT_FILE", "STATE_FILE", "ContinualEngine"],
+        "strategies": [
+            "FinetuneStrategy",
+            "JointStrategy",
+            "MoleFlowStrategy",
+            "SeparateStrategy",
+            "Strategy",
+            "check_finite",
+        ],
+        "trainer": ["TaskTrainer"],
+    },
 )
-from .trainer import TaskTrainer
-
-__all__ = [
-    "CHECKPOINT_FILE",
-    "STATE_FILE",
-    "ContinualEngine",
-    "FinetuneStrategy",
-    "JointStrategy",
-    "MoleFlowStrategy",
-    "SeparateStrategy",
-    "Strategy",
-    "TaskTrainer",
-    "check_finite",
-]

@@ -24,7 +24,7 @@ from lightning.pytorch import seed_everything
 from anomalib_moleflow.checkpoint import checksum_path, write_checksum
 from anomalib_moleflow.data import Task, TaskLike, check_datamodule, resolve_tasks
 from anomalib_moleflow.io import atomic_write, atomic_write_text, claim_output_dir
-from anomalib_moleflow.metrics import METRICS
+from anomalib_moleflow.metrics import GOOD_FLAGGED, METRICS
 from anomalib_moleflow.models import MoleFlow
 from anomalib_moleflow.reports import (
     clean,
@@ -130,13 +130,14 @@ class ContinualEngine:
     def _test(
         self, strategy: Strategy, index: int, task: Task, folder: Path, names: list[str]
     ) -> tuple[dict[str, Any], float | None, float | None]:
-        """Test one task; returns its metrics (``None`` where undefined), routing accuracy and unknown-product rate.
+        """Test one task; returns its metrics (``None`` where undefined; :data:`GOOD_FLAGGED` included), routing
+        accuracy and unknown-product rate.
 
         The routing of every test image (task, router distance, unknown product) goes to ``folder/routing.csv``.
         """
         with strategy.testing(index) as (module, routing_log):
             metrics = self.trainer.test(module, task.datamodule, folder, calibrate=strategy.calibrate)
-        values = {metric: clean(metrics.get(metric)) for metric in METRICS}
+        values = {metric: clean(metrics.get(metric)) for metric in (*METRICS, GOOD_FLAGGED)}
         if routing_log is None:
             return values, None, None
         images = [str(path) for path in task.datamodule.test_data.samples["image_path"]]
@@ -238,18 +239,21 @@ class ContinualEngine:
             row: dict[str, list[float | None]] = {metric: [None] * len(task_list) for metric in METRICS}
             routing_row: list[float | None] = [None] * len(task_list)
             unknown_row: list[float | None] = [None] * len(task_list)
+            flagged_row: list[float | None] = [None] * len(task_list)
             names = [t.name for t in task_list]
             for j in strategy.tested_after(index, len(task_list)):
                 folder = task_dir / "test" / task_list[j].name
                 values, routing_row[j], unknown_row[j] = self._test(strategy, j, task_list[j], folder, names)
                 for metric in METRICS:
                     row[metric][j] = values[metric]
+                flagged_row[j] = values[GOOD_FLAGGED]
             state["timing"]["test_s"][task.name] = time.perf_counter() - test_start
             state["tasks"].append(task.name)
             for metric in METRICS:
                 state["matrix"][metric].append(row[metric])
             state["routing"].append(routing_row)
             state.setdefault("unknown", []).append(unknown_row)
+            state.setdefault("good_flagged", []).append(flagged_row)
             self._save(strategy, state)
             self._log_progress(state, index, end, time.perf_counter() - run_start, start)
         return self.finish(strategy, task_list[: len(state["tasks"])], state)
@@ -291,6 +295,7 @@ class ContinualEngine:
             "unknown_product_rate": {
                 name: (state.get("unknown") or [[None] * n])[-1][j] for j, name in enumerate(names)
             },
+            "good_flagged": {name: (state.get("good_flagged") or [[None] * n])[-1][j] for j, name in enumerate(names)},
             "params": strategy.costs(),
             "timing": state["timing"],
             "config": state["config"],

@@ -13,6 +13,8 @@ mpl.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: N812
+from PIL import Image, ImageDraw
 
 from anomalib_moleflow.deploy.inferencer import overlay_name
 from anomalib_moleflow.metrics import METRICS
@@ -108,38 +110,69 @@ def save_overlays(model: torch.nn.Module, datamodule: Any, task_name: str, outpu
     return paths
 
 
+#: Smallest panel side of an overlay: small inputs are enlarged (nearest) so that the title and colour bar fit.
+_MIN_PANEL = 256
+_JET = (mpl.colormaps["jet"](np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Boundary pixels of a boolean mask (the mask minus its 4-neighbour erosion)."""
+    padded = np.pad(mask, 1, mode="edge")
+    eroded = padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~eroded
+
+
 def save_scored_overlay(
     image: torch.Tensor, anomaly_map: torch.Tensor, title: str, path: Path, mask: torch.Tensor | None = None
 ) -> Path:
     """The image beside its normalised anomaly map (one 0-1 colour scale with a colour bar), titled with ``title``.
 
-    anomalib's item visualizer has no colour bar or score and clips its panel titles at small sizes, which is why
-    overlays are drawn here.
+    Drawn with numpy and Pillow, not a matplotlib figure (about a hundred times faster, which matters for ``moleflow
+    predict`` on large folders); anomalib's item visualizer has no colour bar or score.
 
     Args:
-        image: ``(3, H, W)`` image in [0, 1].
+        image: ``(3, h, w)`` image in [0, 1], at any size: it is resized to the map's.
         anomaly_map: ``(H, W)`` or ``(1, H, W)`` normalised anomaly map (0.5 is the task's threshold).
-        title: Figure title, e.g. the routed task, the label and the score (wrapped when long).
+        title: Title line, e.g. the routed task, the label and the score (wrapped when long).
         path: PNG to write.
-        mask: Optional ``(H, W)`` ground-truth mask, outlined in white on both panels.
+        mask: Optional ground-truth mask, at any size, outlined in white on both panels.
     """
-    picture = image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-    heat = anomaly_map.detach().float().reshape(picture.shape[:2]).cpu().numpy()
-    fig, axes = plt.subplots(1, 2, figsize=(7.4, 3.8), constrained_layout=True)
-    axes[0].imshow(picture)
-    axes[0].set_title("image")
-    axes[1].imshow(picture)
-    shown = axes[1].imshow(heat, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
-    axes[1].set_title("anomaly map (0.5 = threshold)")
+    heat = anomaly_map.detach().float().cpu().reshape(anomaly_map.shape[-2:])
+    size = tuple(heat.shape)
+    picture = image.detach().float().cpu().clamp(0, 1)
+    if tuple(picture.shape[-2:]) != size:
+        picture = F.interpolate(picture[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+    rgb = (picture.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    colours = _JET[(heat.clamp(0, 1).numpy() * 255).astype(np.int64)]
+    blend = (0.55 * rgb + 0.45 * colours).astype(np.uint8)
     if mask is not None and bool(mask.any()):
-        outline = mask.detach().float().reshape(picture.shape[:2]).cpu().numpy()
-        for axis in axes:
-            axis.contour(outline, levels=[0.5], colors="white", linewidths=1.0)
-    for axis in axes:
-        axis.axis("off")
-    fig.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.02)
-    fig.suptitle("\n".join(textwrap.wrap(title, 70)), fontsize=10)
+        outline_mask = mask.detach().float().cpu().reshape(1, 1, *mask.shape[-2:])
+        edge = _outline(F.interpolate(outline_mask, size=size, mode="nearest")[0, 0].numpy() > 0.5)
+        rgb, blend = rgb.copy(), blend.copy()
+        rgb[edge] = 255
+        blend[edge] = 255
+    scale = max(1, -(-_MIN_PANEL // max(size)))
+    panels = [
+        Image.fromarray(a).resize((size[1] * scale, size[0] * scale), Image.Resampling.NEAREST) for a in (rgb, blend)
+    ]
+    height, width = panels[0].height, panels[0].width
+    gap, bar, lines = 8, 14, textwrap.wrap(title, max(20, (2 * width + 60) // 7))
+    top = 6 + 12 * len(lines) + 6 + 14  # title lines, then the panel captions
+    canvas = Image.new("RGB", (2 * width + 3 * gap + bar + 30, top + height + gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    for row, line in enumerate(lines):
+        draw.text((gap, 6 + 12 * row), line, fill="black")
+    draw.text((gap, top - 14), "image", fill="black")
+    draw.text((2 * gap + width, top - 14), "anomaly map (0.5 = threshold)", fill="black")
+    canvas.paste(panels[0], (gap, top))
+    canvas.paste(panels[1], (2 * gap + width, top))
+    ramp = _JET[np.linspace(255, 0, height).astype(np.int64)][:, None, :].repeat(bar, axis=1)
+    left = 3 * gap + 2 * width
+    canvas.paste(Image.fromarray(np.ascontiguousarray(ramp)), (left, top))
+    for value in (0.0, 0.5, 1.0):
+        y = top + round((1 - value) * (height - 1))
+        draw.line([(left + bar, y), (left + bar + 3, y)], fill="black")
+        draw.text((left + bar + 5, min(max(top, y - 5), top + height - 10)), f"{value:g}", fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    canvas.save(path)
     return path

@@ -97,6 +97,11 @@ def markdown_table(results: dict[str, Any]) -> str:
         flagged = ", ".join(f"{name} {_fmt(rate)} %" for name, rate in unknown.items())
         lines.append("")
         lines.append(f"Test images flagged as an unknown product (scored anomalous by default): {flagged}")
+    good = {name: rate for name, rate in results.get("good_flagged", {}).items() if rate is not None}
+    if good:
+        shares = ", ".join(f"{name} {_fmt(rate)} %" for name, rate in good.items())
+        lines.append("")
+        lines.append(f"Good test images labelled anomalous (each task's threshold): {shares}")
     return "\n".join(lines) + "\n"
 
 
@@ -105,11 +110,17 @@ def write_results(results: dict[str, Any], output_dir: Path) -> None:
     atomic_write_text(output_dir / "results.json", json.dumps(results, indent=2, default=str))
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    rows = [["task", *METRICS, "routing_accuracy"]]
+    rows = [["task", *METRICS, "routing_accuracy", "good_flagged"]]
+    flagged = results.get("good_flagged", {})
     for name in results["tasks"]:
         values = results["per_task_final"][name]
-        rows.append([name, *(values.get(m) for m in METRICS), results["routing_accuracy"]["per_task"][name]])
-    rows.append(["mean", *(results["final"].get(m) for m in METRICS), results["routing_accuracy"]["overall"]])
+        routing = results["routing_accuracy"]["per_task"][name]
+        rows.append([name, *(values.get(m) for m in METRICS), routing, flagged.get(name)])
+    good = [rate for rate in flagged.values() if rate is not None]
+    mean_flagged = sum(good) / len(good) if good else None
+    rows.append(
+        ["mean", *(results["final"].get(m) for m in METRICS), results["routing_accuracy"]["overall"], mean_flagged]
+    )
     writer.writerows([["" if value is None else value for value in row] for row in rows])
     atomic_write_text(output_dir / "results.csv", buffer.getvalue())
     atomic_write_text(output_dir / "results.md", markdown_table(results))

@@ -71,7 +71,19 @@ def datasets(name: str, root: Path) -> dict[str, object]:
             c: ELPV(root=root / "elpv_q", category=c, n_train=200, n_test_good=100, n_test_defect=100, num_workers=0)
             for c in ("mono", "poly")
         }
+    if name == "real":  # the real products with pixel masks (../shared/datasets, MVTec layout)
+        from anomalib.data import MVTecAD
+
+        return {
+            category: MVTecAD(root=SHARED / folder, category=category, num_workers=0, eval_batch_size=32)
+            for folder, category in REAL_PRODUCTS
+        }
     raise ValueError(name)
+
+
+#: Real products with pixel masks: (folder under ``SHARED``, category).
+REAL_PRODUCTS = (("bsdata", "ball_screw_drive"), ("mpdd", "metal_plate"))
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "datasets"
 
 
 # ------------------------------------------------------------ variants
@@ -148,6 +160,26 @@ def _channel_standardize(model: MoleFlowModel, train_patches: torch.Tensor) -> N
     _replace_norm(model, lambda v: (v - mean) / std)
 
 
+def _position_stats(model: MoleFlowModel, train_patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position, per-channel mean and standard deviation ``(h, w, d)`` of the task's training patches."""
+    x = _whitening_input(model, train_patches)
+    return x.mean(dim=0), x.std(dim=0) + 1e-6
+
+
+def _pos_std(model: MoleFlowModel, train_patches: torch.Tensor) -> None:
+    """Each position standardised with the task's training statistics at that position (a diagonal Padim) instead
+    of the LayerNorm: aligned products get a per-position reference, unaligned ones about a global one."""
+    mean, std = _position_stats(model, train_patches)
+    _replace_norm(model, lambda v: (v - mean) / std)
+
+
+def _pos_center(model: MoleFlowModel, train_patches: torch.Tensor) -> None:
+    """The task's per-position training mean subtracted, then the adapter's own LayerNorm."""
+    mean, _ = _position_stats(model, train_patches)
+    norm = model.whitening[0].norm
+    _replace_norm(model, lambda v: F.layer_norm(v - mean, v.shape[-3:] if norm == "image" else v.shape[-1:]))
+
+
 def _soft_ln(model: MoleFlowModel, train_patches: torch.Tensor, c: float = 1.0) -> None:
     """Per-patch LayerNorm whose variance floor is ``c`` times the task's mean patch variance: patches far below the
     typical variance (flat background) are not blown up to unit scale, typical and larger ones are normalised."""
@@ -200,6 +232,8 @@ VARIANTS: dict[str, dict] = {
     "robust_image_ln": {"patch": _robust_image_ln},
     "stage_ln": {"patch": _stage_ln},
     "soft_ln": {"fit": _soft_ln},
+    "pos_std": {"fit": _pos_std},
+    "pos_center": {"fit": _pos_center},
     "soft_ln_0.1": {"fit": lambda m, p: _soft_ln(m, p, 0.1)},
     "nearest": {"upsample": "nearest"},
 }
@@ -228,6 +262,24 @@ def _count_whitening_log_det(model: MoleFlowModel) -> None:
 # --------------------------------------------------------------- scoring
 
 
+def auroc_ap(labels: torch.Tensor, scores: torch.Tensor) -> tuple[float, float]:
+    """ROC AUC and average precision (scikit-learn's definitions, ties included), by one torch sort: scikit-learn
+    takes seconds per call on the ~10^7 pixels of a test set."""
+    scores, order = scores.flatten().float().sort(descending=True)
+    labels = labels.flatten()[order].double()
+    last = torch.ones_like(scores, dtype=torch.bool)  # last element of each run of tied scores
+    last[:-1] = scores[1:] != scores[:-1]
+    tp = labels.cumsum(0)[last]
+    fp = (1 - labels).cumsum(0)[last]
+    positives, negatives = tp[-1], fp[-1]
+    tpr = torch.cat([tp.new_zeros(1), tp / positives])
+    fpr = torch.cat([fp.new_zeros(1), fp / negatives])
+    auroc = torch.trapezoid(tpr, fpr)
+    precision = tp / (tp + fp)
+    ap = ((tpr[1:] - tpr[:-1]) * precision).sum()
+    return float(auroc), float(ap)
+
+
 def metrics(scores_map: torch.Tensor, image_scores: torch.Tensor, split: dict[str, torch.Tensor]) -> dict[str, float]:
     """Image AUROC/AP and pixel AUROC/AP (pixels where masks exist)."""
     labels = split["label"].numpy()
@@ -235,11 +287,9 @@ def metrics(scores_map: torch.Tensor, image_scores: torch.Tensor, split: dict[st
         "img_auroc": 100 * roc_auc_score(labels, image_scores.numpy()),
         "img_ap": 100 * average_precision_score(labels, image_scores.numpy()),
     }
-    if "mask" in split:
-        gt = split["mask"].flatten().numpy()
-        pred = scores_map.flatten().numpy()
-        result["pix_auroc"] = 100 * roc_auc_score(gt, pred)
-        result["pix_ap"] = 100 * average_precision_score(gt, pred)
+    if split.get("mask") is not None:
+        auroc, ap = auroc_ap(split["mask"], scores_map)
+        result["pix_auroc"], result["pix_ap"] = 100 * auroc, 100 * ap
     return result
 
 
@@ -285,18 +335,27 @@ def train_flow(
     seed: int,
     frozen: str = "",
     schedule: str = "constant",
+    on_epoch: Callable[[int], None] | None = None,
+    max_steps: int | None = None,
+    on_step: Callable[[int], None] | None = None,
+    loss_fn: MoleFlowLoss | None = None,
+    task: int = 0,
 ) -> list[float]:
     """Adam on task 0's parameters (base included) over cached patch embeddings; the study's loss.
 
-    ``schedule="cosine"`` anneals the learning rate to 0 over the run, one step per batch.
+    ``schedule="cosine"`` anneals the learning rate to 0 over the run, one step per batch. ``max_steps``: train for
+    that many optimizer steps instead of ``epochs`` epochs (``on_step`` is called after each).
     """
-    loss_fn = MoleFlowLoss()
-    params = model.set_trainable(0, train_shared=True)
+    loss_fn = loss_fn or MoleFlowLoss()
+    if max_steps is not None:
+        epochs = -(-max_steps // -(-patches.shape[0] // batch))
+    params = model.set_trainable(task, train_shared=task == 0)
     if frozen:
         excluded = {id(p) for name, p in model.named_parameters() if frozen in name}
         params = [p for p in params if id(p) not in excluded]
     optimizer = torch.optim.Adam(params, lr=lr)
-    steps = max(1, epochs * -(-patches.shape[0] // batch))
+    steps = max_steps or max(1, epochs * -(-patches.shape[0] // batch))
+    step = 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         (lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))) if schedule == "cosine" else (lambda _: 1.0),
@@ -309,7 +368,7 @@ def train_flow(
         total = 0.0
         for idx in order.split(batch):
             x = patches[idx]
-            z, log_det = model.encode(x, 0)
+            z, log_det = model.encode(x, task)
             nll = rearrange(model.patch_nll(z, log_det), "(b n) -> b n", b=x.shape[0])
             loss = loss_fn(nll, rearrange(log_det, "(b n) -> b n", b=x.shape[0]))
             optimizer.zero_grad()
@@ -317,17 +376,28 @@ def train_flow(
             optimizer.step()
             scheduler.step()
             total += loss.item() * x.shape[0]
+            step += 1
+            if on_step is not None:
+                model.eval()
+                on_step(step)
+                model.train()
+            if step == max_steps:
+                break
         losses.append(total / patches.shape[0])
+        if on_epoch is not None:
+            model.eval()
+            on_epoch(len(losses))
+            model.train()
     model.eval()
     return losses
 
 
 @torch.no_grad()
-def flow_scores(model: MoleFlowModel, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+def flow_scores(model: MoleFlowModel, patches: torch.Tensor, task: int = 0) -> dict[str, torch.Tensor]:
     """Patch scores ``(b, h, w)``: full NLL, the ``0.5||z||^2`` part alone, and both as Fastflow's ``-exp(-s / D)``."""
     nll, quad = [], []
     for x in patches.split(32):
-        z, log_det = model.encode(x, 0)
+        z, log_det = model.encode(x, task)
         shape = {"b": x.shape[0], "h": x.shape[1], "w": x.shape[2]}
         nll.append(rearrange(model.patch_nll(z, log_det), "(b h w) -> b h w", **shape))
         quad.append(rearrange(0.5 * z.pow(2).sum(-1), "(b h w) -> b h w", **shape))
@@ -385,7 +455,7 @@ def multiscale_scores(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="demo", choices=["demo", "elpv"])
+    parser.add_argument("--data", default="demo", help="demo, elpv, real, or several, comma-separated")
     parser.add_argument("--root", type=Path, default=Path("./datasets"))
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--layers", default="blocks.2,blocks.4")
@@ -399,7 +469,19 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--baselines", action="store_true")
     parser.add_argument("--sigma", type=float, default=4.0)
+    parser.add_argument("--categories", default="", help="Only these categories of the data (comma-separated).")
+    parser.add_argument("--eval_epochs", default="", help="Also score after these epochs (or steps; VARIANT@N).")
+    parser.add_argument("--lora_rank", type=int, default=16)
+    parser.add_argument(
+        "--continual",
+        action="store_true",
+        help="Score each category as a second task: the base trained on the previous category (cyclic), then frozen.",
+    )
+    parser.add_argument("--steps", type=int, default=None, help="Train this many optimizer steps, not --epochs.")
+    parser.add_argument("--kinds", default="nll,quad", help="Patch scores to report: nll, quad, prob, nll_prob.")
     args = parser.parse_args()
+    eval_epochs = {int(e) for e in args.eval_epochs.split(",") if e}
+    kinds = set(args.kinds.split(","))
     torch.set_num_threads(pick_threads())
     layers = args.layers.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -408,7 +490,19 @@ def main() -> None:
     def add(name: str, values: dict[str, float]) -> None:
         rows.setdefault(name, []).append(values)
 
-    for category, datamodule in datasets(args.data, args.root).items():
+    families = {c: dm for name in args.data.split(",") for c, dm in datasets(name, args.root).items()}
+    if args.categories:
+        families = {c: dm for c, dm in families.items() if c in args.categories.split(",")}
+    base_feats: dict[str, dict] = {}
+    if args.continual:
+        extractor = MoleFlowModel(backbone=args.backbone, layers=layers, image_size=args.image_size, embed_dim=4)
+        for category, datamodule in families.items():
+            train = load_split(datamodule, args.image_size)["train"]
+            with torch.no_grad():
+                base_feats[category] = {
+                    "train": [list(extractor.feature_extractor(x).values()) for x in train.split(32)]
+                }
+    for category, datamodule in families.items():
         split = load_split(datamodule, args.image_size)
         extractor = MoleFlowModel(backbone=args.backbone, layers=layers, image_size=args.image_size, embed_dim=4)
         # features of each stage at native resolution, for the patch embedding
@@ -481,14 +575,23 @@ def main() -> None:
                     image_size=args.image_size,
                     patch_size=3,
                     embed_dim=dim,
-                    lora_rank=16,
-                    **settings,
+                    **{"lora_rank": args.lora_rank, **settings},
                 )
                 model.anomaly_map_generator = type(model.anomaly_map_generator)(sigma=args.sigma)
                 if "patch_size" in spec:
                     model.patch_embedding = PatchEmbedding(dim, patch_size=spec["patch_size"])
-                model.add_task("t")
                 upsample = spec.get("upsample", "bilinear")
+                task = 0
+                if args.continual:  # the shared base is trained on the previous category, then frozen
+                    names = list(families)
+                    base_category = names[names.index(category) - 1]
+                    model.add_task("base")
+                    base_p = patches_for(model, "train", cached=base_feats[base_category], upsample=upsample)
+                    if "fit" in spec:
+                        spec["fit"](model, base_p)
+                    train_flow(model, base_p, args.epochs, args.lr, args.batch, seed, max_steps=args.steps)
+                    task = 1
+                model.add_task("t")
                 train_p, test_p = (
                     patches_for(model, "train", upsample=upsample),
                     patches_for(model, "test", upsample=upsample),
@@ -502,18 +605,45 @@ def main() -> None:
                 start = time.perf_counter()
                 if spec.get("whiten_logdet"):
                     _count_whitening_log_det(model)
+
+                def evaluate(
+                    epoch: int,
+                    task: int = task,
+                    model: MoleFlowModel = model,
+                    variant: str = variant,
+                    test_p: torch.Tensor = test_p,
+                    category: str = category,
+                    split: dict = split,
+                ) -> None:
+                    final = args.steps or args.epochs
+                    if epoch != final and epoch not in eval_epochs:
+                        return
+                    tag = variant if epoch == final else f"{variant}@{epoch}"
+                    for kind, s in flow_scores(model, test_p, task).items():
+                        if kind not in kinds:
+                            continue
+                        anomaly_map = to_map(model, s, args.image_size)
+                        result = metrics(anomaly_map, top_k(s), split)
+                        add(f"{category}|{tag}:{kind}", result)
+                        # Image score = the blurred map's maximum (anomalib's Padim, Fastflow), not the top-k mean
+                        peak = metrics(anomaly_map, anomaly_map.flatten(1).amax(1), {**split, "mask": None})
+                        add(f"{category}|{tag}:{kind}+mapmax", {**result, **peak})
+
                 losses = train_flow(
-                    model, train_p, args.epochs, args.lr, args.batch, seed, spec.get("frozen", ""), args.schedule
+                    model,
+                    train_p,
+                    args.epochs,
+                    args.lr,
+                    args.batch,
+                    seed,
+                    spec.get("frozen", ""),
+                    args.schedule,
+                    on_epoch=None if args.steps else evaluate,
+                    max_steps=args.steps,
+                    on_step=evaluate if args.steps else None,
+                    loss_fn=MoleFlowLoss(tail_top_k_ratio=spec.get("tail_ratio", 0.02)),
+                    task=task,
                 )
-                scores = flow_scores(model, test_p)
-                for kind, s in scores.items():
-                    anomaly_map = to_map(model, s, args.image_size)
-                    add(f"{category}|{variant}:{kind}", metrics(anomaly_map, top_k(s), split))
-                    # Image score = the blurred map's maximum (anomalib's Padim, Fastflow) instead of the top-k mean
-                    add(
-                        f"{category}|{variant}:{kind}+mapmax",
-                        metrics(anomaly_map, anomaly_map.flatten(1).amax(1), split),
-                    )
                 print(
                     f"  {variant} seed {seed}: loss {losses[0]:.1f} -> {losses[-1]:.1f} "
                     f"({time.perf_counter() - start:.0f} s) {rows[f'{category}|{variant}:nll'][-1]}"
@@ -538,6 +668,17 @@ def main() -> None:
             spread = (max(per_seed) - min(per_seed)) / 2 if len(per_seed) > 1 else 0.0
             cells.append(f"{np.mean(per_seed):.1f} ± {spread:.1f}" if not math.isnan(np.mean(per_seed)) else "-")
         print(f"| {method} | " + " | ".join(cells) + " |")
+    if len(categories) > 1:
+        print(f"\n| method ({args.data}), per category: img_auroc / pix_ap | " + " | ".join(categories) + " |")
+        print("|---" * (len(categories) + 1) + "|")
+        for method in methods:
+            cells = []
+            for c in categories:
+                runs = rows.get(f"{c}|{method}", [])
+                auroc = np.mean([r["img_auroc"] for r in runs]) if runs else math.nan
+                pix = np.mean([r.get("pix_ap", math.nan) for r in runs]) if runs else math.nan
+                cells.append(f"{auroc:.1f} / {pix:.1f}")
+            print(f"| {method} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,13 @@
-"""MoLE-Flow model (anomalib layout: lightning_model, torch_model, loss, anomaly_map, components)."""
+"""MoLE-Flow model (anomalib layout: lightning_model, torch_model, loss, anomaly_map, components; settings)."""
 
-from .lightning_model import MoleFlow
-from .post_processor import TaskPostProcessor
-from .torch_model import MoleFlowModel
+import lazy_loader
 
-__all__ = ["MoleFlow", "MoleFlowModel", "TaskPostProcessor"]
+# Submodules load on first use: the `moleflow` command answers --help without importing torch or anomalib.
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "lightning_model": ["MoleFlow"],
+        "post_processor": ["TaskPostProcessor"],
+        "torch_model": ["MoleFlowModel"],
+    },
+)

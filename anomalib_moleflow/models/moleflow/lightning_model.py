@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, NamedTuple, get_args
 
 import torch
 from anomalib import LearningType
@@ -32,17 +32,26 @@ from torch import nn, optim
 from anomalib_moleflow.checkpoint import check_finite_state, read_checkpoint
 from anomalib_moleflow.metrics import default_evaluator
 
-from .components.adapters import WhiteningNorm
-from .components.feature_cache import CacheDtype, CacheMode, FeatureCache, is_random
+from .components.embedding import image_embedding
+from .components.feature_cache import FeatureCache, is_random
 from .components.router import Routed, RoutingLog, RoutingRecorder
 from .loss import MoleFlowLoss
 from .post_processor import TaskPostProcessor
-from .torch_model import RUNTIME_SETTINGS, MoleFlowModel, model_settings
+from .settings import (
+    RUNTIME_SETTINGS,
+    SPEED_SETTINGS,
+    ArchitectureSettings,
+    CacheDtype,
+    CacheMode,
+    CompileMode,
+    ThresholdMode,
+    WhiteningNorm,
+    differences,
+    select,
+)
+from .torch_model import MoleFlowModel
 
 logger = logging.getLogger(__name__)
-
-#: ``compile_mode`` values: off, or a ``torch.compile`` mode.
-CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
 
 #: ONNX opset of exports (the lowest that torch's exporter writes natively).
 ONNX_OPSET = 18
@@ -53,11 +62,8 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _plain(value: Any) -> Any:
-    """Settings as compared with a checkpoint's: sequences as lists, integral floats as numbers."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+#: Share of a task's good training images held out of training to set its thresholds (``threshold="good_fpr"``).
+HELD_OUT_SHARE = 0.1
 
 
 class ScoredImages(NamedTuple):
@@ -134,7 +140,7 @@ class MoleFlow(AnomalibModule):
     """
 
     #: Settings that change only speed and memory, never a result (a resumed run may change them).
-    SPEED_SETTINGS: tuple[str, ...] = ("feature_cache", "feature_cache_dtype", "compile_mode")
+    SPEED_SETTINGS: tuple[str, ...] = SPEED_SETTINGS
 
     def __init__(
         self,
@@ -166,6 +172,8 @@ class MoleFlow(AnomalibModule):
         unknown_factor: float | None = 3.0,
         unknown_as_anomalous: bool = True,
         exact_likelihood: bool = True,
+        threshold: ThresholdMode = "f1",
+        target_fpr: float = 0.01,
         feature_cache: CacheMode = "auto",
         feature_cache_dtype: CacheDtype = "float32",
         compile_mode: CompileMode = "off",
@@ -179,6 +187,8 @@ class MoleFlow(AnomalibModule):
         _check(feature_cache in get_args(CacheMode), f"Unknown feature_cache {feature_cache!r}.")
         _check(feature_cache_dtype in get_args(CacheDtype), f"Unknown feature_cache_dtype {feature_cache_dtype!r}.")
         _check(compile_mode in get_args(CompileMode), f"compile_mode must be one of {get_args(CompileMode)}.")
+        _check(threshold in get_args(ThresholdMode), f"threshold must be one of {get_args(ThresholdMode)}.")
+        _check(0.0 < target_fpr < 0.5, f"target_fpr must be in (0, 0.5), got {target_fpr}.")
         if pre_processor is True:
             pre_processor = self.configure_pre_processor((image_size, image_size))
         super().__init__(
@@ -199,7 +209,7 @@ class MoleFlow(AnomalibModule):
             raise ValueError(msg)
         self.loss = MoleFlowLoss(tail_weight, tail_top_k_ratio, lambda_logdet)
         # MoleFlowModel's own signature is the one list of architecture settings; it validates them.
-        self.model: MoleFlowModel = MoleFlowModel(**model_settings(locals()))
+        self.model: MoleFlowModel = MoleFlowModel(**select(ArchitectureSettings, locals()))
         self.freeze_base = freeze_base
         self.unknown_as_anomalous = unknown_as_anomalous
         self.feature_cache = feature_cache
@@ -209,6 +219,9 @@ class MoleFlow(AnomalibModule):
         self._test_cache: FeatureCache | None = None
         self.lr = lr
         self.max_epochs = max_epochs
+        self.threshold = threshold
+        self.target_fpr = target_fpr
+        self._held_out: dict[str, torch.Tensor | None] = {}  # good_fpr: held-out image path -> its patch embedding
         self._oracle_task: int | None = None
         self._routing = RoutingRecorder()
 
@@ -227,12 +240,15 @@ class MoleFlow(AnomalibModule):
         checkpoint = read_checkpoint(path)
         extra = checkpoint.get("state_dict", {}).get("model._extra_state", {})
         saved = {**checkpoint.get("hyper_parameters", {}), **extra.get("fingerprint", {})}
-        architecture = set(model_settings(settings)) - RUNTIME_SETTINGS
+        architecture = {
+            name: value
+            for name, value in select(ArchitectureSettings, settings).items()
+            if name not in RUNTIME_SETTINGS
+            and not (name in {"embed_dim", "lora_alpha"} and value is None)  # None: resolved as saved
+        }
         differing = [
-            f"{name} (checkpoint {saved.get(name)!r}, given {settings[name]!r})"
-            for name in sorted(architecture)
-            if not (name in {"embed_dim", "lora_alpha"} and settings[name] is None)  # None: resolved as saved
-            and _plain(settings[name]) != _plain(saved.get(name))
+            f"{name} (checkpoint {old!r}, given {new!r})"
+            for name, old, new in differences({name: saved.get(name) for name in architecture}, architecture)
         ]
         if differing:
             msg = (
@@ -240,7 +256,8 @@ class MoleFlow(AnomalibModule):
                 "Leave them out (the checkpoint's values are used), or train from scratch without the checkpoint."
             )
             raise ValueError(msg)
-        others = {name: value for name, value in settings.items() if name not in architecture}
+        fixed = set(select(ArchitectureSettings, settings)) - RUNTIME_SETTINGS  # taken from the checkpoint
+        others = {name: value for name, value in settings.items() if name not in fixed}
         return cls.load_from_checkpoint(path, map_location="cpu", **others)
 
     # ----------------------------------------------------------- components
@@ -260,12 +277,15 @@ class MoleFlow(AnomalibModule):
         A one-class model needs validation only to fit its task's thresholds and normalisation, which the last
         epoch's weights define; validating after every epoch would score the validation images ``max_epochs`` times.
         """
-        return {
+        arguments = {
             "gradient_clip_val": 0,
             "max_epochs": self.max_epochs,
             "num_sanity_val_steps": 0,
             "check_val_every_n_epoch": self.max_epochs,
         }
+        if self.threshold == "good_fpr":  # thresholds and normalisation come from held-out training images
+            arguments["limit_val_batches"] = 0
+        return arguments
 
     @property
     def learning_type(self) -> LearningType:
@@ -368,9 +388,24 @@ class MoleFlow(AnomalibModule):
 
     # ------------------------------------------------------------- training
     def on_train_start(self) -> None:
-        """Decide whether this fit caches the training images' patch embeddings (deterministic transforms only)."""
+        """Decide whether this fit caches the training images' patch embeddings (deterministic transforms only).
+
+        With ``threshold="good_fpr"``, also choose the held-out good images (every k-th training image by path,
+        :data:`HELD_OUT_SHARE` of them, at least 2): they never train the flow and set the task's thresholds.
+        """
         self._close_cache()
         dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        self._held_out = {}
+        if self.threshold == "good_fpr":
+            paths = sorted(str(p) for p in getattr(getattr(dataset, "samples", None), "image_path", []))
+            if len(paths) < 4:
+                msg = (
+                    f"threshold='good_fpr' holds out some good training images to set the thresholds and needs at "
+                    f"least 4 training images with paths, got {len(paths)}. Add images, or use threshold='f1'."
+                )
+                raise ValueError(msg)
+            step = max(2, min(round(1 / HELD_OUT_SHARE), len(paths) // 2))
+            self._held_out = dict.fromkeys(paths[::step])
         if self.feature_cache == "off":
             return
         if dataset is None or not hasattr(dataset, "samples"):
@@ -407,8 +442,24 @@ class MoleFlow(AnomalibModule):
         self._cache = None
 
     def on_train_end(self) -> None:
-        """Free the feature cache."""
+        """Set the task's thresholds from its held-out good images (``threshold="good_fpr"``); free the cache."""
         self._close_cache()
+        if self._held_out and isinstance(self.post_processor, TaskPostProcessor):
+            held = [patches for patches in self._held_out.values() if patches is not None]
+            task = self.training_task
+            with torch.no_grad():
+                patches = torch.stack(held).to(self.device)
+                tasks = torch.full((len(held),), task, device=self.device, dtype=torch.long)
+                raw, _ = self.model.score_patches(patches, tasks, self.model.image_size)
+            self.post_processor.set_good_statistics(task, raw.pred_score, raw.anomaly_map, self.target_fpr)
+            logger.info(
+                "Task %d '%s': thresholds from %d held-out good training image(s) at %.1f %% false positives.",
+                task,
+                self.model.task_names[task],
+                len(held),
+                100 * self.target_fpr,
+            )
+        self._held_out = {}
 
     def teardown(self, stage: str) -> None:
         """Free the feature cache, also when a fit stops with an error."""
@@ -420,7 +471,16 @@ class MoleFlow(AnomalibModule):
         del args, kwargs
         task = self.training_task
         patches = self._patches(batch, self._cache)
-        image_embedding = patches.mean(dim=(1, 2))  # as MoleFlowModel.embed
+        embeddings = image_embedding(patches)  # of every image, held-out ones included (the router's own folds)
+        if self._held_out:
+            held = torch.tensor([str(path) in self._held_out for path in batch.image_path], device=patches.device)
+            for index in held.nonzero().flatten().tolist():
+                self._held_out[str(batch.image_path[index])] = patches[index].detach().cpu()
+            if bool(held.all()):  # nothing to train on in this batch: Lightning skips the step
+                if not self.model.router.prototypes[task].ready:
+                    self.model.router.prototypes[task].accumulate(embeddings)
+                return None
+            patches = patches[~held]
         nll, log_det = self.model.train_patches(patches, task)
         loss = self.loss(nll, log_det)
         if not torch.isfinite(loss):
@@ -432,7 +492,7 @@ class MoleFlow(AnomalibModule):
             raise FloatingPointError(msg)
         prototype = self.model.router.prototypes[task]
         if not prototype.ready:
-            prototype.accumulate(image_embedding)
+            prototype.accumulate(embeddings)
         self.log("train_loss", loss.detach(), on_epoch=True, prog_bar=True, batch_size=batch.image.shape[0])
         return {"loss": loss}
 
@@ -521,15 +581,21 @@ class MoleFlow(AnomalibModule):
         return self._score_and_post_process(batch)
 
     def _score_and_post_process(self, batch: Batch) -> Batch:
+        """Score and post-process a batch in place; ``batch.raw_score`` keeps the scores before normalisation."""
         predictions, routed = self._score(batch)
         batch.update(**predictions._asdict())
+        batch.raw_score = predictions.pred_score.clone()
         if isinstance(self.post_processor, TaskPostProcessor):
             self.post_processor.post_process_batch(batch, routed.task)
             batch.pred_score, batch.pred_label = self._mark_unknown(batch.pred_score, batch.pred_label, routed)
         return batch
 
+    @torch.no_grad()
     def score_images(self, images: torch.Tensor) -> ScoredImages:
-        """Pre-process, route, score and post-process ``(b, 3, H, W)`` images; keeps raw scores and routing."""
+        """Pre-process, route, score and post-process ``(b, 3, H, W)`` images; keeps raw scores and routing.
+
+        Runs without gradients (scoring never trains).
+        """
         pixels = self.pre_processor(images) if self.pre_processor else images
         raw, routed = self._score(pixels)
         final = raw

@@ -23,6 +23,8 @@ from anomalib_moleflow.compat import apply_threshold, normalize, set_single_stat
 #: Columns of ``task_stats``.
 STAT_COLUMNS = ("image_threshold", "pixel_threshold", "image_min", "image_max", "pixel_min", "pixel_max")
 _FIELDS = ("pred_score", "gt_label", "anomaly_map", "gt_mask")
+#: Largest input of ``torch.quantile``.
+_QUANTILE_LIMIT = 16_000_000
 
 
 class TaskPostProcessor(DynamicBufferMixin, PostProcessor):
@@ -99,6 +101,44 @@ class TaskPostProcessor(DynamicBufferMixin, PostProcessor):
             for metric in metrics.values():
                 metric.reset()
         self._task_metrics.clear()
+
+    def set_good_statistics(
+        self, task: int, image_scores: torch.Tensor, anomaly_maps: torch.Tensor, target_fpr: float
+    ) -> None:
+        """Set task ``task``'s thresholds and normalisation from raw scores of good images only.
+
+        The image threshold is the score that ``target_fpr`` of good images exceed: their empirical quantile when
+        there are at least ``1 / target_fpr`` of them, else the Gaussian tail of their mean and standard deviation
+        (a quantile of a few samples cannot reach 1 %). The pixel threshold is the empirical quantile of the maps'
+        pixels (there are always enough). Minimum and maximum are the good images' own, so 0.5 stays the threshold.
+
+        Args:
+            task: The task's index.
+            image_scores: Raw image scores ``(n,)`` of held-out good images.
+            anomaly_maps: Their raw anomaly maps ``(n, 1, H, W)``.
+            target_fpr: Share of good images (and pixels) allowed above threshold.
+        """
+        scores = image_scores.detach().double().flatten().cpu()
+        if scores.numel() >= round(1 / target_fpr):
+            image_threshold = torch.quantile(scores, 1 - target_fpr)
+        else:
+            z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - target_fpr, dtype=torch.float64))
+            image_threshold = scores.mean() + z * scores.std(unbiased=True)
+        pixels = anomaly_maps.detach().double().flatten().cpu()
+        if pixels.numel() > _QUANTILE_LIMIT:  # torch.quantile's input limit: an even subsample
+            pixels = pixels[:: -(-pixels.numel() // _QUANTILE_LIMIT)]
+        pixel_threshold = torch.quantile(pixels, 1 - target_fpr)
+        row = torch.stack([
+            image_threshold,
+            pixel_threshold,
+            scores.min(),
+            torch.maximum(scores.max(), image_threshold),
+            pixels.min(),
+            torch.maximum(pixels.max(), pixel_threshold),
+        ]).to(self.task_stats)  # fmt: skip
+        self.ensure_tasks(task + 1)
+        self.task_stats[task] = row
+        set_single_statistics(self, row)
 
     # ------------------------------------------------------------ test/predict
     def _per_image(self, task_ids: torch.Tensor, column: str) -> torch.Tensor:

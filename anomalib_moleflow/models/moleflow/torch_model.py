@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -13,12 +12,13 @@ from einops import rearrange, repeat
 from torch import nn
 
 from .anomaly_map import AnomalyMapGenerator, top_k_image_score
-from .components.adapters import WhiteningAdapter, WhiteningNorm, check_whitening_norm, per_image_whitening
+from .components.adapters import WhiteningAdapter, check_whitening_norm, per_image_whitening
 from .components.backbone import build_feature_extractor
 from .components.coupling import MoLEFlow
 from .components.dia import DeepInvertibleAdapter, per_image_dia
-from .components.embedding import PatchEmbedding, default_embed_dim, sinusoidal_position_embedding
+from .components.embedding import PatchEmbedding, default_embed_dim, image_embedding, sinusoidal_position_embedding
 from .components.router import MahalanobisRouter, Routed
+from .settings import RUNTIME_SETTINGS, ArchitectureSettings, WhiteningNorm, differences, select
 
 logger = logging.getLogger(__name__)
 
@@ -27,19 +27,14 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 4
 
 
-#: Settings that do not change what a saved state dict means (free to differ between a checkpoint and a model).
-RUNTIME_SETTINGS: frozenset[str] = frozenset({"score_aggregation_top_k", "router_eps", "unknown_factor"})
-
-
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
 
 
 def model_settings(arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of ``arguments`` that :class:`MoleFlowModel` takes (its signature is the one list of them)."""
-    names = [name for name in inspect.signature(MoleFlowModel.__init__).parameters if name != "self"]
-    return {name: arguments[name] for name in names if name in arguments}
+    """The entries of ``arguments`` that :class:`MoleFlowModel` takes (:class:`ArchitectureSettings`)."""
+    return select(ArchitectureSettings, arguments)
 
 
 class MoleFlowModel(nn.Module):
@@ -304,9 +299,9 @@ class MoleFlowModel(nn.Module):
                 "this version, or load the checkpoint with the version that wrote it."
             )
             raise ValueError(msg)
-        diff = {key: (saved.get(key), value) for key, value in current.items() if saved.get(key) != value}
+        diff = differences({key: saved.get(key) for key in current}, current)
         if diff:
-            details = ", ".join(f"{key}: checkpoint {old} vs model {new}" for key, (old, new) in diff.items())
+            details = ", ".join(f"{key}: checkpoint {old} vs model {new}" for key, old, new in diff)
             msg = (
                 f"This checkpoint was made with another MoLE-Flow configuration ({details}). "
                 "Build the model with the checkpoint's settings, e.g. `MoleFlow.load_from_checkpoint(path)`."
@@ -331,7 +326,7 @@ class MoleFlowModel(nn.Module):
         with torch.no_grad():
             features = list(self.feature_extractor(images).values())
             patches = self.patch_embedding(features)
-        return patches, patches.mean(dim=(1, 2))
+        return patches, image_embedding(patches)
 
     def encode(self, patches: torch.Tensor, task: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map ``(b, h, w, d)`` patch embeddings through ``task``'s path to latents.
@@ -439,14 +434,18 @@ class MoleFlowModel(nn.Module):
         Returns:
             The predictions, and the routing of each image (task used, router distance, unknown product).
         """
+        if patches is None:
+            patches, _ = self.embed(images)
+        return self.score_patches(patches, tasks, tuple(images.shape[-2:]))
+
+    def score_patches(
+        self, patches: torch.Tensor, tasks: torch.Tensor | None, output_size: tuple[int, int]
+    ) -> tuple[InferenceBatch, Routed]:
+        """Route and score ``(b, h, w, d)`` patch embeddings; anomaly maps of ``output_size`` ``(H, W)``."""
         if self.num_tasks == 0:
             msg = "MoLE-Flow has no task yet: call `add_task(name)` and train before predicting."
             raise RuntimeError(msg)
-        if patches is None:
-            patches, image_embedding = self.embed(images)
-        else:
-            image_embedding = patches.mean(dim=(1, 2))
-        routed = self.route(image_embedding, tasks)
+        routed = self.route(image_embedding(patches), tasks)
         height, width = patches.shape[1:3]
         if self.task_separated or not torch.compiler.is_exporting():
             # Eager: one pass per task present, with plain linears (gathering per-image weights was slower on CPU).
@@ -460,7 +459,7 @@ class MoleFlowModel(nn.Module):
             # An exported graph cannot branch on the routed tasks: one pass, each image's expert weights gathered.
             z, log_det = self.encode(patches, routed.task)
             scores = rearrange(self.patch_nll(z, log_det).float(), "(b h w) -> b h w", h=height, w=width)
-        anomaly_map = self.anomaly_map_generator(scores, tuple(images.shape[-2:]))
+        anomaly_map = self.anomaly_map_generator(scores, output_size)
         pred_score = top_k_image_score(scores, self.score_aggregation_top_k)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map), routed
 

@@ -135,6 +135,17 @@ class RoutingLog:
             routed = Routed(routed, torch.full(routed.shape, float("nan")), torch.zeros(routed.shape, dtype=torch.bool))
         self._chunks.append(Routed(*(tensor.detach().cpu() for tensor in routed)))
 
+    def latest(self) -> Routed:
+        """The routing of the batch recorded last.
+
+        Raises:
+            LookupError: If nothing was recorded.
+        """
+        if not self._chunks:
+            msg = "Nothing was routed yet."
+            raise LookupError(msg)
+        return self._chunks[-1]
+
     def tasks(self) -> torch.Tensor:
         """Every recorded task id, ``(n,)``."""
         return torch.cat([c.task for c in self._chunks]) if self._chunks else torch.zeros(0, dtype=torch.long)

@@ -1,0 +1,202 @@
+"""MoLE-Flow's settings, listed once, and the one way settings are compared.
+
+This module imports neither torch nor anomalib, so that the ``moleflow`` commands build their options (``--model.*``)
+and answer ``--help`` in a fraction of a second. :class:`ArchitectureSettings` are ``MoleFlowModel``'s constructor
+arguments (they define what a checkpoint's weights mean); :class:`TrainingSettings` are the arguments ``MoleFlow``
+adds (training, scoring, speed). ``MoleFlowModel.__init__`` and ``MoleFlow.__init__`` keep explicit signatures
+(anomalib's CLI and jsonargparse read them); ``tests/test_settings.py`` fails when a signature and these lists drift
+apart.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+#: What the whitening adapter normalises over: ``image`` (each image's patches and channels together, as anomalib's
+#: Fastflow) or ``patch`` (each patch alone, the study's), which removes every patch's magnitude (docs/quality.md).
+WhiteningNorm = Literal["image", "patch"]
+#: Training feature cache: ``auto`` (memory, or a memory-mapped file when large), ``memory``, ``disk``, ``off``.
+CacheMode = Literal["auto", "memory", "disk", "off"]
+#: Storage type of the feature cache.
+CacheDtype = Literal["float32", "float16"]
+#: ``compile_mode`` values: off, or a ``torch.compile`` mode.
+CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
+#: How each task's image and pixel thresholds are chosen: ``f1`` (anomalib's: the F1-optimal threshold on the
+#: validation images, which needs defective ones) or ``good_fpr`` (from held-out good training images only, at
+#: ``target_fpr`` false positives: no defect image needed).
+ThresholdMode = Literal["f1", "good_fpr"]
+
+
+@dataclass
+class ArchitectureSettings:
+    """What the network is: ``MoleFlowModel``'s arguments (a checkpoint loads only into the same ones).
+
+    Attributes:
+        backbone: timm backbone name (frozen).
+        layers: Backbone stages whose features form the patch embedding (CNN stages, or any ``blocks.N`` of a ViT).
+        pre_trained: Load ImageNet weights into the backbone.
+        image_size: Input side length in pixels; the pre-processor resizes to it.
+        embed_dim: Patch embedding size D (a positive multiple of 4); None: from the backbone, the stages' channel
+            count rounded down to a multiple of 4, at most 768 (WRN50 layer2+layer3: 768; lite0: 152).
+        patch_size: Local averaging window of the patch embedding (PatchCore's neighbourhood aggregation, odd; 1:
+            none). The study uses 3.
+        num_coupling_layers: MoLE coupling blocks (0: DIA only).
+        dia_blocks: DIA blocks per task (0: MoLE only).
+        lora_rank: Rank of the LoRA experts.
+        lora_alpha: LoRA alpha (update scaled by alpha / rank); None: lora_rank.
+        use_lora: Low-rank experts; false for per-task full-rank linears.
+        use_whitening_adapter: Per-task whitening adapter.
+        whitening_norm: What the whitening LayerNorm normalises over: each image (its patches and channels
+            together, as anomalib's Fastflow) or each patch (the study's).
+        use_pos_embedding: Add the 2D sinusoidal positional embedding.
+        spatial_context_kernel: Kernel of the shared spatial context (0: off, else odd).
+        scale_context_kernel: Kernel of the scale context in each coupling subnet (0: off, else odd).
+        score_aggregation_top_k: Image score = mean of the k highest patch scores.
+        task_separated: One whole flow per task instead of a shared base (the parameter-hungry upper bound).
+        router_eps: Relative ridge of the router covariances.
+        unknown_factor: An image farther from every task than unknown_factor times the task's threshold (its
+            training images' largest held-out router distance) is an unknown product; None: never.
+        exact_likelihood: Train only transforms whose log-determinant the NLL counts (the whitening affine's
+            sum(log gamma) is added, the spatial context stays fixed); false reproduces the study's training.
+    """
+
+    backbone: str = "wide_resnet50_2"
+    layers: Sequence[str] = ("layer2", "layer3")
+    pre_trained: bool = True
+    image_size: int = 224
+    embed_dim: int | None = None
+    patch_size: int = 1
+    num_coupling_layers: int = 6
+    dia_blocks: int = 2
+    lora_rank: int = 64
+    lora_alpha: float | None = None
+    use_lora: bool = True
+    use_whitening_adapter: bool = True
+    whitening_norm: WhiteningNorm = "image"
+    use_pos_embedding: bool = True
+    spatial_context_kernel: int = 3
+    scale_context_kernel: int = 5
+    score_aggregation_top_k: int = 3
+    task_separated: bool = False
+    router_eps: float = 0.01
+    unknown_factor: float | None = 3.0
+    exact_likelihood: bool = True
+
+
+@dataclass
+class TrainingSettings:
+    """How each task is trained and scored: the arguments ``MoleFlow`` adds to :class:`ArchitectureSettings`.
+
+    Attributes:
+        tail_weight: Weight of the tail term of the loss.
+        tail_top_k_ratio: Fraction of each image's patches in the tail term.
+        lambda_logdet: Weight of the log-determinant regulariser.
+        freeze_base: Freeze the shared base after the first task (false: sequential fine-tuning, which forgets).
+        lr: Adam learning rate.
+        max_epochs: Epochs per task (passed to the trainer).
+        unknown_as_anomalous: Score unknown products as anomalous (normalised score 1, label anomalous); false: only
+            flag them, scored by the nearest task's expert.
+        threshold: How each task's thresholds are chosen: f1 (anomalib's F1-optimal threshold on the validation
+            images, which needs defective ones) or good_fpr (from held-out good training images only, so that
+            target_fpr of good images are flagged; no defect image needed).
+        target_fpr: With threshold good_fpr: the share of good images (and of good pixels) allowed above threshold.
+        feature_cache: Compute each training image's patch embedding once per task and reuse it in later epochs:
+            auto (in memory, or a memory-mapped file when large), memory, disk or off. Bypassed when the training
+            transforms are random.
+        feature_cache_dtype: Storage type of the cache (float16 halves it).
+        compile_mode: torch.compile the backbone, the shared coupling blocks and the DIAs when a fit, test or
+            predict sets up: off, or a torch.compile mode. Worth it on a GPU.
+    """
+
+    tail_weight: float = 0.7
+    tail_top_k_ratio: float = 0.02
+    lambda_logdet: float = 1e-4
+    freeze_base: bool = True
+    lr: float = 3e-4
+    max_epochs: int = 60
+    unknown_as_anomalous: bool = True
+    threshold: ThresholdMode = "f1"
+    target_fpr: float = 0.01
+    feature_cache: CacheMode = "auto"
+    feature_cache_dtype: CacheDtype = "float32"
+    compile_mode: CompileMode = "off"
+
+
+@dataclass
+class MoleFlowSettings(TrainingSettings, ArchitectureSettings):
+    """Every setting of ``MoleFlow`` but its anomalib components: the ``--model.*`` options and a config's ``model:``.
+
+    Attributes are those of :class:`ArchitectureSettings` and :class:`TrainingSettings`.
+    """
+
+
+#: Architecture settings that do not change what a saved state dict means (free to differ from a checkpoint's).
+RUNTIME_SETTINGS: frozenset[str] = frozenset({"score_aggregation_top_k", "router_eps", "unknown_factor"})
+#: Settings that change only speed and memory, never a result (a resumed run may change them).
+SPEED_SETTINGS: tuple[str, ...] = ("feature_cache", "feature_cache_dtype", "compile_mode")
+
+
+def names(settings: type) -> list[str]:
+    """The setting names of a settings dataclass, in order."""
+    return [field.name for field in fields(settings)]
+
+
+def defaults(settings: type) -> dict[str, Any]:
+    """Each setting's default."""
+    return {field.name: field.default for field in fields(settings)}
+
+
+def select(settings: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` that name a setting of ``settings``."""
+    return {name: values[name] for name in names(settings) if name in values}
+
+
+def plain(value: Any) -> Any:
+    """A setting as it is compared: JSON data, sequences as lists, integral numbers as floats (``1`` == ``1.0``)."""
+    value = json.loads(json.dumps(value, default=str))
+
+    def normalise(item: Any) -> Any:
+        if isinstance(item, list):
+            return [normalise(element) for element in item]
+        if isinstance(item, dict):
+            return {key: normalise(element) for key, element in item.items()}
+        return float(item) if isinstance(item, int | float) and not isinstance(item, bool) else item
+
+    return normalise(value)
+
+
+def differences(saved: Any, current: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, current value)`` of every leaf that differs between two settings trees (nested dicts).
+
+    The one comparison of settings: checkpoints against models, resumed runs against their configs, options given
+    against their defaults. Values are compared as :func:`plain` data; nested keys are dotted (``model.lr``).
+    """
+    if isinstance(saved, Mapping) and isinstance(current, Mapping):
+        return [
+            difference
+            for key in sorted({*saved, *current})
+            for difference in differences(saved.get(key), current.get(key), f"{path}.{key}" if path else str(key))
+        ]
+    return [] if plain(saved) == plain(current) else [(path, saved, current)]
+
+
+__all__ = [
+    "RUNTIME_SETTINGS",
+    "SPEED_SETTINGS",
+    "ArchitectureSettings",
+    "CacheDtype",
+    "CacheMode",
+    "CompileMode",
+    "MoleFlowSettings",
+    "ThresholdMode",
+    "TrainingSettings",
+    "WhiteningNorm",
+    "defaults",
+    "differences",
+    "names",
+    "plain",
+    "select",
+]
