@@ -1,6 +1,6 @@
 """anomalib-moleflow: MoLE-Flow continual anomaly detection as an anomalib plugin.
 
-Importing the package registers it with anomalib (see :mod:`anomalib_moleflow.registry`), so that
+Importing the package registers it with anomalib (see :mod:`anomalib_moleflow.models.registry`), so that
 ``anomalib.models.get_model("MoleFlow")`` and ``get_model({"class_path": "anomalib_moleflow.MoleFlow"})`` work.
 The model itself (torch, anomalib) loads on first use, so that the ``moleflow`` command starts in a fraction of a
 second.
@@ -8,7 +8,7 @@ second.
 
 import lazy_loader
 
-from anomalib_moleflow.registry import register_with_anomalib
+from anomalib_moleflow.models.registry import register_with_anomalib
 
 __version__ = "0.1.0"
 

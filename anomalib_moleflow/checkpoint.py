@@ -7,19 +7,17 @@ before anything is loaded from it, so it can never produce NaN scores or overwri
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from anomalib_moleflow.errors import CheckpointError
 from anomalib_moleflow.io import atomic_write_text
 
+logger = logging.getLogger(__name__)
+
 CHECKSUM_SUFFIX = ".sha256"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used (damaged, not a checkpoint, or with non-finite weights)."""
 
 
 def checksum_path(path: Path | str) -> Path:
@@ -51,6 +49,8 @@ def check_finite_state(state_dict: Mapping[str, Any], source: str, prefix: str =
     Raises:
         CheckpointError: Naming the first non-finite tensor.
     """
+    import torch  # here, not at the top: the command line reads checksum paths without loading torch
+
     for key, value in state_dict.items():
         if (
             key.startswith(prefix)
@@ -65,6 +65,20 @@ def check_finite_state(state_dict: Mapping[str, Any], source: str, prefix: str =
             raise CheckpointError(msg)
 
 
+def check_checkpoint_path(path: Path | str) -> Path:
+    """``path`` as a ``Path`` if it is a file.
+
+    Raises:
+        FileNotFoundError: If it does not exist or is a folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        problem = "is a folder, not a file" if path.is_dir() else "does not exist"
+        msg = f"Checkpoint '{path}' {problem}. Pass the model.ckpt that a finished run wrote."
+        raise FileNotFoundError(msg)
+    return path
+
+
 def read_checkpoint(path: Path | str) -> dict[str, Any]:
     """Load a checkpoint after checking it: exists, not empty, matches its checksum (when one is beside it), readable.
 
@@ -75,16 +89,21 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
         FileNotFoundError: If the file does not exist.
         CheckpointError: If the file is empty, damaged, not a checkpoint, or holds non-finite network weights.
     """
-    path = Path(path)
-    if not path.is_file():
-        problem = "is a folder, not a file" if path.is_dir() else "does not exist"
-        msg = f"Checkpoint '{path}' {problem}. Pass the model.ckpt that a finished run wrote."
-        raise FileNotFoundError(msg)
+    path = check_checkpoint_path(path)
     if path.stat().st_size == 0:
         msg = f"Checkpoint '{path}' is empty (0 bytes): its write or copy was interrupted. Copy it again or retrain."
         raise CheckpointError(msg)
     sidecar = checksum_path(path)
-    if sidecar.exists():
+    if not sidecar.exists():
+        logger.warning(
+            "Checkpoint '%s' has no checksum beside it ('%s'): damage to it (a bad copy, a flipped bit) cannot be "
+            "detected. Copy the checksum with the checkpoint, or write one: sha256sum %s > %s.",
+            path,
+            sidecar.name,
+            path.name,
+            sidecar.name,
+        )
+    else:
         expected = sidecar.read_text().split()[:1]
         if expected != [sha256(path)]:
             msg = (
@@ -92,6 +111,8 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
                 "written (an incomplete copy or a disk error). Copy it again from where it was written, or retrain."
             )
             raise CheckpointError(msg)
+    import torch
+
     try:
         # Our own checkpoints hold pickled settings (and the baselines' whole models), so they are read fully; the
         # checksum above is what guards against damage.

@@ -6,11 +6,15 @@ anomalib 2.7 has no public API for these:
   its min-max normalisation ``_normalize`` and thresholding ``_apply_threshold``. :class:`TaskPostProcessor` keeps
   one set per task and reuses anomalib's arithmetic instead of re-deriving it.
 * ``padim.torch_model._N_FEATURES_DEFAULTS``: the channels Padim keeps per backbone (``None`` for others).
+* torch's, not anomalib's: ``nn.Module.compile``'s in-place wrapper ``_compiled_call_impl`` (no public way to undo
+  it; exporters can neither pickle nor trace it) and ``torch._dynamo.config.cache_size_limit`` (raised in a context).
 * ``MemoryBankMixin`` (Patchcore): ``_is_fitted``, and ``PatchcoreModel.embedding_store``. A fitted Patchcore never
   refits; retraining it on a new task (the fine-tuning baseline) needs both reset.
 """
 
 from __future__ import annotations
+
+from contextlib import AbstractContextManager
 
 import torch
 from anomalib.models import Patchcore
@@ -48,6 +52,22 @@ def reset_memory_bank(model: Patchcore) -> None:
     """Let the next ``fit`` of a Patchcore build a new memory bank from its own data (replacing the current one)."""
     model.model.embedding_store.clear()
     model._is_fitted = torch.tensor([False], device=model._is_fitted.device)
+
+
+def uncompile(model: torch.nn.Module) -> None:
+    """Undo ``nn.Module.compile`` on ``model`` and its submodules (they run eagerly again)."""
+    for module in model.modules():
+        module._compiled_call_impl = None
+
+
+def compile_cache_limit(limit: int) -> AbstractContextManager[None]:
+    """Inside the block, dynamo recompiles a module up to ``limit`` times (at least its default) before giving up."""
+    return torch._dynamo.config.patch(cache_size_limit=max(limit, torch._dynamo.config.cache_size_limit))
+
+
+def is_compiled(module: torch.nn.Module) -> bool:
+    """Whether ``module.compile()`` was called on ``module`` (and not undone)."""
+    return getattr(module, "_compiled_call_impl", None) is not None
 
 
 def padim_default_features(backbone: str) -> int | None:

@@ -28,9 +28,10 @@ GOOD_FLAGGED = "image_FPR"
 class FPR(AnomalibMetric, BinarySpecificity):
     """False-positive rate of the predicted labels: the share of good images labelled anomalous (1 - specificity)."""
 
-    def compute(self) -> torch.Tensor:
-        """``1 - specificity``."""
-        return 1.0 - super().compute()
+    def compute(self) -> torch.Tensor | None:
+        """``1 - specificity`` (``None`` when no batch had labels to compare, as anomalib's non-strict metrics)."""
+        specificity = super().compute()
+        return None if specificity is None else 1.0 - specificity
 
 
 def default_evaluator() -> Evaluator:

@@ -1,4 +1,4 @@
-"""Process settings our commands choose for themselves: the number of torch CPU threads."""
+"""Process settings our commands choose for themselves: the number of torch CPU threads, the libraries' log level."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-import torch
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +44,8 @@ def pick_threads(requested: int | None = None) -> int:
 @contextmanager
 def torch_threads(requested: int | None = None) -> Iterator[int]:
     """Run the block with :func:`pick_threads` torch threads, then restore the previous count."""
+    import torch  # here: the command line imports this module before it knows whether torch is needed
+
     previous = torch.get_num_threads()
     threads = pick_threads(requested)
     torch.set_num_threads(threads)
@@ -54,3 +54,18 @@ def torch_threads(requested: int | None = None) -> Iterator[int]:
         yield threads
     finally:
         torch.set_num_threads(previous)
+
+
+def quiet_libraries() -> None:
+    """For the ``moleflow`` command (not the library): Lightning's per-fit device announcements and checkpoint notes.
+
+    A continual run fits and tests dozens of times; Lightning announces the devices ("GPU available: ...") and its
+    checkpoint defaults at INFO each time. Warnings stay visible.
+    """
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning_fabric.utilities.rank_zero",
+        "lightning.pytorch.trainer.connectors.checkpoint_connector",
+        "torch.utils.cpp_extension",
+    ):
+        logging.getLogger(name).setLevel(logging.WARNING)

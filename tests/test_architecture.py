@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ ROOT = "anomalib_moleflow"
 
 #: Layers, bottom first. A module may import from its own component and from components of lower layers only.
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"io", "metrics", "compat", "registry", "runtime", "deploy"}),
+    frozenset({"io", "errors", "metrics", "compat", "runtime", "deploy"}),
     frozenset({"checkpoint"}),
     frozenset({"models", "data"}),
     frozenset({"baselines", "reports"}),
@@ -82,8 +83,19 @@ GRAPH: dict[str, set[str]] = {module: imports_of(module) for module in MODULES i
 
 def test_the_graph_sees_the_package() -> None:
     assert {"anomalib_moleflow.cli.main", "anomalib_moleflow.models.moleflow.lightning_model"} <= set(GRAPH)
-    assert "anomalib_moleflow.engine" in GRAPH["anomalib_moleflow.cli.main"]
+    assert "anomalib_moleflow.engine.runner" in GRAPH["anomalib_moleflow.cli.main"]
     assert "anomalib_moleflow.models.moleflow.torch_model" in GRAPH["anomalib_moleflow.models.moleflow.lightning_model"]
+
+
+def test_the_cli_dispatches_to_lower_layers_only() -> None:
+    from anomalib_moleflow.cli.main import COMMANDS
+
+    for module, parser, function, _ in COMMANDS.values():
+        assert module in MODULES, module  # the command table names real modules of the package
+        assert layer(module) < layer("anomalib_moleflow.cli.main"), module
+        loaded = importlib.import_module(module)
+        assert callable(getattr(loaded, parser)), (module, parser)
+        assert callable(getattr(loaded, function)), (module, function)
 
 
 @pytest.mark.parametrize("module", sorted(GRAPH))

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import pytest
 
-from anomalib_moleflow.cli.main import build_parser, main, model_argument_names, translate_study_flags
+from anomalib_moleflow.cli.main import COMMANDS, main, parse
+from anomalib_moleflow.engine.runner import model_argument_names, translate_study_flags
 
 
-def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+def test_help_lists_every_subcommand_and_each_one_has_its_own_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: moleflow")
-    commands = ("continual", "benchmark", "ablate", "predict", "generate-demo", "convert-8bit", "moleflow anomalib")
-    for command in commands:
-        assert command in out
+    listed = [line.split()[0] for line in out.split("commands:")[1].split("options:")[0].splitlines() if line.strip()]
+    assert listed == [*COMMANDS, "anomalib"]
+    assert set(COMMANDS) == {"continual", "benchmark", "ablate", "predict", "export", "generate-demo", "convert-8bit"}
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: moleflow {command}"), command
 
 
 def test_study_flags_become_model_options_and_routing_stays_the_engines() -> None:
@@ -25,7 +31,7 @@ def test_study_flags_become_model_options_and_routing_stays_the_engines() -> Non
         "--model.use_lora", "false", "--model.tail_weight", "0", "--model.task_separated", "true",
         "--routing", "oracle", "--seed", "3",
     ]  # fmt: skip
-    config = build_parser().parse_args(["continual", *translated]).continual
+    _, config = parse(["continual", *argv])
     assert config.model.use_lora is False
     assert config.model.tail_weight == 0.0
     assert config.model.task_separated is True
@@ -36,8 +42,8 @@ def test_study_flags_become_model_options_and_routing_stays_the_engines() -> Non
 
 @pytest.mark.parametrize(("argv", "expected"), [([], False), (["--resume"], True), (["--resume", "false"], False)])
 def test_resume_is_a_bare_switch(argv: list[str], expected: bool) -> None:
-    assert build_parser().parse_args(["continual", *argv]).continual.resume is expected
-    assert build_parser().parse_args(["benchmark", *argv]).benchmark.resume is expected
+    assert parse(["continual", *argv])[1].resume is expected
+    assert parse(["benchmark", *argv])[1].resume is expected
 
 
 def test_continual_without_tasks_fails_clearly(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -152,7 +152,7 @@ loaded = sorted(name for name in sys.modules if name.split(".")[0] in {{"torch",
 assert not loaded, loaded
 """
     subprocess.run([sys.executable, "-c", script], check=True, timeout=240, cwd=tmp_path)
-    reference = predict_folder(model, folder, tmp_path / "predict", overlays=False, progress=False)
+    reference = predict_folder(model, folder, tmp_path / "predict", overlays=False, progress=False).csv
     with exported_csv.open() as handle:
         exported = list(csv.DictReader(handle))
     with reference.open() as handle:
@@ -165,6 +165,38 @@ assert not loaded, loaded
         assert float(got["raw_score"]) == pytest.approx(float(want["raw_score"]), abs=1e-3)
         if abs(float(want["normalized_score"]) - 0.5) > 1e-3:
             assert got["label"] == want["label"]
+
+
+def test_exported_loader_scores_every_readable_image_and_names_every_unreadable_one(
+    two_task_run: tuple[MoleFlow, Path, Path], onnx_export: Path, tmp_path: Path
+) -> None:
+    _, root, _ = two_task_run
+    folder = tmp_path / "line"
+    folder.mkdir()
+    files = _files(root)[:3]
+    for file in files:
+        (folder / file.name).write_bytes(file.read_bytes())
+    data = files[0].read_bytes()
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+    (folder / "ground_truth").mkdir()
+    (folder / "ground_truth" / "000_mask.png").write_bytes(data)  # a mask folder: skipped
+    output = tmp_path / "out.csv"
+    completed = subprocess.run(
+        [sys.executable, str(onnx_export.parent / LOADER_NAME), str(onnx_export), str(folder), "--csv", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert completed.returncode == 1
+    assert "truncated.png" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    with output.open() as handle:
+        rows = {Path(row["image_path"]).name: row for row in csv.DictReader(handle)}
+    assert set(rows) == {*(file.name for file in files), "truncated.png"}
+    assert "unreadable image" in rows["truncated.png"]["error"]
+    assert all(rows[file.name]["error"] == "" and rows[file.name]["routed_task"] for file in files)
+    assert "1 mask file(s) skipped" in completed.stdout
 
 
 def test_anomalib_engine_exports_run_in_anomalib_inferencers(

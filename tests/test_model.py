@@ -5,6 +5,7 @@ Everything runs on CPU with tiny random backbones (``pre_trained=False``) and a 
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import subprocess
@@ -231,9 +232,11 @@ def test_invertible_part_reconstructs_input_for_every_task(num_coupling_layers: 
 )
 def test_log_det_matches_autograd_jacobian(num_coupling_layers: int, dia_blocks: int) -> None:
     torch.manual_seed(0)
-    # no positional code, no whitening (LayerNorm is not invertible), no spatial context: encode() of a single
-    # 1 x 1 patch is exactly the invertible part (the scale context conv still acts through its centre tap).
+    # no positional code, no whitening (LayerNorm is not invertible), no spatial context, and a 1 x 1 patch grid
+    # (ResNet-18's last stage at 32 px): encode() of one patch is exactly the invertible part (the scale context conv
+    # still acts through its centre tap).
     model = small_model(
+        layers=("layer4",),
         embed_dim=8,
         num_coupling_layers=num_coupling_layers,
         dia_blocks=dia_blocks,
@@ -268,6 +271,7 @@ def test_exact_likelihood_counts_the_whitening_affine_in_the_log_det() -> None:
     logs = {}
     for exact in (True, False):
         model = small_model(
+            layers=("layer4",),  # a 1 x 1 patch grid: encode() of one patch is the whole transform
             embed_dim=8,
             num_coupling_layers=2,
             dia_blocks=1,
@@ -287,7 +291,7 @@ def test_exact_likelihood_counts_the_whitening_affine_in_the_log_det() -> None:
 
         def from_whitened(v: torch.Tensor, model: MoleFlowModel = model, adapter: nn.Module = adapter) -> torch.Tensor:
             x = v.view(1, 1, 1, 8) * adapter.gamma + adapter.beta
-            z, _ = model.flow_for(0)(x.view(1, 8), "0", grid=(1, 1))
+            z, _ = model.flow_for(0)(x.view(1, 8), 0)
             return model.dias[0](z)[0].view(8)
 
         _, expected = torch.linalg.slogdet(torch.autograd.functional.jacobian(from_whitened, y.view(8)))
@@ -341,14 +345,15 @@ def test_new_task_starts_as_base_flow(use_lora: bool) -> None:
     perturb(model, seed=6)  # "train" task 0 and the shared base
     model.add_task("b")
     patches = random_patches(model)
-    grid = model.grid
     with torch.no_grad():
         z1, log_det1 = model.encode(patches, 1)
         z0, _ = model.encode(patches, 0)
         tokens = model.flow_inputs(patches, 1)
         flow = model.flow_for(1)
-        flow.state.task, flow.state.grid = None, grid  # base only: no expert
-        z_base, log_det_base = flow.blocks(tokens)
+        base_only = copy.deepcopy(flow)
+        for layer in base_only.moles():  # base only: no expert at all
+            layer.forward = lambda x, tasks, base=layer.base: base(x)
+        z_base, log_det_base = base_only(tokens, 1)
     torch.testing.assert_close(z1, z_base, rtol=0, atol=1e-6)
     torch.testing.assert_close(log_det1, log_det_base, rtol=0, atol=1e-5)
     # task 0's (perturbed) expert/DIA/adapter do change the output, so the comparison above is meaningful

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from anomalib_moleflow.cli.main import build_parser, model_argument_names, translate_study_flags
+from anomalib_moleflow.cli.main import parse
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,11 +45,8 @@ def test_every_moleflow_command_parses(argv: list[str], monkeypatch: pytest.Monk
         config = REPO / argv[argv.index("--config") + 1]
         assert config.is_file(), config
         return
-    if argv[0] == "continual":
-        argv = ["continual", *translate_study_flags(argv[1:], model_argument_names())]
-    config = build_parser().parse_args(argv)
-    options = config[config.command]
-    if config.command in {"continual", "benchmark"}:
+    command, options = parse(argv)
+    if command in {"continual", "benchmark"}:
         assert options.tasks, f"{argv}: the config has no tasks"
     if "--resume" in argv:
         assert options.resume is True

@@ -282,13 +282,19 @@ def test_predict_routes_a_mixed_nested_folder_and_writes_the_csv(
     expected: dict[str, str] = {}
     for category, subfolder in ((TINY_CATEGORIES[0], "a"), (TINY_CATEGORIES[2], "b/nested"), (TINY_CATEGORIES[1], "c")):
         for source in sorted((root / category / "test" / "good").glob("*.png"))[:3]:
-            target = mixed / subfolder / f"{category}_{source.name}"
+            target = mixed / subfolder / source.name  # the same file names in every folder
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(source, target)
             expected[str(target)] = category
+    masks = mixed / "a" / "ground_truth" / "scratch"  # anomalib's mask folder: skipped, counted
+    masks.mkdir(parents=True)
+    for mask in sorted((root / TINY_CATEGORIES[0] / "ground_truth").rglob("*.png"))[:2]:
+        shutil.copy(mask, masks / mask.name)
     argv = ["predict", "--ckpt", str(output / "model.ckpt"), "--input", str(mixed), "--output", str(tmp_path / "p")]
     assert main([*argv, "--progress_bar", "false", "--batch_size", "4"]) == 0
-    assert capsys.readouterr().out.strip() == str(tmp_path / "p" / "predictions.csv")
+    out = capsys.readouterr().out
+    assert "9 image(s) scored" in out
+    assert "2 mask file(s)" in out
     with (tmp_path / "p" / "predictions.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert {row["image_path"] for row in rows} == set(expected)
@@ -302,9 +308,79 @@ def test_predict_routes_a_mixed_nested_folder_and_writes_the_csv(
             assert row["unknown_product"] == "0"
         assert 0.0 <= float(row["normalized_score"]) <= 1.0
         assert float(row["router_distance"]) > 0
-    overlays = sorted(path.name for path in (tmp_path / "p" / "overlays").iterdir())
-    assert len(overlays) == len(expected)
-    assert sum(name.startswith("unknown_anomalous_") for name in overlays) == 3
+        assert row["error"] == ""
+    # one overlay per row, at the image's path below --input (same names in different folders do not collide)
+    overlays = sorted(str(path.relative_to(tmp_path / "p" / "overlays")) for path in (tmp_path / "p").rglob("*.png"))
+    assert overlays == sorted(str(Path(path).relative_to(mixed)) for path in expected)
+
+    # a second prediction into the same folder is refused (nothing replaced), --overwrite replaces it
+    before = (tmp_path / "p" / "predictions.csv").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--progress_bar", "false"])
+    assert exit_info.value.code == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "p" / "predictions.csv").read_bytes() == before
+    assert main([*argv, "--progress_bar", "false", "--overwrite", "--overlays", "false"]) == 0
+    assert not (tmp_path / "p" / "overlays").exists()
+
+
+def test_predict_scores_every_readable_image_and_lists_every_unreadable_one(
+    unknown_product_run: tuple[MoleFlow, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import csv
+    import shutil
+
+    _, root, output = unknown_product_run
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = sorted((root / TINY_CATEGORIES[0] / "test" / "good").glob("*.png"))[:3]
+    for source in good:
+        shutil.copy(source, folder / source.name)
+    data = good[0].read_bytes()
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+    (folder / "not_an_image.png").write_text("hello")
+    argv = ["predict", "--ckpt", str(output / "model.ckpt"), "--input", str(folder), "--output", str(tmp_path / "p")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--progress_bar", "false"])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert "truncated.png" in error
+    assert "not_an_image.png" in error
+    assert len(error.strip().splitlines()[-1]) > 0
+    assert "Traceback" not in error
+    with (tmp_path / "p" / "predictions.csv").open() as handle:
+        rows = {Path(row["image_path"]).name: row for row in csv.DictReader(handle)}
+    assert len(rows) == 5
+    for source in good:
+        assert rows[source.name]["error"] == ""
+        assert float(rows[source.name]["raw_score"]) > -1e9
+    for broken in ("truncated.png", "not_an_image.png"):
+        assert "unreadable image" in rows[broken]["error"]
+        assert rows[broken]["raw_score"] == ""
+
+
+def test_predict_without_thresholds_labels_nothing(
+    unknown_product_run: tuple[MoleFlow, Path, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from anomalib_moleflow.engine.predict import predict_folder
+
+    model, root, _ = unknown_product_run
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for source in sorted((root / TINY_CATEGORIES[0] / "test").rglob("*.png"))[:3]:
+        shutil.copy(source, folder / source.name)
+    model.post_processor.enable_thresholding = False
+    try:
+        summary = predict_folder(model, folder, tmp_path / "p", overlays=False, progress=False)
+    finally:
+        model.post_processor.enable_thresholding = True
+    import csv
+
+    with summary.csv.open() as handle:
+        labels = {row["label"] for row in csv.DictReader(handle)}
+    assert labels == {""}  # never "anomalous" for want of a threshold
 
 
 def test_torch_export_of_a_two_task_model_matches_pytorch(

@@ -9,16 +9,12 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import seed_everything
-
-from anomalib_moleflow.data import build_tasks
-from anomalib_moleflow.engine import ContinualEngine, MoleFlowStrategy
-from anomalib_moleflow.engine.continual import STATE_FILE
+from anomalib_moleflow.engine.options import STATE_FILE
+from anomalib_moleflow.engine.runner import run_continual
 from anomalib_moleflow.io import atomic_write_text
-from anomalib_moleflow.models import MoleFlow
 from anomalib_moleflow.reports.ablation_table import write_suite_report
 
-from .suite import Scale, Suite, config_key
+from .suite import Scale, Suite, config_key, validate
 
 logger = logging.getLogger(__name__)
 
@@ -68,22 +64,9 @@ CHANCE = 0.65
 
 
 def _run_one(config: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """One continual run of a resolved config into ``folder`` (continuing an interrupted one)."""
-    seed = int(config.get("seed", 42))
-    seed_everything(seed, verbose=False)
-    model = MoleFlow(**config.get("model", {}), visualizer=False)
-    engine = ContinualEngine(
-        output_dir=folder,
-        seed=seed,
-        resume=(folder / STATE_FILE).exists(),
-        accelerator=config.get("accelerator", "auto"),
-        devices=config.get("devices", 1),
-        enable_progress_bar=bool(config.get("progress_bar", False)),
-        overlays_per_task=int(config.get("overlays_per_task", 0)),
-        precision=config.get("precision"),
-    )
-    strategy = MoleFlowStrategy(model, config.get("routing", "router"))
-    return engine.run(strategy, build_tasks(config["tasks"]))
+    """One continual run of a resolved config into ``folder`` (continuing an interrupted one), by the one runner."""
+    run = {**config, "output": str(folder), "resume": (folder / STATE_FILE).exists(), "overwrite": False}
+    return run_continual(run)
 
 
 def run_suite(suite: Suite, output: Path | str, scale: Scale = "full") -> dict[str, Any]:
@@ -100,8 +83,8 @@ def run_suite(suite: Suite, output: Path | str, scale: Scale = "full") -> dict[s
     """
     folder = Path(output) / suite.name
     records = []
-    for run in suite.runs:
-        config = suite.resolved(run, scale, Path(output) / "data")
+    configs = validate(suite, scale, Path(output) / "data")  # every run checked before the first one starts
+    for run, config in zip(suite.runs, configs, strict=True):
         key = config_key(config)
         run_dir = folder / "runs" / f"{run.slug}-{key}"
         done = run_dir / RUN_FILE

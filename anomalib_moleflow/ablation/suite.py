@@ -29,6 +29,8 @@ from typing import Any, Literal
 import yaml
 
 Scale = Literal["full", "smoke"]
+#: Keys of a run in a suite YAML.
+RUN_KEYS = frozenset({"name", "set", "reference", "depth"})
 
 #: ``--scale smoke``: any suite on a 2-core CPU in minutes (two generated tasks, a tiny random backbone, one epoch).
 SMOKE: dict[str, Any] = {
@@ -102,6 +104,26 @@ class Suite:
         return config
 
 
+def validate(suite: Suite, scale: Scale, data_root: Path) -> list[dict[str, Any]]:
+    """Every run's resolved config, each checked by the continual runner's parser before any run starts.
+
+    Raises:
+        ValueError: Naming the run and its first unknown key or invalid value (e.g. ``model.tail_wieght``).
+    """
+    from anomalib_moleflow.engine.runner import resolve
+
+    configs = []
+    for run in suite.runs:
+        config = suite.resolved(run, scale, data_root)
+        try:
+            resolve(config)
+        except ValueError as error:
+            msg = f"Suite '{suite.name}', run '{run.name}': {error}"
+            raise ValueError(msg) from error
+        configs.append(config)
+    return configs
+
+
 def config_key(config: dict[str, Any]) -> str:
     """Short hash of a resolved config: finished runs are found again by it."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -125,7 +147,7 @@ def load_suite(path: Path | str, base: Path | str | None = None) -> Suite:
     """
     path = Path(path)
     data = yaml.safe_load(path.read_text())
-    unknown = sorted(set(data) - {"name", "base", "runs", "sweep"})
+    unknown = sorted(set(data) - {"name", "base", "runs", "sweep"}) if isinstance(data, dict) else ["(not a mapping)"]
     if unknown:
         msg = f"Unknown key(s) {unknown} in suite '{path}'; its keys are name, base, runs, sweep."
         raise ValueError(msg)
@@ -134,6 +156,10 @@ def load_suite(path: Path | str, base: Path | str | None = None) -> Suite:
     name = data.get("name", path.stem)
     if "sweep" in data:
         sweep = data["sweep"]
+        unknown = sorted(set(sweep) - {"key", "values", "main", "reference"})
+        if unknown or "key" not in sweep or "values" not in sweep:
+            msg = f"Sweep of suite '{path}': unknown key(s) {unknown}; its keys are key, values, main, reference."
+            raise ValueError(msg)
         values = list(sweep["values"])
         main = sweep.get("main", values[0])
         ordered = [main, *(v for v in values if v != main)]
@@ -141,6 +167,14 @@ def load_suite(path: Path | str, base: Path | str | None = None) -> Suite:
         references = {str(k): v for k, v in (sweep.get("reference") or {}).items()}
         runs = [Run(f"{leaf}={v}", {sweep["key"]: v}, dict(references.get(str(v), {})), value=v) for v in ordered]
         return Suite(name, config, runs, sweep_key=sweep["key"])
+    for index, row in enumerate(data.get("runs") or []):
+        unknown = sorted(set(row) - RUN_KEYS) if isinstance(row, dict) else ["(not a mapping)"]
+        if unknown or "name" not in row:
+            msg = (
+                f"Run {index + 1} of suite '{path}' has unknown key(s) {unknown} or no name; a run's keys are "
+                f"{sorted(RUN_KEYS)} (name required)."
+            )
+            raise ValueError(msg)
     runs = [
         Run(r["name"], dict(r.get("set", {})), dict(r.get("reference", {})), depth=dict(r.get("depth", {})))
         for r in data.get("runs", [])

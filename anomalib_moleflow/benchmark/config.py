@@ -8,9 +8,9 @@ from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from anomalib_moleflow.baselines import TimmFastflow, TimmPadim, TimmPatchcore
+from anomalib_moleflow.baselines.settings import FastflowSettings, PadimSettings, PatchcoreSettings
 from anomalib_moleflow.engine.options import add_run_options
-from anomalib_moleflow.models import MoleFlow
+from anomalib_moleflow.models.moleflow.settings import MoleFlowSettings
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ MODELS: tuple[str, ...] = ("moleflow", "fastflow", "patchcore", "padim")
 REGIMES: tuple[str, ...] = ("finetune", "separate", "joint")
 #: Settings every row shares (same backbone, stages and image size for every method).
 SHARED_KEYS: tuple[str, ...] = ("backbone", "layers", "pre_trained", "image_size")
-_SKIPPED = {"pre_processor", "post_processor", "evaluator", "visualizer", *SHARED_KEYS}
+_SKIPPED = set(SHARED_KEYS)
 
 
 @dataclass(frozen=True)
@@ -85,9 +85,10 @@ class RowSpec:
         return self.name.replace("/", "_").replace("#", "-")
 
 
-def benchmark_parser() -> ArgumentParser:
-    """Parser of ``moleflow benchmark`` (YAML configs use the same keys)."""
+def benchmark_parser(exit_on_error: bool = True) -> ArgumentParser:
+    """Parser of ``moleflow benchmark`` (YAML configs use the same keys; no torch or anomalib import)."""
     parser = ArgumentParser(
+        exit_on_error=exit_on_error,
         prog="moleflow benchmark",
         description="MoLE-Flow vs anomalib's Fastflow, Patchcore and Padim (finetune / separate + router / joint) on "
         "the same task sequence, backbone and image size: one table, one plot.",
@@ -117,10 +118,10 @@ def benchmark_parser() -> ArgumentParser:
     parser.add_argument("--pre_trained", type=bool, default=True, help="ImageNet weights.")
     parser.add_argument("--image_size", type=int, default=224, help="Input side length of every row.")
     parser.add_argument("--rows", type=list[str], default=list(ROWS), help=f"Rows to run, from {list(ROWS)}.")
-    parser.add_class_arguments(MoleFlow, "moleflow", skip=_SKIPPED)
-    parser.add_class_arguments(TimmFastflow, "fastflow", skip=_SKIPPED)
-    parser.add_class_arguments(TimmPatchcore, "patchcore", skip=_SKIPPED)
-    parser.add_class_arguments(TimmPadim, "padim", skip=_SKIPPED)
+    parser.add_class_arguments(MoleFlowSettings, "moleflow", skip=_SKIPPED)
+    parser.add_class_arguments(FastflowSettings, "fastflow")
+    parser.add_class_arguments(PatchcoreSettings, "patchcore")
+    parser.add_class_arguments(PadimSettings, "padim")
     parser.add_argument(
         "--overrides",
         type=dict[str, dict[str, Any]],

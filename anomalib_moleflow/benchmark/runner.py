@@ -18,36 +18,18 @@ from lightning.pytorch import seed_everything
 
 from anomalib_moleflow.baselines import TimmFastflow, TimmPadim, TimmPatchcore
 from anomalib_moleflow.data import Task, build_tasks, check_datamodule
-from anomalib_moleflow.engine import (
-    ContinualEngine,
-    FinetuneStrategy,
-    JointStrategy,
-    MoleFlowStrategy,
-    SeparateStrategy,
-    Strategy,
-)
+from anomalib_moleflow.engine import FinetuneStrategy, JointStrategy, SeparateStrategy, Strategy
+from anomalib_moleflow.engine.runner import moleflow_strategy, run_continual
 from anomalib_moleflow.io import atomic_write_text, claim_output_dir
 from anomalib_moleflow.metrics import METRICS
-from anomalib_moleflow.models import MoleFlow
 from anomalib_moleflow.reports import COLUMNS, seeds_markdown, summarize, summarize_seeds, write_report
 from anomalib_moleflow.runtime import torch_threads
 
 from .config import SHARED_KEYS, RowSpec, benchmark_parser, parse_rows
 from .measure import PeakMemory, inference_ms_per_image, release_large_frees, resolve_device, sample_images
+from .outputs import BENCHMARK_OUTPUTS
 
 logger = logging.getLogger(__name__)
-
-#: What a benchmark writes into its output folder (``overwrite`` deletes these and nothing else).
-BENCHMARK_OUTPUTS: tuple[str, ...] = (
-    "benchmark.json",
-    "benchmark.csv",
-    "benchmark.md",
-    "benchmark.png",
-    "seeds.json",
-    "seeds.md",
-    "rows",
-    "seed_[0-9]*",
-)
 
 
 def _as_dict(value: Any) -> dict[str, Any]:
@@ -78,10 +60,11 @@ def router_settings(config: Namespace) -> dict[str, Any]:
 
 
 def make_strategy(config: Namespace, row: RowSpec, tasks: list[Task], device: torch.device) -> Strategy:
-    """The row's strategy: MoLE-Flow, or an anomalib baseline in its regime."""
+    """The row's strategy: MoLE-Flow from the row's continual config (as any continual run builds it), or an anomalib
+    baseline in its regime."""
     settings = row_settings(config, row)
     if row.model == "moleflow":
-        return MoleFlowStrategy(MoleFlow(**settings, visualizer=False))
+        return moleflow_strategy(row_config(config, row, Path(config.output) / "rows" / row.folder))
     cls = {"fastflow": TimmFastflow, "patchcore": TimmPatchcore, "padim": TimmPadim}[row.model]
 
     def make() -> AnomalibModule:
@@ -92,6 +75,27 @@ def make_strategy(config: Namespace, row: RowSpec, tasks: list[Task], device: to
     if row.regime == "separate":
         return SeparateStrategy(make, row.model, router_settings(config), device)
     return JointStrategy(make, row.model, tasks)
+
+
+def row_config(config: Namespace, row: RowSpec, folder: Path) -> dict[str, Any]:
+    """The row's continual config (the keys of ``moleflow continual``): its folder, the benchmark's seed and device
+    settings, the torch threads already chosen for the whole benchmark, and MoLE-Flow's settings for its rows."""
+    continual = {
+        "output": str(folder),
+        "seed": config.seed,
+        "resume": config.resume,
+        "accelerator": config.accelerator,
+        "devices": config.devices,
+        "precision": config.precision,
+        "progress_bar": config.progress_bar,
+        "overlays_per_task": 0,
+        "threads": torch.get_num_threads(),
+        "routing": "router",
+    }
+    if row.model == "moleflow":
+        settings = row_settings(config, row)
+        continual["model"] = {**settings, "layers": list(settings["layers"])}
+    return continual
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -233,18 +237,11 @@ def _run_rows(config: Namespace, parser: ArgumentParser, rows: list[RowSpec], ta
             with meter:
                 seed_everything(config.seed, verbose=False)  # initial weights depend on the seed, not on earlier rows
                 strategy = make_strategy(config, row, tasks, device)
-                engine = ContinualEngine(
-                    output_dir=folder,
-                    seed=config.seed,
-                    resume=config.resume,
-                    accelerator=config.accelerator,
-                    devices=config.devices,
-                    enable_progress_bar=config.progress_bar,
-                    overlays_per_task=0,
-                    precision=config.precision,
-                    config={"benchmark": {"row": row.name}},
+                row_run = row_config(config, row, folder)
+                results = run_continual(
+                    row_run, strategy=strategy, tasks=tasks, record={"benchmark": {"row": row.name}}
                 )
-                record = _record(row, engine.run(strategy, tasks))
+                record = _record(row, results)
                 batch = int(getattr(tasks[0].datamodule, "eval_batch_size", 16))
                 record["inference_ms_per_image"] = inference_ms_per_image(
                     strategy.final_module(), images, batch, device

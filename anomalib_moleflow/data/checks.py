@@ -16,10 +16,7 @@ from anomalib.data import AnomalibDataModule
 from PIL import Image, UnidentifiedImageError
 
 from anomalib_moleflow.deploy.inferencer import IMAGE_SUFFIXES, WIDE_MODES
-
-
-class DatasetError(RuntimeError):
-    """A dataset is missing, incomplete or unreadable."""
+from anomalib_moleflow.errors import DatasetError
 
 
 def _images(folder: Path) -> list[Path]:

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checks import DatasetError
+from anomalib_moleflow.errors import DatasetError
 
 __all__ = ["ForeignFolderError", "atomic_folder", "check_owned", "read_marker", "write_marker"]
 

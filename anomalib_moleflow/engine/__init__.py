@@ -6,7 +6,9 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
-        "continual": ["CHECKPOINT_FILE", "STATE_FILE", "ContinualEngine"],
+        "continual": ["ContinualEngine"],
+        "options": ["CHECKPOINT_FILE", "RUN_OUTPUTS", "STATE_FILE"],
+        "runner": ["continual_parser", "resolve", "run_continual"],
         "strategies": [
             "FinetuneStrategy",
             "JointStrategy",

@@ -26,6 +26,7 @@ from anomalib_moleflow.data import Task, TaskLike, check_datamodule, resolve_tas
 from anomalib_moleflow.io import atomic_write, atomic_write_text, claim_output_dir
 from anomalib_moleflow.metrics import GOOD_FLAGGED, METRICS
 from anomalib_moleflow.models import MoleFlow
+from anomalib_moleflow.models.moleflow.settings import differences
 from anomalib_moleflow.reports import (
     clean,
     plot_final_bars,
@@ -36,38 +37,13 @@ from anomalib_moleflow.reports import (
     write_routing_csv,
 )
 
+from .options import CHECKPOINT_FILE, RUN_OUTPUTS, STATE_FILE
 from .strategies import MoleFlowStrategy, Strategy
 from .trainer import TaskTrainer
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "state.json"
-CHECKPOINT_FILE = "model.ckpt"
-#: What a run writes into its output folder (``overwrite`` deletes these and nothing else).
-RUN_OUTPUTS: tuple[str, ...] = (
-    STATE_FILE,
-    CHECKPOINT_FILE,
-    checksum_path(CHECKPOINT_FILE).name,
-    "results.json",
-    "results.csv",
-    "results.md",
-    "heatmap_*.png",
-    "final_per_task.png",
-    "tasks",
-    "overlays",
-)
 Tasks = Sequence[TaskLike | Task] | Mapping[str, AnomalibDataModule | Sequence[AnomalibDataModule]]
-
-
-def _differences(saved: Any, current: Any, path: str = "") -> list[str]:
-    """``KEY: run VALUE, now VALUE`` for every leaf setting that differs between two resolved configs."""
-    if isinstance(saved, dict) and isinstance(current, dict):
-        return [
-            line
-            for key in sorted({*saved, *current})
-            for line in _differences(saved.get(key), current.get(key), f"{path}.{key}" if path else key)
-        ]
-    return [] if saved == current else [f"{path}: run {saved!r}, now {current!r}"]
 
 
 class ContinualEngine:
@@ -168,7 +144,7 @@ class ContinualEngine:
         ignored = {"cli", "versions", "speed"}
         saved = {key: value for key, value in state["config"].items() if key not in ignored}
         current = {key: value for key, value in config.items() if key not in ignored}
-        differing = _differences(saved, current)
+        differing = [f"{key}: run {old!r}, now {new!r}" for key, old, new in differences(saved, current)]
         if differing:
             msg = (
                 f"Cannot resume: '{self.output_dir}' was produced with other settings ({'; '.join(differing)}). "

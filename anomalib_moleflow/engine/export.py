@@ -22,19 +22,20 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Literal, get_args
 
 import torch
 
+from anomalib_moleflow.compat import uncompile
 from anomalib_moleflow.deploy import inferencer as deploy_inferencer
 from anomalib_moleflow.io import claim_output_dir
 from anomalib_moleflow.models import MoleFlow
 from anomalib_moleflow.models.moleflow.export import ROUTED_OUTPUTS, RoutedGraph
 from anomalib_moleflow.models.moleflow.lightning_model import ONNX_OPSET
 
+from .options import ExportFormat, check_export_format
+
 logger = logging.getLogger(__name__)
 
-ExportFormat = Literal["onnx", "openvino", "torch"]
 #: The loader's name beside the model.
 LOADER_NAME = "moleflow_inferencer.py"
 #: What an export writes in its folder (removed by ``overwrite``).
@@ -78,11 +79,9 @@ def export_model(
     Raises:
         ValueError: For an unknown format, a model without tasks, or a task-separated model (one flow per task).
         FileExistsError: If ``output`` holds an earlier export and ``overwrite`` is not set.
-        ModuleNotFoundError: If the format's package (``onnxscript``, ``openvino``) is not installed.
+        ModuleNotFoundError: If a package the format needs is not installed (before anything is written).
     """
-    if export_format not in get_args(ExportFormat):
-        msg = f"Unknown export format '{export_format}': choose one of {', '.join(get_args(ExportFormat))}."
-        raise ValueError(msg)
+    check_export_format(export_format)  # before the folder exists
     if model.model.num_tasks == 0:
         msg = "The model has no task: train it (`moleflow continual`) before exporting."
         raise ValueError(msg)
@@ -90,12 +89,10 @@ def export_model(
         msg = "A task-separated model (the one-flow-per-task ablation) has no single routed graph: export it as torch."
         raise ValueError(msg)
     output = Path(output)
-    openvino = importlib.import_module("openvino") if export_format == "openvino" else None  # fail before writing
+    openvino = importlib.import_module("openvino") if export_format == "openvino" else None
     claim_output_dir(output, EXPORT_OUTPUTS, resume=False, overwrite=overwrite, resumable=False)
     output.mkdir(parents=True, exist_ok=True)
-    for module in model.modules():
-        # torch.compile's in-place wrapper (``nn.Module.compile``) is neither picklable nor traceable by the exporter.
-        module._compiled_call_impl = None
+    uncompile(model)  # torch.compile's in-place wrapper is neither picklable nor traceable by the exporter
     if export_format == "torch":
         return model.eval().cpu().to_torch(output)  # anomalib's: weights/torch/model.pt
     onnx_path = export_routed_onnx(model, output / "model.onnx")

@@ -1,8 +1,66 @@
-"""Command-line options shared by the commands that write a run folder (``continual``, ``benchmark``, ``export``)."""
+"""What the commands that write a run folder (``continual``, ``benchmark``, ``export``) share: options, file names.
+
+No torch or anomalib import here: the command line reads it to answer ``--help`` and to refuse a folder at once.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+from typing import Literal, get_args
+
 from jsonargparse import ArgumentParser
+
+from anomalib_moleflow.checkpoint import checksum_path
+
+#: The run's state (finished tasks, matrix, config), written after each task.
+STATE_FILE = "state.json"
+#: The model learned so far, written after each task (with its checksum beside it).
+CHECKPOINT_FILE = "model.ckpt"
+#: What a continual run writes into its output folder (``overwrite`` deletes these and nothing else).
+RUN_OUTPUTS: tuple[str, ...] = (
+    STATE_FILE,
+    CHECKPOINT_FILE,
+    checksum_path(CHECKPOINT_FILE).name,
+    "results.json",
+    "results.csv",
+    "results.md",
+    "heatmap_*.png",
+    "final_per_task.png",
+    "tasks",
+    "overlays",
+)
+
+ExportFormat = Literal["onnx", "openvino", "torch"]
+#: The CSV ``moleflow predict`` writes.
+CSV_FILE = "predictions.csv"
+#: What a prediction writes into its output folder (``overwrite`` deletes these and nothing else).
+PREDICT_OUTPUTS: tuple[str, ...] = (CSV_FILE, "overlays")
+#: The packages each format needs, and the extra that installs them.
+FORMAT_PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
+    "onnx": (("onnx", "onnxscript"), "export"),
+    "openvino": (("onnx", "onnxscript", "openvino"), "openvino"),
+    "torch": ((), ""),
+}
+
+
+def check_export_format(export_format: str) -> None:
+    """Refuse an unknown format, or one whose packages are not installed, naming the extra that installs them.
+
+    Raises:
+        ValueError: For an unknown format.
+        ModuleNotFoundError: For a missing package.
+    """
+    if export_format not in get_args(ExportFormat):
+        msg = f"Unknown export format '{export_format}': choose one of {', '.join(get_args(ExportFormat))}."
+        raise ValueError(msg)
+    packages, extra = FORMAT_PACKAGES[export_format]
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if missing:
+        msg = (
+            f"`moleflow export --format {export_format}` needs {', '.join(missing)}, which is not installed: "
+            f"pip install 'anomalib-moleflow[{extra}]' (from a clone: pip install '.[{extra}]')."
+        )
+        raise ModuleNotFoundError(msg)
 
 
 def add_run_options(parser: ArgumentParser, resume_help: str) -> None:

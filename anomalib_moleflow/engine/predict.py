@@ -28,22 +28,16 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Resize
 
 from anomalib_moleflow.deploy.inferencer import COLUMNS, MASK_FOLDERS, overlay_path, scoreable_files
+from anomalib_moleflow.errors import PredictionError
 from anomalib_moleflow.io import claim_output_dir
 from anomalib_moleflow.models import MoleFlow
 from anomalib_moleflow.models.moleflow.components.router import RoutingLog
 from anomalib_moleflow.reports.plots import save_scored_overlay
 
+from .options import CSV_FILE, PREDICT_OUTPUTS
 from .trainer import TaskTrainer
 
 logger = logging.getLogger(__name__)
-
-CSV_FILE = "predictions.csv"
-#: What a prediction writes into its output folder (``overwrite`` deletes these and nothing else).
-PREDICT_OUTPUTS: tuple[str, ...] = (CSV_FILE, "overlays")
-
-
-class PredictionError(RuntimeError):
-    """Some images could not be scored; every other image was (the CSV names each failure)."""
 
 
 @dataclass

@@ -34,9 +34,10 @@ class TaskTrainer:
     last_engine: Engine | None = None
 
     def engine(self, root_dir: Path, **trainer_kwargs: Any) -> Engine:
-        """A fresh Engine writing under ``root_dir``."""
+        """A fresh Engine writing under ``root_dir`` (``callbacks`` among the keyword arguments are added)."""
         if self.precision is not None:
             trainer_kwargs.setdefault("precision", self.precision)
+        callbacks = [ModelCheckpoint(save_top_k=0), *trainer_kwargs.pop("callbacks", [])]
         self.last_engine = Engine(
             default_root_dir=root_dir,
             logger=False,
@@ -44,7 +45,7 @@ class TaskTrainer:
             devices=self.devices,
             enable_progress_bar=self.progress_bar,
             enable_model_summary=False,
-            callbacks=[ModelCheckpoint(save_top_k=0)],
+            callbacks=callbacks,
             **trainer_kwargs,
         )
         return self.last_engine

@@ -116,14 +116,17 @@ def _subnet_conv(model: MoleFlowModel, kernel: int = 3) -> None:
         torch.nn.init.zeros_(conv.bias)
         subnet.add_module("context_conv", conv)
 
-        def forward(x: torch.Tensor, m: MoLESubnet = subnet) -> torch.Tensor:
-            height, width = m.state.grid
+        def forward(inputs: torch.Tensor, m: MoLESubnet = subnet) -> torch.Tensor:
+            height, width = m.grid
+            x, tasks = inputs[:, :-1], inputs[:, -1]
+            tasks = rearrange(tasks, "(b n) -> b n", n=height * width)[:, 0].round().long()
             grid = rearrange(x, "(b h w) c -> b c h w", h=height, w=width)
-            hidden = m.fc1(x) + rearrange(m.context_conv(grid), "b c h w -> (b h w) c")
-            out = m.fc2(m.act(hidden))
+            hidden = m.fc1(x, tasks) + rearrange(m.context_conv(grid), "b c h w -> (b h w) c")
+            out = m.fc2(m.act(hidden), tasks)
             if m.scale_conv is None:
                 return out
-            context = rearrange(m.scale_conv(grid), "b c h w -> (b h w) c") * (0.2 * torch.sigmoid(m.scale_theta))
+            half = rearrange(x[:, : m.half], "(b h w) c -> b c h w", h=height, w=width)
+            context = rearrange(m.scale_conv(half), "b c h w -> (b h w) c") * (0.2 * torch.sigmoid(m.scale_theta))
             return torch.cat([out[:, : m.scale_channels] + context, out[:, m.scale_channels :]], dim=1)
 
         subnet.forward = forward
@@ -234,6 +237,11 @@ VARIANTS: dict[str, dict] = {
     "soft_ln": {"fit": _soft_ln},
     "pos_std": {"fit": _pos_std},
     "pos_center": {"fit": _pos_center},
+    "position": {"settings": {"whitening_norm": "position"}},
+    "pos_cond16": {"settings": {"position_condition": 16}},
+    "pos_cond32": {"settings": {"position_condition": 32}},
+    "pos_cond64": {"settings": {"position_condition": 64}},
+    "patch3": {"patch_size": 3},
     "soft_ln_0.1": {"fit": lambda m, p: _soft_ln(m, p, 0.1)},
     "nearest": {"upsample": "nearest"},
 }
@@ -246,6 +254,13 @@ def resolve(modifiers: str) -> dict:
         extra = VARIANTS[name]
         spec = {**spec, **extra, "settings": {**spec.get("settings", {}), **extra.get("settings", {})}}
     return spec
+
+
+def _fit_whitening(model: MoleFlowModel, task: int, patches: torch.Tensor) -> None:
+    """The model's own statistics pass (``whitening_norm="position"``) on the task's training patches."""
+    if model.whitening_needs_fit(task):
+        model.accumulate_whitening(task, patches)
+        model.finalize_whitening(task)
 
 
 def _count_whitening_log_det(model: MoleFlowModel) -> None:
@@ -589,6 +604,7 @@ def main() -> None:
                     base_p = patches_for(model, "train", cached=base_feats[base_category], upsample=upsample)
                     if "fit" in spec:
                         spec["fit"](model, base_p)
+                    _fit_whitening(model, 0, base_p)
                     train_flow(model, base_p, args.epochs, args.lr, args.batch, seed, max_steps=args.steps)
                     task = 1
                 model.add_task("t")
@@ -602,6 +618,7 @@ def main() -> None:
                     spec["fit"](model, train_p)
                 if "patch_after" in spec:
                     spec["patch_after"](model)
+                _fit_whitening(model, task, train_p)
                 start = time.perf_counter()
                 if spec.get("whiten_logdet"):
                     _count_whitening_log_det(model)

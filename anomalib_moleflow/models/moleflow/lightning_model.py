@@ -13,8 +13,9 @@ Example:
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple, get_args
 
@@ -30,6 +31,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn, optim
 
 from anomalib_moleflow.checkpoint import check_finite_state, read_checkpoint
+from anomalib_moleflow.compat import compile_cache_limit, is_compiled
 from anomalib_moleflow.metrics import default_evaluator
 
 from .components.embedding import image_embedding
@@ -61,6 +63,28 @@ def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
 
+
+class _DropLitmodelsTip(logging.Filter):
+    """Lightning's product tip (litmodels) printed at every fit: no advice for a MoLE-Flow user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Drop the tip, keep everything else."""
+        return "litmodels" not in record.getMessage()
+
+
+def _quiet_what_moleflow_causes() -> None:
+    """Silence, narrowly, the notices that MoLE-Flow itself provokes in every fit.
+
+    The frozen backbone stays in eval mode on purpose (frozen batch-norm statistics), which Lightning reports at the
+    start of every fit; and Lightning's litmodels tip. Only these two messages; everything else stays as it is.
+    """
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLitmodelsTip) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropLitmodelsTip())
+
+
+_quiet_what_moleflow_causes()
 
 #: Share of a task's good training images held out of training to set its thresholds (``threshold="good_fpr"``).
 HELD_OUT_SHARE = 0.1
@@ -123,6 +147,10 @@ class MoleFlow(AnomalibModule):
             only flag them (``record_routing``), scored by the nearest task's expert.
         exact_likelihood: Train only what the NLL's log-det counts (``False``: the study's training, see
             :class:`MoleFlowModel`).
+        position_condition: Channels of the positional code every coupling subnet is conditioned on (0: none).
+        threshold: How each task's thresholds are chosen: ``f1`` (anomalib's, on validation images with defects) or
+            ``good_fpr`` (from held-out good training images, at ``target_fpr`` false positives; no defect needed).
+        target_fpr: With ``good_fpr``: the share of good images (and pixels) allowed above threshold.
         feature_cache: Compute each training image's patch embedding once per task and reuse it in later epochs:
             ``auto`` (in memory, or a memory-mapped file when large), ``memory``, ``disk`` or ``off``. Bypassed
             when the training transforms are random.
@@ -172,6 +200,7 @@ class MoleFlow(AnomalibModule):
         unknown_factor: float | None = 3.0,
         unknown_as_anomalous: bool = True,
         exact_likelihood: bool = True,
+        position_condition: int = 0,
         threshold: ThresholdMode = "f1",
         target_fpr: float = 0.01,
         feature_cache: CacheMode = "auto",
@@ -277,15 +306,22 @@ class MoleFlow(AnomalibModule):
         A one-class model needs validation only to fit its task's thresholds and normalisation, which the last
         epoch's weights define; validating after every epoch would score the validation images ``max_epochs`` times.
         """
+        epochs = self.max_epochs + self.statistics_epochs
         arguments = {
             "gradient_clip_val": 0,
-            "max_epochs": self.max_epochs,
+            "max_epochs": epochs,
             "num_sanity_val_steps": 0,
-            "check_val_every_n_epoch": self.max_epochs,
+            "check_val_every_n_epoch": epochs,
         }
         if self.threshold == "good_fpr":  # thresholds and normalisation come from held-out training images
             arguments["limit_val_batches"] = 0
         return arguments
+
+    @property
+    def statistics_epochs(self) -> int:
+        """Epochs before training that only collect statistics: 1 for ``whitening_norm="position"`` (its statistics
+        must be known before the flow sees a normalised patch), else 0."""
+        return int(self.model.use_whitening_adapter and self.model.whitening_norm == "position")
 
     @property
     def learning_type(self) -> LearningType:
@@ -363,14 +399,22 @@ class MoleFlow(AnomalibModule):
         """
         if self.compile_mode == "off":
             return
-        # The coupling blocks' subnets read the task's expert by name: dynamo compiles them once per task, so its
-        # recompile limit (8 by default) must exceed the number of tasks, or later tasks would silently run eagerly.
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * self.model.num_tasks)
         modules = [self.model.feature_extractor, *(flow.blocks for flow in self.model.flows), *self.model.dias]
         mode = None if self.compile_mode == "default" else self.compile_mode
         for module in modules:
-            if getattr(module, "_compiled_call_impl", None) is None and next(module.parameters(), None) is not None:
+            if not is_compiled(module) and next(module.parameters(), None) is not None:
                 module.compile(mode=mode)
+
+    def _compiled_calls(self) -> AbstractContextManager[None]:
+        """Context of every call into compiled modules: dynamo's recompile limit raised for this model's tasks only.
+
+        The coupling blocks' subnets read the task's expert by name, so dynamo compiles them once per task; with its
+        default limit (8) later tasks would silently run eagerly. The limit is raised inside our calls only, never
+        for the rest of the process.
+        """
+        if self.compile_mode == "off":
+            return nullcontext()
+        return compile_cache_limit(4 * self.model.num_tasks)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint with non-finite network weights before any of them is loaded (Lightning loads after)."""
@@ -481,7 +525,8 @@ class MoleFlow(AnomalibModule):
                     self.model.router.prototypes[task].accumulate(embeddings)
                 return None
             patches = patches[~held]
-        nll, log_det = self.model.train_patches(patches, task)
+        with self._compiled_calls():
+            nll, log_det = self.model.train_patches(patches, task)
         loss = self.loss(nll, log_det)
         if not torch.isfinite(loss):
             msg = (
@@ -497,7 +542,9 @@ class MoleFlow(AnomalibModule):
         return {"loss": loss}
 
     def on_train_epoch_end(self) -> None:
-        """Fit the training task's router prototype once its first epoch of embeddings is collected."""
+        """Fit the training task's router prototype (and whitening statistics) once its first epoch is collected."""
+        if self.model.whitening_needs_fit(self.training_task):
+            self.model.finalize_whitening(self.training_task)
         prototype = self.model.router.prototypes[self.training_task]
         if not prototype.ready:
             prototype.finalize()
@@ -544,7 +591,8 @@ class MoleFlow(AnomalibModule):
         images = batch if isinstance(batch, torch.Tensor) else batch.image
         patches = self._patches(batch, self._test_cache) if self._test_cache is not None else None
         given = self._given_tasks(images.shape[0], images.device)
-        predictions, routed = self.model.predict(images, given, patches=patches)
+        with self._compiled_calls():
+            predictions, routed = self.model.predict(images, given, patches=patches)
         self._routing.append(routed)
         return predictions, routed
 

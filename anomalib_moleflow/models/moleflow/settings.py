@@ -15,9 +15,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-#: What the whitening adapter normalises over: ``image`` (each image's patches and channels together, as anomalib's
-#: Fastflow) or ``patch`` (each patch alone, the study's), which removes every patch's magnitude (docs/quality.md).
-WhiteningNorm = Literal["image", "patch"]
+#: What the whitening adapter normalises: ``image`` (each image's patches and channels together, as anomalib's
+#: Fastflow), ``patch`` (each patch alone, the study's; it removes every patch's magnitude) or ``position`` (each
+#: position and channel with the task's training statistics there: a product's appearance at each place; see
+#: docs/quality.md).
+WhiteningNorm = Literal["image", "patch", "position"]
 #: Training feature cache: ``auto`` (memory, or a memory-mapped file when large), ``memory``, ``disk``, ``off``.
 CacheMode = Literal["auto", "memory", "disk", "off"]
 #: Storage type of the feature cache.
@@ -49,8 +51,9 @@ class ArchitectureSettings:
         lora_alpha: LoRA alpha (update scaled by alpha / rank); None: lora_rank.
         use_lora: Low-rank experts; false for per-task full-rank linears.
         use_whitening_adapter: Per-task whitening adapter.
-        whitening_norm: What the whitening LayerNorm normalises over: each image (its patches and channels
-            together, as anomalib's Fastflow) or each patch (the study's).
+        whitening_norm: What the whitening adapter normalises: each image (its patches and channels together, as
+            anomalib's Fastflow), each patch (the study's), or each position and channel with the task's training
+            statistics there (position; fitted in one extra first epoch).
         use_pos_embedding: Add the 2D sinusoidal positional embedding.
         spatial_context_kernel: Kernel of the shared spatial context (0: off, else odd).
         scale_context_kernel: Kernel of the scale context in each coupling subnet (0: off, else odd).
@@ -61,6 +64,9 @@ class ArchitectureSettings:
             training images' largest held-out router distance) is an unknown product; None: never.
         exact_likelihood: Train only transforms whose log-determinant the NLL counts (the whitening affine's
             sum(log gamma) is added, the spatial context stays fixed); false reproduces the study's training.
+        position_condition: Channels of a 2D sinusoidal positional code given to every coupling subnet as a
+            condition (the density of a patch given where it is); 0: none (position enters only through
+            use_pos_embedding's additive code).
     """
 
     backbone: str = "wide_resnet50_2"
@@ -84,6 +90,7 @@ class ArchitectureSettings:
     router_eps: float = 0.01
     unknown_factor: float | None = 3.0
     exact_likelihood: bool = True
+    position_condition: int = 0
 
 
 @dataclass

@@ -23,8 +23,9 @@ from .settings import RUNTIME_SETTINGS, ArchitectureSettings, WhiteningNorm, dif
 logger = logging.getLogger(__name__)
 
 #: Bumped when the layout or the meaning of the state dict changes (3: ``exact_likelihood``, ``embed_dim=None``;
-#: 4: ``whitening_norm``, whose default ``image`` changes what a whitening adapter saved before means).
-CHECKPOINT_FORMAT = 4
+#: 4: ``whitening_norm``, whose default ``image`` changes what a whitening adapter saved before means; 5: the
+#: whitening adapters' ``position`` statistics).
+CHECKPOINT_FORMAT = 5
 
 
 def _check(condition: bool, message: str) -> None:
@@ -70,6 +71,8 @@ class MoleFlowModel(nn.Module):
             ``sum(log gamma)`` is added to every patch's log-det and the spatial context keeps its initial gate
             and box kernel. ``False`` reproduces the study, which trains both without their Jacobian, so that
             maximum likelihood rewards them for shrinking the features (see ``docs/quality.md``).
+        position_condition: Channels of a 2D sinusoidal positional code given to every coupling subnet as a
+            condition (a density conditioned on where the patch is, as CFlow-AD's); 0: none.
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class MoleFlowModel(nn.Module):
         router_eps: float = 0.01,
         unknown_factor: float | None = 3.0,
         exact_likelihood: bool = True,
+        position_condition: int = 0,
     ) -> None:
         super().__init__()
         layers = tuple(layers)
@@ -121,6 +125,10 @@ class MoleFlowModel(nn.Module):
         _check(dia_blocks >= 0, f"dia_blocks must be >= 0, got {dia_blocks}.")
         _check(num_coupling_layers + dia_blocks > 0, "num_coupling_layers and dia_blocks cannot both be 0.")
         _check(lora_rank >= 1, f"lora_rank must be >= 1, got {lora_rank}.")
+        _check(
+            position_condition >= 0 and position_condition % 4 == 0,
+            f"position_condition must be 0 or a positive multiple of 4, got {position_condition}.",
+        )
         check_whitening_norm(whitening_norm)  # now, not when the first task adds its adapter
         for name, kernel in (
             ("spatial_context_kernel", spatial_context_kernel),
@@ -152,6 +160,7 @@ class MoleFlowModel(nn.Module):
         self.unknown_factor = unknown_factor
         self.task_separated = task_separated
         self.exact_likelihood = exact_likelihood
+        self.position_condition = position_condition
 
         self.feature_extractor = feature_extractor
         self.patch_embedding = PatchEmbedding(embed_dim, patch_size)
@@ -180,6 +189,8 @@ class MoleFlowModel(nn.Module):
         return MoLEFlow(
             dim=self.embed_dim,
             num_blocks=self.num_coupling_layers,
+            grid=self.grid,
+            position_dims=self.position_condition,
             spatial_context_kernel=self.spatial_context_kernel,
             scale_context_kernel=self.scale_context_kernel,
             rank=self.lora_rank,
@@ -211,7 +222,9 @@ class MoleFlowModel(nn.Module):
         index = len(self.task_names)
         self.task_names.append(name)
         self.whitening.append(
-            WhiteningAdapter(self.embed_dim, self.whitening_norm) if self.use_whitening_adapter else nn.Identity()
+            WhiteningAdapter(self.embed_dim, self.whitening_norm, self.grid)
+            if self.use_whitening_adapter
+            else nn.Identity()
         )
         self.dias.append(DeepInvertibleAdapter(self.embed_dim, self.dia_blocks) if self.dia_blocks else nn.Identity())
         self.router.add_task()
@@ -220,6 +233,23 @@ class MoleFlowModel(nn.Module):
         self.flow_for(index).add_expert(str(index))
         self.to(next(self.feature_extractor.parameters()).device)
         return index
+
+    def whitening_needs_fit(self, task: int) -> bool:
+        """Whether ``task``'s whitening adapter must see the training features before its flow trains."""
+        adapter = self.whitening[task]
+        return isinstance(adapter, WhiteningAdapter) and adapter.needs_fit
+
+    def accumulate_whitening(self, task: int, patches: torch.Tensor) -> None:
+        """Collect ``(b, h, w, d)`` training patch embeddings for ``task``'s whitening statistics."""
+        self.whitening[task].accumulate(self._with_position(patches))
+
+    def finalize_whitening(self, task: int) -> None:
+        """Fit ``task``'s whitening statistics from what :meth:`accumulate_whitening` collected."""
+        self.whitening[task].finalize()
+
+    def _with_position(self, patches: torch.Tensor) -> torch.Tensor:
+        """The whitening adapters' input: patch embeddings plus the positional code."""
+        return patches if self.pos_embedding is None else patches + self.pos_embedding
 
     def task_parameters(self, task: int, trained_only: bool = True) -> list[nn.Parameter]:
         """Parameters owned by ``task`` alone (expert, whitening, DIA; the whole flow when task-separated).
@@ -341,12 +371,11 @@ class MoleFlowModel(nn.Module):
         """
         if isinstance(task, torch.Tensor):
             return self._encode_per_image(patches, task)
-        x = patches if self.pos_embedding is None else patches + self.pos_embedding
-        x = self.whitening[task](x)
+        x = self.whitening[task](self._with_position(patches))
         flow = self.flow_for(task)
         x = flow.context(x)
         tokens = rearrange(x, "b h w d -> (b h w) d")
-        z, log_det = flow(tokens, str(task), grid=tuple(x.shape[1:3]))
+        z, log_det = flow(tokens, task)
         if self.dia_blocks:
             z, dia_log_det = self.dias[task](z)
             log_det = log_det + dia_log_det
@@ -359,7 +388,7 @@ class MoleFlowModel(nn.Module):
         if self.task_separated:
             msg = "A task-separated model (one whole flow per task) runs one task at a time: pass an int task."
             raise ValueError(msg)
-        x = patches if self.pos_embedding is None else patches + self.pos_embedding
+        x = self._with_position(patches)
         whitening_log_det = None
         if self.use_whitening_adapter:
             x, whitening_log_det = per_image_whitening(list(self.whitening), x, image_tasks)
@@ -367,7 +396,7 @@ class MoleFlowModel(nn.Module):
         x = flow.context(x)
         height, width = x.shape[1:3]
         tokens = rearrange(x, "b h w d -> (b h w) d")
-        z, log_det = flow(tokens, image_tasks, grid=(height, width))
+        z, log_det = flow(tokens, image_tasks)
         if self.dia_blocks:
             z, dia_log_det = per_image_dia(list(self.dias), image_tasks)(z)
             log_det = log_det + dia_log_det
@@ -380,13 +409,12 @@ class MoleFlowModel(nn.Module):
         tokens = z
         if self.dia_blocks:
             tokens, _ = self.dias[task](tokens, rev=True)
-        tokens, _ = self.flow_for(task)(tokens, str(task), grid=grid, rev=True)
+        tokens, _ = self.flow_for(task)(tokens, task, rev=True)
         return tokens
 
     def flow_inputs(self, patches: torch.Tensor, task: int) -> torch.Tensor:
         """The tokens ``((b h w), d)`` that enter the invertible part for ``task``."""
-        x = patches if self.pos_embedding is None else patches + self.pos_embedding
-        x = self.flow_for(task).context(self.whitening[task](x))
+        x = self.flow_for(task).context(self.whitening[task](self._with_position(patches)))
         return rearrange(x, "b h w d -> (b h w) d")
 
     @staticmethod

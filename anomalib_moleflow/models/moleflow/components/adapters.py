@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from einops import rearrange
 from torch import nn
 
-#: What the whitening adapter normalises over: ``image`` (default) standardises each image over all its patches and
-#: channels, as anomalib's Fastflow does, so every patch keeps its magnitude relative to the image; ``patch`` is the
-#: study's per-patch LayerNorm, which removes each patch's magnitude, often the strongest defect cue
-#: (``docs/quality.md``, section 8d).
-WhiteningNorm = Literal["image", "patch"]
+from ..settings import WhiteningNorm
+
+#: Variance floor of ``position`` normalisation, relative to each channel's mean variance over the grid (a position
+#: whose feature never varies in training, e.g. a saturated background, must not turn noise into huge deviations).
+POSITION_VARIANCE_FLOOR = 0.01
 
 
 def check_whitening_norm(norm: str) -> None:
@@ -30,22 +30,62 @@ _GAMMA_IDENTITY_RAW = -math.log(2.0)
 
 
 class WhiteningAdapter(nn.Module):
-    """LayerNorm without affine (over each image or each patch), then a bounded task-owned affine from identity.
+    """A normalisation without learned weights, then a bounded task-owned affine from identity.
 
-    ``gamma = 0.5 + 1.5 * sigmoid(gamma_raw)`` lies in [0.5, 2] and ``beta = 2 * tanh(beta_raw)`` in [-2, 2].
+    ``gamma = 0.5 + 1.5 * sigmoid(gamma_raw)`` lies in [0.5, 2] and ``beta = 2 * tanh(beta_raw)`` in [-2, 2]. The
+    normalisation (``norm``) is a LayerNorm over each image's ``(h, w, d)`` features or each patch's ``d``, or, for
+    ``position``, each position's and channel's standardisation with the task's training statistics there (a
+    diagonal Padim in front of the flow), fitted once (:meth:`accumulate`, :meth:`finalize`) before the flow trains.
 
     Args:
         dim: Channels D.
-        norm: ``image``: normalise each image's ``(h, w, d)`` features together; ``patch``: each patch's ``d``.
+        norm: What is normalised (see :data:`WhiteningNorm`).
+        grid: The patch grid ``(h, w)`` (the shape of the ``position`` statistics).
     """
 
-    def __init__(self, dim: int, norm: WhiteningNorm = "image") -> None:
+    def __init__(self, dim: int, norm: WhiteningNorm = "image", grid: tuple[int, int] = (1, 1)) -> None:
         super().__init__()
         check_whitening_norm(norm)
         self.dim = dim
         self.norm = norm
         self.gamma_raw = nn.Parameter(torch.full((dim,), _GAMMA_IDENTITY_RAW))
         self.beta_raw = nn.Parameter(torch.zeros(dim))
+        shape = (*grid, dim) if norm == "position" else (0,)  # saved with the task only where they are used
+        self.register_buffer("position_mean", torch.zeros(shape))
+        self.register_buffer("position_std", torch.ones(shape))
+        self.register_buffer("fitted", torch.tensor(norm != "position"))
+        self._sums: list[torch.Tensor] = []  # count, sum, sum of squares while fitting (never saved)
+
+    @property
+    def needs_fit(self) -> bool:
+        """Whether the statistics of ``position`` normalisation are still to be fitted."""
+        return not bool(self.fitted)
+
+    @torch.no_grad()
+    def accumulate(self, x: torch.Tensor) -> None:
+        """Collect the statistics of ``(b, h, w, d)`` training features (float64 sums)."""
+        x = x.detach().double()
+        batch = [torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device), x.sum(0), x.pow(2).sum(0)]
+        self._sums = batch if not self._sums else [a + b for a, b in zip(self._sums, batch, strict=True)]
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Fit each position's mean and standard deviation from the collected features.
+
+        Raises:
+            ValueError: If fewer than two images were collected.
+        """
+        if not self._sums or float(self._sums[0]) < 2:
+            msg = "whitening_norm='position' needs at least 2 training images per task to fit its statistics."
+            raise ValueError(msg)
+        count, total, squares = self._sums
+        mean = total / count
+        variance = ((squares - count * mean.pow(2)) / (count - 1)).clamp_min(0)
+        floor = POSITION_VARIANCE_FLOOR * variance.mean(dim=(0, 1), keepdim=True)
+        self.position_mean.copy_(mean.to(self.position_mean.dtype))
+        self.position_std.copy_((variance + floor).sqrt().to(self.position_std.dtype))
+        self.fitted.fill_(True)
+        self._sums = []
 
     @property
     def gamma(self) -> torch.Tensor:
@@ -58,19 +98,36 @@ class WhiteningAdapter(nn.Module):
         return 2.0 * torch.tanh(self.beta_raw)
 
     def log_abs_det(self) -> torch.Tensor:
-        """``log|det|`` of the affine part per patch, ``sum(log gamma)`` (the LayerNorm has no parameters)."""
+        """``log|det|`` of the affine part per patch, ``sum(log gamma)``.
+
+        The normalisation's own Jacobian is left out: it has no parameters (nothing is rewarded for shrinking), and
+        for ``position`` its per-position constant would rank positions by their training variance, not by how
+        unusual a patch is there.
+        """
         return self.gamma.log().sum()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Whiten ``(b, h, w, d)`` features."""
-        return whiten(x, self.gamma, self.beta, self.norm)
+        return whiten(x, self.gamma, self.beta, self.norm, self.position_mean, self.position_std)
 
 
-def whiten(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, norm: WhiteningNorm) -> torch.Tensor:
-    """LayerNorm of ``(b, h, w, d)`` features (no affine) over ``(h, w, d)`` or ``d``, then ``* gamma + beta``."""
+def whiten(
+    x: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    norm: WhiteningNorm,
+    position_mean: torch.Tensor | None = None,
+    position_std: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Normalise ``(b, h, w, d)`` features (see :class:`WhiteningAdapter`), then ``* gamma + beta``.
+
+    ``position_mean`` / ``position_std`` are ``(h, w, d)``, or ``(b, h, w, d)`` for one task per image.
+    """
     if x.ndim != 4:
         msg = f"Whitening takes patch grids (b, h, w, d), got shape {tuple(x.shape)}."
         raise ValueError(msg)
+    if norm == "position":
+        return (x - position_mean) / position_std * gamma + beta
     return F.layer_norm(x, x.shape[-3:] if norm == "image" else x.shape[-1:]) * gamma + beta
 
 
@@ -84,7 +141,13 @@ def per_image_whitening(
     """
     gamma = torch.stack([adapter.gamma for adapter in adapters])[image_tasks]  # (b, d)
     beta = torch.stack([adapter.beta for adapter in adapters])[image_tasks]
-    return whiten(x, gamma[:, None, None], beta[:, None, None], adapters[0].norm), gamma.log().sum(dim=-1)
+    norm = adapters[0].norm
+    mean = std = None
+    if norm == "position":
+        mean = torch.stack([adapter.position_mean for adapter in adapters])[image_tasks]  # (b, h, w, d)
+        std = torch.stack([adapter.position_std for adapter in adapters])[image_tasks]
+    whitened = whiten(x, gamma[:, None, None], beta[:, None, None], norm, mean, std)
+    return whitened, gamma.log().sum(dim=-1)
 
 
 class SpatialContext(nn.Module):

@@ -2,26 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F  # noqa: N812
 from einops import rearrange
 from torch import nn
-
-
-@dataclass
-class FlowState:
-    """Mutable routing state shared by every task-aware layer of one flow.
-
-    The flow sets it before each pass: ``grid`` (patch grid ``(h, w)``, needed by the convolutions inside coupling
-    subnets that see tokens as ``(b h w) c``), and either ``task`` (one expert key for the whole batch: training) or
-    ``image_tasks`` (an expert index per image ``(b,)``: a routed batch that mixes tasks).
-    """
-
-    task: str | None = None
-    grid: tuple[int, int] = (1, 1)
-    image_tasks: torch.Tensor | None = None
 
 
 class LoRAExpert(nn.Module):
@@ -53,35 +37,22 @@ class FullRankExpert(nn.Module):
 
 
 class MoLELinear(nn.Module):
-    """``W x + b + expert_t(x)``: a shared base Linear plus the expert of the task in ``state.task``.
+    """``W x + b + expert_t(x)``: a shared base Linear plus, for each image, the expert of its task.
+
+    The task of every image is an argument of :meth:`forward`; an index without an expert raises.
 
     Args:
         in_features: Input size.
         out_features: Output size.
-        state: Shared routing state.
         rank: LoRA rank r.
         alpha: LoRA scale alpha (the update is multiplied by alpha / r).
         use_lora: Low-rank experts; ``False`` gives full-rank per-task experts.
-        zero_init: Initialise the base weights to zero (used for last layers that must start at identity).
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        state: FlowState,
-        rank: int,
-        alpha: float,
-        use_lora: bool = True,
-        zero_init: bool = False,
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, use_lora: bool = True) -> None:
         super().__init__()
         self.base = nn.Linear(in_features, out_features)
-        if zero_init:
-            nn.init.zeros_(self.base.weight)
-            nn.init.zeros_(self.base.bias)
         self.experts = nn.ModuleDict()
-        self.state = state
         self.rank = rank
         self.alpha = alpha
         self.use_lora = use_lora
@@ -95,14 +66,26 @@ class MoLELinear(nn.Module):
             else FullRankExpert(in_features, out_features)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply base and the current task's expert (or each image's expert) to ``(n, in)`` inputs."""
+    def expert(self, task: int) -> nn.Module:
+        """The expert of task index ``task``.
+
+        Raises:
+            KeyError: If the task has no expert here.
+        """
+        if str(task) not in self.experts:
+            msg = f"No expert for task {task}: this layer has experts for tasks {list(self.experts)}."
+            raise KeyError(msg)
+        return self.experts[str(task)]
+
+    def forward(self, x: torch.Tensor, image_tasks: torch.Tensor) -> torch.Tensor:
+        """``((b n), in)`` tokens of ``b`` images, image ``i`` through the expert of task ``image_tasks[i]``."""
         out = self.base(x)
-        if self.state.image_tasks is not None:
-            return out + self._per_image_expert(x, self.state.image_tasks)
-        if self.state.task is not None and self.state.task in self.experts:
-            out = out + self.experts[self.state.task](x)
-        return out
+        if not torch.compiler.is_exporting():
+            present = image_tasks.unique()
+            if present.numel() == 1:  # one task for the whole batch (training; a routed batch of one product)
+                return out + self.expert(int(present))(x)
+        # Several tasks (or an exported graph, which cannot branch on them): each image's weights gathered.
+        return out + self._per_image_expert(x, image_tasks)
 
     def _per_image_expert(self, x: torch.Tensor, image_tasks: torch.Tensor) -> torch.Tensor:
         """Expert output for ``((b n), in)`` tokens, image ``i`` through expert ``image_tasks[i]``.
@@ -111,7 +94,7 @@ class MoLELinear(nn.Module):
         tasks: the cost is one expert's, whatever the number of tasks, and the graph has no data-dependent branch
         (it exports to ONNX as is).
         """
-        experts = [self.experts[str(task)] for task in range(len(self.experts))]  # keys are the task indices
+        experts = [self.expert(task) for task in range(len(self.experts))]  # keys are the task indices
         tokens = rearrange(x, "(b n) i -> b n i", b=image_tasks.shape[0])
         if self.use_lora:
             lora_a = torch.stack([e.lora_a for e in experts])[image_tasks]  # (b, r, in)
@@ -125,4 +108,4 @@ class MoLELinear(nn.Module):
         return rearrange(update, "b n o -> (b n) o")
 
 
-__all__ = ["FlowState", "FullRankExpert", "LoRAExpert", "MoLELinear"]
+__all__ = ["FullRankExpert", "LoRAExpert", "MoLELinear"]

@@ -1,0 +1,129 @@
+"""Which image embedding routes look-alike products apart? (issue 20, step 4)
+
+A research script, not a test: the backbone runs once per image; every candidate embedding then fits MoLE-Flow's
+router (a Gaussian per task, ridge ``eps`` relative to the mean variance, Mahalanobis distance) on the training images
+of every task and routes every test image. Prints the routing accuracy per task and candidate.
+
+    python scripts/experiments/routing.py --data elpv,real
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from patch_score import datasets, load_split
+
+from anomalib_moleflow.models.moleflow.components.embedding import PatchEmbedding
+from anomalib_moleflow.models.moleflow.components.router import MahalanobisRouter
+from anomalib_moleflow.models.moleflow.torch_model import MoleFlowModel
+from anomalib_moleflow.runtime import pick_threads
+
+
+def _mean(p: torch.Tensor) -> torch.Tensor:
+    return p.mean(dim=(1, 2))
+
+
+def _mean_std(p: torch.Tensor) -> torch.Tensor:
+    return torch.cat([p.mean(dim=(1, 2)), p.std(dim=(1, 2))], dim=1)
+
+
+def _mean_std_log(p: torch.Tensor) -> torch.Tensor:
+    return torch.cat([p.mean(dim=(1, 2)), p.std(dim=(1, 2)).clamp_min(1e-6).log()], dim=1)
+
+
+def _grid2(p: torch.Tensor) -> torch.Tensor:
+    """Means of the four quadrants, concatenated."""
+    pooled = torch.nn.functional.adaptive_avg_pool2d(p.permute(0, 3, 1, 2), 2)
+    return pooled.flatten(1)
+
+
+def _max(p: torch.Tensor) -> torch.Tensor:
+    return torch.cat([p.mean(dim=(1, 2)), p.flatten(1, 2).amax(dim=1)], dim=1)
+
+
+CANDIDATES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "mean": _mean,
+    "mean+std": _mean_std,
+    "mean+logstd": _mean_std_log,
+    "quadrants": _grid2,
+    "mean+max": _max,
+}
+
+
+def patch_gaussian_routing(train: list[torch.Tensor], test: list[torch.Tensor], eps: float, reduce: str) -> list[float]:
+    """Route by a Gaussian over each task's training *patches*: an image goes to the task whose patches' squared
+    Mahalanobis distances have the smallest mean (or median, which defects on under half the image cannot move)."""
+    means, precisions = [], []
+    for patches in train:
+        x = patches.flatten(0, 2).double()
+        mean = x.mean(0)
+        cov = (x - mean).T @ (x - mean) / (len(x) - 1)
+        cov += eps * cov.diagonal().mean() * torch.eye(len(mean), dtype=cov.dtype)
+        means.append(mean)
+        precisions.append(torch.linalg.inv(cov))
+    accuracy = []
+    for task, patches in enumerate(test):
+        x = patches.flatten(1, 2).double()  # (b, n, d)
+        scores = []
+        for mean, precision in zip(means, precisions, strict=True):
+            d = torch.einsum("bnd,de,bne->bn", x - mean, precision, x - mean)
+            scores.append(d.mean(1) if reduce == "mean" else d.median(1).values)
+        routed = torch.stack(scores, 1).argmin(1)
+        accuracy.append(float((routed == task).float().mean()))
+    return accuracy
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="elpv,real")
+    parser.add_argument("--root", type=Path, default=Path("./datasets"))
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--layers", default="blocks.2,blocks.4")
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--eps", default="0.01,0.1")
+    args = parser.parse_args()
+    torch.set_num_threads(pick_threads())
+    layers = args.layers.split(",")
+    model = MoleFlowModel(backbone=args.backbone, layers=layers, image_size=args.image_size, embed_dim=152)
+    embedding = PatchEmbedding(152, patch_size=1)
+    names, train, test = [], [], []
+    for name in args.data.split(","):
+        for category, datamodule in datasets(name, args.root).items():
+            split = load_split(datamodule, args.image_size)
+            with torch.no_grad():
+                patches = {
+                    key: torch.cat([embedding(list(model.feature_extractor(x).values())) for x in split[key].split(32)])
+                    for key in ("train", "test")
+                }
+            names.append(category)
+            train.append(patches["train"])
+            test.append(patches["test"])
+            print(f"{category}: {len(patches['train'])} train, {len(patches['test'])} test", flush=True)
+    print(f"\n| embedding, eps | {' | '.join(names)} | mean |")
+    for eps in (float(e) for e in args.eps.split(",")):
+        for label, reduce in (("patch-gauss mean", "mean"), ("patch-gauss median", "median")):
+            accuracy = patch_gaussian_routing(train, test, eps, reduce)
+            cells = " | ".join(f"{100 * a:.1f}" for a in accuracy)
+            print(f"| {label}, {eps:g} | {cells} | {100 * sum(accuracy) / len(accuracy):.2f} |", flush=True)
+    print("|---" * (len(names) + 2) + "|")
+    for eps in (float(e) for e in args.eps.split(",")):
+        for label, embed in CANDIDATES.items():
+            dim = embed(train[0][:1]).shape[1]
+            router = MahalanobisRouter(dim, eps=eps)
+            for patches in train:
+                router.add_task()
+                router.prototypes[-1].accumulate(embed(patches))
+                router.prototypes[-1].finalize()
+            accuracy = [float((router(embed(patches)) == task).float().mean()) for task, patches in enumerate(test)]
+            cells = " | ".join(f"{100 * a:.1f}" for a in accuracy)
+            print(f"| {label}, {eps:g} | {cells} | {100 * sum(accuracy) / len(accuracy):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
