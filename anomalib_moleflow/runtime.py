@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -69,3 +70,5 @@ def quiet_libraries() -> None:
         "torch.utils.cpp_extension",
     ):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Lightning calling a torch API that torch deprecated: about the two libraries, nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")

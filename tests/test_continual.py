@@ -30,7 +30,7 @@ def _tasks(root: Path, categories: tuple[str, ...] = TINY_CATEGORIES) -> list[MV
 
 
 def _engine(output: Path, **kwargs) -> ContinualEngine:
-    return ContinualEngine(output_dir=output, enable_progress_bar=False, overlays_per_task=1, **kwargs)
+    return ContinualEngine(output_dir=output, **{"enable_progress_bar": False, "overlays_per_task": 1, **kwargs})
 
 
 def _model(**overrides) -> MoleFlow:
@@ -210,3 +210,22 @@ def test_cli_runs_reduced_demo_config(tmp_path: Path) -> None:
     assert results["config"]["model"]["backbone"] == "tf_efficientnet_lite0"
     assert results["config"]["routing"] == "oracle"  # the engine's routing: the flag reaches the strategy
     assert len(results["tasks"]) == 3
+
+
+def test_resuming_a_finished_run_whose_images_differ_from_the_model_size_is_a_no_op(
+    tiny_mvtec_root: Path, tmp_path: Path
+) -> None:
+    # The generated images are 64 px; the model resizes them to 96 (the demo: 128 px data, a 160 px model). On a
+    # resume nothing has run, so the overlays see the images as stored: they must be resized to the map, not crash.
+    output = tmp_path / "run"
+    tasks = _tasks(tiny_mvtec_root, TINY_CATEGORIES[:1])
+    _engine(output, overlays_per_task=2).run(_model(image_size=96), tasks)
+    before = json.loads((output / "results.json").read_text())
+    overlays = sorted((output / "overlays").rglob("*.png"))
+    assert len(overlays) == 2
+    resumed = _engine(output, overlays_per_task=2, resume=True).run(
+        _model(image_size=96), _tasks(tiny_mvtec_root, TINY_CATEGORIES[:1])
+    )
+    assert resumed["matrix"] == before["matrix"]
+    assert json.loads((output / "results.json").read_text())["matrix"] == before["matrix"]
+    assert sorted((output / "overlays").rglob("*.png")) == overlays

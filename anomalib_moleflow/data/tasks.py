@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from anomalib.data import AnomalibDataModule
+from anomalib.data import AnomalibDataModule, Folder
 from lightning.pytorch.cli import instantiate_class
 
 from .datamodules import TaskGroup
@@ -28,6 +28,17 @@ class Task:
         return list(self.datamodule.members) if isinstance(self.datamodule, TaskGroup) else [self.datamodule]
 
 
+def datamodule_task_name(datamodule: AnomalibDataModule, index: int) -> str:
+    """A task's name from its datamodule: its category (MVTec AD, VisA...), else a ``Folder``'s own ``name``, else
+    ``task_INDEX`` (anomalib's ``Folder`` has an empty category; its ``name`` is what the user called it)."""
+    category = str(getattr(datamodule, "category", "") or "")
+    if category:
+        return category
+    if isinstance(datamodule, Folder) and datamodule.name:
+        return str(datamodule.name)
+    return f"task_{index}"
+
+
 def resolve_tasks(
     tasks: Sequence[TaskLike] | Mapping[str, AnomalibDataModule | Sequence[AnomalibDataModule]],
 ) -> list[Task]:
@@ -47,7 +58,7 @@ def resolve_tasks(
             resolved.append(item)
             continue
         if isinstance(item, AnomalibDataModule):
-            name, datamodule = str(item.category or f"task_{len(resolved)}"), item
+            name, datamodule = datamodule_task_name(item, len(resolved)), item
         else:
             name, members = item
             if isinstance(members, AnomalibDataModule):

@@ -5,9 +5,12 @@ No torch or anomalib import here: the command line reads it to answer ``--help``
 
 from __future__ import annotations
 
+import copy
 import importlib.util
-from typing import Literal, get_args
+from collections.abc import Sequence
+from typing import Any, Literal, get_args
 
+import yaml
 from jsonargparse import ArgumentParser
 
 from anomalib_moleflow.checkpoint import checksum_path
@@ -82,3 +85,67 @@ def add_run_options(parser: ArgumentParser, resume_help: str) -> None:
 def add_overwrite_option(parser: ArgumentParser, help_text: str) -> None:
     """Add ``--overwrite`` (a bare flag, or ``--overwrite true|false``) to ``parser``."""
     parser.add_argument("--overwrite", type=bool, nargs="?", const=True, default=False, help=help_text)
+
+
+def split_dotted(argv: Sequence[str], key: str) -> tuple[list[str], list[tuple[list[str], Any]]]:
+    """Take ``--KEY.PATH VALUE`` (or ``--KEY.PATH=VALUE``) out of ``argv``: a change to one leaf of the ``KEY`` tree.
+
+    jsonargparse would replace the whole ``KEY`` value with the leaf (``--tasks.dataset.init_args.root X`` would drop
+    the config's class path and categories); :func:`apply_dotted` changes just that leaf of the config's tree.
+
+    Returns:
+        The other arguments, and each ``(path, value)`` (the value read as YAML: numbers, booleans, lists).
+    """
+    prefix = f"--{key}."
+    rest: list[str] = []
+    changes: list[tuple[list[str], Any]] = []
+    args = list(argv)
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg.startswith(prefix):
+            name, sep, value = arg[len(prefix) :].partition("=")
+            if not sep:
+                if index + 1 >= len(args):
+                    msg = f"{arg} needs a value."
+                    raise ValueError(msg)
+                index += 1
+                value = args[index]
+            changes.append((name.split("."), yaml.safe_load(value)))
+        else:
+            rest.append(arg)
+        index += 1
+    return rest, changes
+
+
+def apply_dotted(tree: Any, changes: Sequence[tuple[list[str], Any]], key: str) -> Any:
+    """``tree`` (a config's ``KEY`` value: dictionaries and lists) with each change of :func:`split_dotted` applied.
+
+    A list is indexed by number (``--tasks.0.dataset.init_args.root``).
+
+    Raises:
+        ValueError: If a path does not lead into the tree (naming what exists there).
+    """
+    tree = copy.deepcopy(tree)
+    for path, value in changes:
+        if tree is None:
+            msg = f"--{key}.{'.'.join(path)}: there is no `{key}:` section to change; give it with --config first."
+            raise ValueError(msg)
+        node = tree
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            where = ".".join([key, *path[:depth]])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    option = f"--{key}.{'.'.join(path)}"
+                    msg = f"{option}: `{where}` is a list of {len(node)}; index it with 0..{len(node) - 1}."
+                    raise ValueError(msg)
+                part = int(part)
+            elif not isinstance(node, dict):
+                msg = f"--{key}.{'.'.join(path)}: `{where}` is a value, not a section."
+                raise ValueError(msg)
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {}) if isinstance(node, dict) else node[part]
+    return tree

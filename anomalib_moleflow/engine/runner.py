@@ -21,7 +21,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from anomalib_moleflow.io import claim_output_dir
 from anomalib_moleflow.models.moleflow.settings import MoleFlowSettings, names
 
-from .options import RUN_OUTPUTS, add_run_options
+from .options import RUN_OUTPUTS, add_run_options, apply_dotted, split_dotted
 
 if TYPE_CHECKING:
     from anomalib_moleflow.data import Task
@@ -263,6 +263,9 @@ def moleflow_strategy(config: Mapping[str, Any] | Namespace, given: set[str] | N
 def command(argv: Sequence[str]) -> str:
     """``moleflow continual ARGS``: run and return the results table to print."""
     argv = translate_study_flags(argv)
-    config = continual_parser().parse_args(list(argv))
-    run_continual(config, given=given_model_settings(argv))
+    rest, changes = split_dotted(argv, "tasks")
+    config = continual_parser().parse_args(rest)
+    if changes:
+        config.tasks = apply_dotted(config.tasks, changes, "tasks")
+    run_continual(config, given=given_model_settings(rest))
     return (Path(config.output) / "results.md").read_text()

@@ -677,7 +677,8 @@ def main() -> None:
         for column in columns:
             per_seed = []
             runs = [rows[f"{c}|{method}"] for c in categories if f"{c}|{method}" in rows]
-            if not runs or column not in runs[0][0]:
+            runs = [r for r in runs if column in r[0]]  # pixel metrics: the categories with masks
+            if not runs:
                 cells.append("-")
                 continue
             for i in range(len(runs[0])):

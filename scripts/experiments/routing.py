@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from patch_score import datasets, load_split
 
 from anomalib_moleflow.models.moleflow.components.embedding import PatchEmbedding
-from anomalib_moleflow.models.moleflow.components.router import MahalanobisRouter
 from anomalib_moleflow.models.moleflow.torch_model import MoleFlowModel
 from anomalib_moleflow.runtime import pick_threads
 
@@ -47,7 +46,17 @@ def _max(p: torch.Tensor) -> torch.Tensor:
     return torch.cat([p.mean(dim=(1, 2)), p.flatten(1, 2).amax(dim=1)], dim=1)
 
 
+def _max_only(p: torch.Tensor) -> torch.Tensor:
+    return p.flatten(1, 2).amax(dim=1)
+
+
+def _mean_std_max(p: torch.Tensor) -> torch.Tensor:
+    return torch.cat([_mean_std(p), p.flatten(1, 2).amax(dim=1)], dim=1)
+
+
 CANDIDATES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "max": _max_only,
+    "mean+std+max": _mean_std_max,
     "mean": _mean,
     "mean+std": _mean_std,
     "mean+logstd": _mean_std_log,
@@ -79,6 +88,45 @@ def patch_gaussian_routing(train: list[torch.Tensor], test: list[torch.Tensor], 
     return accuracy
 
 
+def gaussian_rules(
+    train: list[torch.Tensor], test: list[torch.Tensor], labels: list[torch.Tensor], eps: float, rule: str
+) -> tuple[list[float], list[float]]:
+    """Routing accuracy (all test images; defective ones) of a Gaussian per task under a decision rule.
+
+    ``distance``: nearest Mahalanobis distance (the router today); ``relative``: distance over the task's median
+    held-out training distance; ``gaussian``: the full Gaussian log-likelihood (distance + log det of the
+    covariance); ``pooled``: one covariance shared by all tasks (LDA), each task's own mean.
+    """
+    from anomalib_moleflow.models.moleflow.components.router import held_out_distances
+
+    stats = []
+    for x in train:
+        x = x.double()
+        mean = x.mean(0)
+        cov = (x - mean).T @ (x - mean) / (len(x) - 1)
+        stats.append((mean, cov, x))
+    pooled = sum(cov for _, cov, _ in stats) / len(stats)
+
+    def ridge(cov: torch.Tensor) -> torch.Tensor:
+        return cov + eps * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
+
+    scorers = []
+    for mean, cov, x in stats:
+        cov = ridge(pooled if rule == "pooled" else cov)
+        precision = torch.linalg.inv(cov)
+        offset = torch.linalg.slogdet(cov)[1] if rule == "gaussian" else torch.tensor(0.0, dtype=torch.float64)
+        scale = held_out_distances(x, eps).median() if rule == "relative" else torch.tensor(1.0, dtype=torch.float64)
+        scorers.append((mean, precision, offset, scale))
+    accuracy, defects = [], []
+    for task, (x, label) in enumerate(zip(test, labels, strict=True)):
+        x = x.double()
+        scores = torch.stack([torch.einsum("nd,de,ne->n", x - m, p, x - m) / s + o for m, p, o, s in scorers], dim=1)
+        right = scores.argmin(1) == task
+        accuracy.append(float(right.float().mean()))
+        defects.append(float(right[label == 1].float().mean()) if (label == 1).any() else float("nan"))
+    return accuracy, defects
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="elpv,real")
@@ -87,12 +135,15 @@ def main() -> None:
     parser.add_argument("--layers", default="blocks.2,blocks.4")
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--eps", default="0.01,0.1")
+    parser.add_argument("--rules", default="distance,relative,gaussian,pooled")
+    parser.add_argument("--candidates", default=",".join(CANDIDATES))
+    parser.add_argument("--patch_gauss", action="store_true", help="Also route by a Gaussian of each task's patches.")
     args = parser.parse_args()
     torch.set_num_threads(pick_threads())
     layers = args.layers.split(",")
     model = MoleFlowModel(backbone=args.backbone, layers=layers, image_size=args.image_size, embed_dim=152)
     embedding = PatchEmbedding(152, patch_size=1)
-    names, train, test = [], [], []
+    names, train, test, labels = [], [], [], []
     for name in args.data.split(","):
         for category, datamodule in datasets(name, args.root).items():
             split = load_split(datamodule, args.image_size)
@@ -104,25 +155,25 @@ def main() -> None:
             names.append(category)
             train.append(patches["train"])
             test.append(patches["test"])
+            labels.append(split["label"])
             print(f"{category}: {len(patches['train'])} train, {len(patches['test'])} test", flush=True)
-    print(f"\n| embedding, eps | {' | '.join(names)} | mean |")
+    print(f"\n| embedding, eps, rule | {' | '.join(names)} | mean | defective: {' | '.join(names)} |")
     for eps in (float(e) for e in args.eps.split(",")):
+        for label, embed in ((k, v) for k, v in CANDIDATES.items() if k in args.candidates.split(",")):
+            for rule in args.rules.split(","):
+                accuracy, defect_accuracy = gaussian_rules(
+                    [embed(p) for p in train], [embed(p) for p in test], labels, eps, rule
+                )
+                cells = " | ".join(f"{100 * a:.1f}" for a in accuracy)
+                defects = " | ".join(f"{100 * a:.1f}" for a in defect_accuracy)
+                mean = 100 * sum(accuracy) / len(accuracy)
+                print(f"| {label}, {eps:g}, {rule} | {cells} | {mean:.2f} | {defects} |", flush=True)
+    for eps in (float(e) for e in args.eps.split(",") if args.patch_gauss):
         for label, reduce in (("patch-gauss mean", "mean"), ("patch-gauss median", "median")):
             accuracy = patch_gaussian_routing(train, test, eps, reduce)
             cells = " | ".join(f"{100 * a:.1f}" for a in accuracy)
             print(f"| {label}, {eps:g} | {cells} | {100 * sum(accuracy) / len(accuracy):.2f} |", flush=True)
     print("|---" * (len(names) + 2) + "|")
-    for eps in (float(e) for e in args.eps.split(",")):
-        for label, embed in CANDIDATES.items():
-            dim = embed(train[0][:1]).shape[1]
-            router = MahalanobisRouter(dim, eps=eps)
-            for patches in train:
-                router.add_task()
-                router.prototypes[-1].accumulate(embed(patches))
-                router.prototypes[-1].finalize()
-            accuracy = [float((router(embed(patches)) == task).float().mean()) for task, patches in enumerate(test)]
-            cells = " | ".join(f"{100 * a:.1f}" for a in accuracy)
-            print(f"| {label}, {eps:g} | {cells} | {100 * sum(accuracy) / len(accuracy):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

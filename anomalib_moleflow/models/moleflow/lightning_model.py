@@ -21,7 +21,7 @@ from typing import Any, NamedTuple, get_args
 
 import torch
 from anomalib import LearningType
-from anomalib.data import Batch, InferenceBatch
+from anomalib.data import Batch, Folder, InferenceBatch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
@@ -385,11 +385,16 @@ class MoleFlow(AnomalibModule):
     def setup(self, stage: str) -> None:
         """Before fitting a model that has no task (and no checkpoint to restore tasks from), add one; compile.
 
-        The task is named after the datamodule's category, or ``task_0``.
+        This is what ``anomalib train --model anomalib_moleflow.MoleFlow`` relies on (anomalib's CLI cannot call
+        :meth:`add_task`). The task is named after the datamodule's category, else a ``Folder``'s ``name``, else
+        ``task_0``.
         """
         if stage == "fit" and self.model.num_tasks == 0 and not getattr(self.trainer, "ckpt_path", None):
             datamodule = getattr(self.trainer, "datamodule", None)
-            self.add_task(str(getattr(datamodule, "category", None) or "task_0"))
+            name = str(getattr(datamodule, "category", "") or "")
+            if not name and isinstance(datamodule, Folder):
+                name = str(datamodule.name or "")
+            self.add_task(name or "task_0")
         self.compile_modules()
 
     def compile_modules(self) -> None:
