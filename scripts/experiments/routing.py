@@ -97,22 +97,29 @@ def gaussian_rules(
     held-out training distance; ``gaussian``: the full Gaussian log-likelihood (distance + log det of the
     covariance); ``pooled``: one covariance shared by all tasks (LDA), each task's own mean.
     """
+    from sklearn.covariance import ledoit_wolf
+
     from anomalib_moleflow.models.moleflow.components.router import held_out_distances
 
     stats = []
     for x in train:
         x = x.double()
         mean = x.mean(0)
-        cov = (x - mean).T @ (x - mean) / (len(x) - 1)
+        if rule.endswith("_lw"):  # Ledoit-Wolf: the shrinkage to a scaled identity chosen from the data
+            cov = torch.from_numpy(ledoit_wolf(x.numpy())[0])
+        else:
+            cov = (x - mean).T @ (x - mean) / (len(x) - 1)
         stats.append((mean, cov, x))
     pooled = sum(cov for _, cov, _ in stats) / len(stats)
 
     def ridge(cov: torch.Tensor) -> torch.Tensor:
+        if rule.endswith("_lw"):
+            return cov
         return cov + eps * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
 
     scorers = []
     for mean, cov, x in stats:
-        cov = ridge(pooled if rule == "pooled" else cov)
+        cov = ridge(pooled if rule.startswith("pooled") else cov)
         precision = torch.linalg.inv(cov)
         offset = torch.linalg.slogdet(cov)[1] if rule == "gaussian" else torch.tensor(0.0, dtype=torch.float64)
         scale = held_out_distances(x, eps).median() if rule == "relative" else torch.tensor(1.0, dtype=torch.float64)
