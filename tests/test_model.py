@@ -25,6 +25,7 @@ from anomalib_moleflow.models.moleflow.anomaly_map import AnomalyMapGenerator, t
 from anomalib_moleflow.models.moleflow.components.adapters import SpatialContext, WhiteningAdapter
 from anomalib_moleflow.models.moleflow.components.dia import DeepInvertibleAdapter
 from anomalib_moleflow.models.moleflow.components.lora import FullRankExpert, LoRAExpert
+from anomalib_moleflow.models.moleflow.components.router import MahalanobisRouter, ledoit_wolf
 from anomalib_moleflow.models.moleflow.loss import MoleFlowLoss
 from anomalib_moleflow.models.moleflow.post_processor import STAT_COLUMNS, TaskPostProcessor
 from anomalib_moleflow.models.moleflow.torch_model import CHECKPOINT_FORMAT
@@ -444,6 +445,8 @@ def test_fitting_new_task_leaves_earlier_tasks_and_base_untouched(continual_run:
         for key, value in before.items():
             if key.startswith("post_processor."):
                 continue  # checked per row below (the single-set buffers mirror the last validated task)
+            if key == "model.router.pooled_precision":
+                continue  # shared by the tasks' routes: it must change with every task (checked below)
             if not same_bits(value, after[key]):
                 changed_old.append(key)
         assert changed_old == [], f"fitting task {new_task} changed tensors of earlier tasks/base: {changed_old}"
@@ -462,6 +465,10 @@ def test_fitting_new_task_leaves_earlier_tasks_and_base_untouched(continual_run:
         prototype = f"model.router.prototypes.{new_task}."
         assert after[prototype + "count"].item() == 8
         assert not same_bits(added[prototype + "mean"], after[prototype + "mean"])
+        pooled = torch.stack([after[f"model.router.prototypes.{t}.covariance"].double() for t in range(new_task + 1)])
+        torch.testing.assert_close(
+            after["model.router.pooled_precision"].double(), torch.linalg.inv(pooled.mean(0)), rtol=1e-3, atol=1e-3
+        )
 
 
 def test_first_task_trains_the_shared_base(continual_run: ContinualRun) -> None:
@@ -579,7 +586,7 @@ def test_training_loss_uses_patch_nll_and_log_det(tiny_model_kwargs: dict[str, A
     assert nll.shape == log_det.shape == (2, cells)
     torch.testing.assert_close(log_det, expected_log_det.view(2, cells))
     torch.testing.assert_close(nll, (0.5 * z.pow(2).sum(-1) - expected_log_det).view(2, cells))
-    torch.testing.assert_close(image_embedding, patches.mean(dim=(1, 2)))
+    torch.testing.assert_close(image_embedding, patches.amax(dim=(1, 2)))  # the router's default embedding
     torch.testing.assert_close(image_embedding, expected_embedding)
 
 
@@ -857,6 +864,52 @@ def test_duplicate_or_empty_task_names_are_rejected(tiny_model_kwargs: dict[str,
 # ----------------------------------------------------------------------------------------------------------------------
 # 7. routing
 # ----------------------------------------------------------------------------------------------------------------------
+def test_ledoit_wolf_shrinks_little_data_and_keeps_much() -> None:
+    generator = torch.Generator().manual_seed(0)
+    few = torch.randn(50, 20, generator=generator, dtype=torch.float64)  # truth: identity, n ~ d
+    sample = torch.cov(few.T)
+    assert (ledoit_wolf(few) - torch.eye(20)).norm() < 0.2 * (sample - torch.eye(20)).norm()
+    many = torch.randn(5000, 10, generator=generator, dtype=torch.float64) * torch.logspace(1, -1, 10)
+    sample = torch.cov(many.T, correction=0)
+    assert (ledoit_wolf(many) - sample).norm() < 0.01 * sample.norm()  # almost no shrinkage with n >> d
+
+
+def test_pooled_covariance_routes_look_alike_products_with_few_images() -> None:
+    """Two products a small shift apart, fewer training images than dimensions: one shrunk, shared metric (LDA)
+    routes them better than each task's own ridged covariance (the study's rule)."""
+    dim = 48
+
+    def sample(generator: torch.Generator, basis: torch.Tensor, count: int, offset: torch.Tensor) -> torch.Tensor:
+        return (torch.randn(count, dim, generator=generator) * torch.logspace(0.5, -0.5, dim)) @ basis.T + offset
+
+    accuracy = {}
+    for covariance in ("task", "pooled"):
+        generator = torch.Generator().manual_seed(0)
+        basis = torch.linalg.qr(torch.randn(dim, dim, generator=generator))[0]
+        shift = torch.randn(dim, generator=generator)
+        offsets = (torch.zeros(dim), 4.0 * shift / shift.norm())
+        router = MahalanobisRouter(dim, 0.01, "mean", covariance)
+        for task, offset in enumerate(offsets):
+            router.add_task()
+            router.prototypes[task].accumulate(sample(generator, basis, 40, offset))
+            router.finalize(task)
+        right = [
+            (router.route(sample(generator, basis, 500, offset)).task == task).float().mean()
+            for task, offset in enumerate(offsets)
+        ]
+        accuracy[covariance] = float(torch.stack(right).mean())
+    assert accuracy["pooled"] > 0.93
+    assert accuracy["pooled"] > accuracy["task"] + 0.2
+
+
+def test_router_embedding_is_the_max_or_the_mean_over_the_grid() -> None:
+    patches = torch.arange(2 * 3 * 4 * 8, dtype=torch.float32).view(2, 3, 4, 8)
+    torch.testing.assert_close(MahalanobisRouter(8, embedding="max").embed(patches), patches[:, -1, -1])
+    torch.testing.assert_close(MahalanobisRouter(8, embedding="mean").embed(patches), patches.mean(dim=(1, 2)))
+    with pytest.raises(ValueError, match="router_covariance"):
+        MahalanobisRouter(8, covariance="shared")  # type: ignore[arg-type]
+
+
 def test_router_sends_each_category_to_its_task(
     continual_run: ContinualRun, tmp_path: Path, make_datamodule: Any, make_engine: Any
 ) -> None:

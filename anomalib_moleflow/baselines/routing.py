@@ -23,12 +23,13 @@ from anomalib_moleflow.metrics import default_evaluator
 from anomalib_moleflow.models.moleflow.components.backbone import build_feature_extractor
 from anomalib_moleflow.models.moleflow.components.embedding import PatchEmbedding, default_embed_dim
 from anomalib_moleflow.models.moleflow.components.router import MahalanobisRouter, RoutingLog, RoutingRecorder
+from anomalib_moleflow.models.moleflow.settings import RouterCovariance, RouterEmbedding
 
 from .common import tensor_size
 
 
 class TaskRouter(nn.Module):
-    """MoLE-Flow's router on its own: image embedding (global mean of the patch embedding) -> nearest task.
+    """MoLE-Flow's router on its own: image embedding (pooled patch embedding) -> nearest task.
 
     Args:
         backbone: timm backbone (frozen).
@@ -36,7 +37,9 @@ class TaskRouter(nn.Module):
         pre_trained: ImageNet weights.
         embed_dim: Patch embedding size D; ``None``: MoLE-Flow's default for the backbone.
         patch_size: Local averaging window of the patch embedding (as MoLE-Flow's).
-        eps: Relative ridge of the covariances.
+        eps: Relative ridge of each task's own covariance.
+        embedding: Image embedding, as MoLE-Flow's ``router_embedding``.
+        covariance: Covariance of the route, as MoLE-Flow's ``router_covariance``.
     """
 
     def __init__(
@@ -47,12 +50,14 @@ class TaskRouter(nn.Module):
         embed_dim: int | None = None,
         patch_size: int = 1,
         eps: float = 0.01,
+        embedding: RouterEmbedding = "max",
+        covariance: RouterCovariance = "pooled",
     ) -> None:
         super().__init__()
         self.feature_extractor = build_feature_extractor(backbone, layers, pre_trained)
         embed_dim = embed_dim or default_embed_dim(sum(self.feature_extractor.out_dims))
         self.patch_embedding = PatchEmbedding(embed_dim, patch_size)
-        self.router = MahalanobisRouter(embed_dim, eps=eps)
+        self.router = MahalanobisRouter(embed_dim, eps, embedding, covariance)
 
     @property
     def num_tasks(self) -> int:
@@ -63,17 +68,18 @@ class TaskRouter(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Image embeddings ``(b, d)`` of pre-processed images (as MoLE-Flow's ``MoleFlowModel.embed``)."""
         features = list(self.feature_extractor(images).values())
-        return self.patch_embedding(features).mean(dim=(1, 2))
+        return self.router.embed(self.patch_embedding(features))
 
     @torch.no_grad()
     def add_task(self, batches: Iterable[torch.Tensor]) -> int:
         """Add a task's prototype from its pre-processed training images; returns its index."""
         self.feature_extractor.eval()
         self.router.add_task()
-        prototype = self.router.prototypes[-1].to(next(self.feature_extractor.parameters()).device)
+        self.router.to(next(self.feature_extractor.parameters()).device)
+        prototype = self.router.prototypes[-1]
         for images in batches:
             prototype.accumulate(self.embed(images))
-        prototype.finalize()
+        self.router.finalize(self.num_tasks - 1)
         return self.num_tasks - 1
 
     def prototype_size(self, task: int) -> tuple[int, int]:

@@ -56,6 +56,8 @@ def router_settings(config: Namespace) -> dict[str, Any]:
         "embed_dim": moleflow["embed_dim"],
         "patch_size": moleflow["patch_size"],
         "eps": moleflow["router_eps"],
+        "embedding": moleflow["router_embedding"],
+        "covariance": moleflow["router_covariance"],
     }
 
 

@@ -62,7 +62,7 @@ def build_model(args: argparse.Namespace, num_tasks: int) -> Any:
                 parameter.add_(0.01 * torch.randn_like(parameter))
             prototype = model.model.router.prototypes[task]
             prototype.accumulate(embedding.repeat(4, 1) + 0.1 * torch.randn(32, embedding.shape[1]) + task)
-            prototype.finalize()
+            model.model.router.finalize(task)
         raw, _ = model.model.predict(model.pre_processor(torch.rand(4, 3, args.image_size, args.image_size)))
         low, high = float(raw.pred_score.min()), float(raw.pred_score.max()) + 1.0
         row = dict.fromkeys(STAT_COLUMNS, (low + high) / 2) | {"image_min": low, "image_max": high}

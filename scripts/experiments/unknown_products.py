@@ -57,7 +57,7 @@ def main() -> None:
             for name in learned:
                 router.router.add_task()
                 router.router.prototypes[-1].accumulate(train[name])
-                router.router.prototypes[-1].finalize()
+                router.router.finalize(len(router.router.prototypes) - 1)
             thresholds = torch.stack([p.threshold for p in router.router.prototypes]).double()
 
             def ratio(x: torch.Tensor, thresholds: torch.Tensor = thresholds) -> torch.Tensor:

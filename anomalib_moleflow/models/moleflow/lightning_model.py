@@ -34,7 +34,6 @@ from anomalib_moleflow.checkpoint import check_finite_state, read_checkpoint
 from anomalib_moleflow.compat import compile_cache_limit, is_compiled
 from anomalib_moleflow.metrics import default_evaluator
 
-from .components.embedding import image_embedding
 from .components.feature_cache import FeatureCache, is_random
 from .components.router import Routed, RoutingLog, RoutingRecorder
 from .loss import MoleFlowLoss
@@ -46,6 +45,8 @@ from .settings import (
     CacheDtype,
     CacheMode,
     CompileMode,
+    RouterCovariance,
+    RouterEmbedding,
     ThresholdMode,
     WhiteningNorm,
     differences,
@@ -140,7 +141,9 @@ class MoleFlow(AnomalibModule):
         lr: Adam learning rate.
         max_epochs: Epochs per task (passed to the trainer).
         lora_alpha: LoRA alpha; defaults to ``lora_rank`` (scale 1).
-        router_eps: Relative ridge of the router covariances.
+        router_eps: Relative ridge of each task's own router covariance.
+        router_embedding: The router's image embedding: ``mean`` or ``max`` of the patch embeddings.
+        router_covariance: Covariance of the route: each ``task``'s own, or ``pooled`` (Ledoit-Wolf, shared; LDA).
         unknown_factor: An image farther from every task than ``unknown_factor`` times the task's threshold (its
             training images' largest held-out router distance) is an unknown product; ``None``: never.
         unknown_as_anomalous: Score unknown products as anomalous (normalised score 1, label anomalous); ``False``:
@@ -197,6 +200,8 @@ class MoleFlow(AnomalibModule):
         max_epochs: int = 60,
         lora_alpha: float | None = None,
         router_eps: float = 0.01,
+        router_embedding: RouterEmbedding = "max",
+        router_covariance: RouterCovariance = "pooled",
         unknown_factor: float | None = 3.0,
         unknown_as_anomalous: bool = True,
         exact_likelihood: bool = True,
@@ -520,7 +525,7 @@ class MoleFlow(AnomalibModule):
         del args, kwargs
         task = self.training_task
         patches = self._patches(batch, self._cache)
-        embeddings = image_embedding(patches)  # of every image, held-out ones included (the router's own folds)
+        embeddings = self.model.router.embed(patches)  # of every image, held-out ones included (the router's own folds)
         if self._held_out:
             held = torch.tensor([str(path) in self._held_out for path in batch.image_path], device=patches.device)
             for index in held.nonzero().flatten().tolist():
@@ -550,9 +555,8 @@ class MoleFlow(AnomalibModule):
         """Fit the training task's router prototype (and whitening statistics) once its first epoch is collected."""
         if self.model.whitening_needs_fit(self.training_task):
             self.model.finalize_whitening(self.training_task)
-        prototype = self.model.router.prototypes[self.training_task]
-        if not prototype.ready:
-            prototype.finalize()
+        if not self.model.router.prototypes[self.training_task].ready:
+            self.model.router.finalize(self.training_task)
 
     # ------------------------------------------------------------ inference
     def _given_tasks(self, batch_size: int, device: torch.device) -> torch.Tensor | None:

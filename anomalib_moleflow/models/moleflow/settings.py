@@ -30,6 +30,11 @@ CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
 #: validation images, which needs defective ones) or ``good_fpr`` (from held-out good training images only, at
 #: ``target_fpr`` false positives: no defect image needed).
 ThresholdMode = Literal["f1", "good_fpr"]
+#: The router's image embedding: the ``mean`` or the ``max`` of the patch embeddings over the grid.
+RouterEmbedding = Literal["mean", "max"]
+#: The covariance that decides the route: each ``task``'s own (ridged, the study's) or one ``pooled`` over the tasks
+#: (the mean of their Ledoit-Wolf estimates: linear discriminant analysis).
+RouterCovariance = Literal["task", "pooled"]
 
 
 @dataclass
@@ -59,7 +64,11 @@ class ArchitectureSettings:
         scale_context_kernel: Kernel of the scale context in each coupling subnet (0: off, else odd).
         score_aggregation_top_k: Image score = mean of the k highest patch scores.
         task_separated: One whole flow per task instead of a shared base (the parameter-hungry upper bound).
-        router_eps: Relative ridge of the router covariances.
+        router_eps: Relative ridge of each task's own router covariance (its unknown-product threshold; its route with
+            router_covariance task).
+        router_embedding: The router's image embedding: mean or max of the patch embeddings over the grid.
+        router_covariance: Covariance of the route: each task's own, or pooled (one Ledoit-Wolf covariance shared
+            by the tasks, LDA).
         unknown_factor: An image farther from every task than unknown_factor times the task's threshold (its
             training images' largest held-out router distance) is an unknown product; None: never.
         exact_likelihood: Train only transforms whose log-determinant the NLL counts (the whitening affine's
@@ -88,6 +97,8 @@ class ArchitectureSettings:
     score_aggregation_top_k: int = 3
     task_separated: bool = False
     router_eps: float = 0.01
+    router_embedding: RouterEmbedding = "max"
+    router_covariance: RouterCovariance = "pooled"
     unknown_factor: float | None = 3.0
     exact_likelihood: bool = True
     position_condition: int = 0
@@ -141,7 +152,9 @@ class MoleFlowSettings(TrainingSettings, ArchitectureSettings):
 
 
 #: Architecture settings that do not change what a saved state dict means (free to differ from a checkpoint's).
-RUNTIME_SETTINGS: frozenset[str] = frozenset({"score_aggregation_top_k", "router_eps", "unknown_factor"})
+RUNTIME_SETTINGS: frozenset[str] = frozenset(
+    {"score_aggregation_top_k", "router_eps", "router_covariance", "unknown_factor"}
+)
 #: Settings that change only speed and memory, never a result (a resumed run may change them).
 SPEED_SETTINGS: tuple[str, ...] = ("feature_cache", "feature_cache_dtype", "compile_mode")
 
@@ -198,6 +211,8 @@ __all__ = [
     "CacheMode",
     "CompileMode",
     "MoleFlowSettings",
+    "RouterCovariance",
+    "RouterEmbedding",
     "ThresholdMode",
     "TrainingSettings",
     "WhiteningNorm",

@@ -16,16 +16,24 @@ from .components.adapters import WhiteningAdapter, check_whitening_norm, per_ima
 from .components.backbone import build_feature_extractor
 from .components.coupling import MoLEFlow
 from .components.dia import DeepInvertibleAdapter, per_image_dia
-from .components.embedding import PatchEmbedding, default_embed_dim, image_embedding, sinusoidal_position_embedding
+from .components.embedding import PatchEmbedding, default_embed_dim, sinusoidal_position_embedding
 from .components.router import MahalanobisRouter, Routed
-from .settings import RUNTIME_SETTINGS, ArchitectureSettings, WhiteningNorm, differences, select
+from .settings import (
+    RUNTIME_SETTINGS,
+    ArchitectureSettings,
+    RouterCovariance,
+    RouterEmbedding,
+    WhiteningNorm,
+    differences,
+    select,
+)
 
 logger = logging.getLogger(__name__)
 
 #: Bumped when the layout or the meaning of the state dict changes (3: ``exact_likelihood``, ``embed_dim=None``;
 #: 4: ``whitening_norm``, whose default ``image`` changes what a whitening adapter saved before means; 5: the
-#: whitening adapters' ``position`` statistics).
-CHECKPOINT_FORMAT = 5
+#: whitening adapters' ``position`` statistics; 6: the router's Ledoit-Wolf covariances and ``router_embedding``).
+CHECKPOINT_FORMAT = 6
 
 
 def _check(condition: bool, message: str) -> None:
@@ -64,7 +72,10 @@ class MoleFlowModel(nn.Module):
         scale_context_kernel: Kernel of the scale context in each coupling subnet (0: off, else odd).
         score_aggregation_top_k: Image score = mean of the top-k patch scores.
         task_separated: One whole flow per task instead of a shared base.
-        router_eps: Relative ridge of the router covariances.
+        router_eps: Relative ridge of each task's own router covariance.
+        router_embedding: The router's image embedding: ``mean`` or ``max`` of the patch embeddings over the grid.
+        router_covariance: Covariance of the route: each ``task``'s own, or ``pooled`` over the tasks (see
+            :class:`MahalanobisRouter`).
         unknown_factor: An image whose router distance exceeds ``unknown_factor`` times every task's threshold (the
             largest held-out distance of the task's training images) is an unknown product; ``None``: never.
         exact_likelihood: Train only transforms whose log-determinant the NLL counts: the whitening affine's
@@ -96,6 +107,8 @@ class MoleFlowModel(nn.Module):
         score_aggregation_top_k: int = 3,
         task_separated: bool = False,
         router_eps: float = 0.01,
+        router_embedding: RouterEmbedding = "max",
+        router_covariance: RouterCovariance = "pooled",
         unknown_factor: float | None = 3.0,
         exact_likelihood: bool = True,
         position_condition: int = 0,
@@ -175,7 +188,7 @@ class MoleFlowModel(nn.Module):
         else:
             self.pos_embedding = None
 
-        self.router = MahalanobisRouter(embed_dim, eps=router_eps)
+        self.router = MahalanobisRouter(embed_dim, router_eps, router_embedding, router_covariance)
         self.task_names: list[str] = []
         self.whitening = nn.ModuleList()
         self.dias = nn.ModuleList()
@@ -352,11 +365,11 @@ class MoleFlowModel(nn.Module):
         return self
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch embeddings ``(b, h, w, d)`` and image embeddings ``(b, d)`` (global average, for routing)."""
+        """Patch embeddings ``(b, h, w, d)`` and image embeddings ``(b, d)`` (the router's pooling)."""
         with torch.no_grad():
             features = list(self.feature_extractor(images).values())
             patches = self.patch_embedding(features)
-        return patches, image_embedding(patches)
+        return patches, self.router.embed(patches)
 
     def encode(self, patches: torch.Tensor, task: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map ``(b, h, w, d)`` patch embeddings through ``task``'s path to latents.
@@ -473,7 +486,7 @@ class MoleFlowModel(nn.Module):
         if self.num_tasks == 0:
             msg = "MoLE-Flow has no task yet: call `add_task(name)` and train before predicting."
             raise RuntimeError(msg)
-        routed = self.route(image_embedding(patches), tasks)
+        routed = self.route(self.router.embed(patches), tasks)
         height, width = patches.shape[1:3]
         if self.task_separated or not torch.compiler.is_exporting():
             # Eager: one pass per task present, with plain linears (gathering per-image weights was slower on CPU).

@@ -46,11 +46,6 @@ class PatchEmbedding(nn.Module):
         return rearrange(reduced, "(b h w) 1 d -> b h w d", h=height, w=width)
 
 
-def image_embedding(patches: torch.Tensor) -> torch.Tensor:
-    """The image-level embedding the router works on: ``(b, h, w, d) -> (b, d)``, the mean over the patch grid."""
-    return patches.mean(dim=(1, 2))
-
-
 #: Largest default embedding size: the study's D for WRN50 (layer2 + layer3 = 1536 channels).
 MAX_DEFAULT_EMBED_DIM = 768
 

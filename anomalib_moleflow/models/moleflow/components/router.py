@@ -1,14 +1,22 @@
-"""Mahalanobis task router: one Gaussian prototype per task over image-level embeddings."""
+"""Mahalanobis task router: one Gaussian prototype per task over image-level embeddings.
+
+Two choices, both settings of the model: the image embedding (``mean`` or ``max`` of the patch embeddings over the
+grid) and the covariance that decides the route (``task``: each task's own, ridged, as the study; ``pooled``: one
+covariance shared by all tasks, the mean of each task's Ledoit-Wolf estimate, i.e. linear discriminant analysis).
+Each task's own covariance always sets its unknown-product threshold.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from ..settings import RouterCovariance, RouterEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +48,25 @@ def _gaussian(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, torch.linalg.inv(cov + ridge * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device))
 
 
+def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
+    """Ledoit-Wolf covariance ``(d, d)`` of ``(n, d)`` samples: the sample covariance shrunk towards a scaled identity.
+
+    The shrinkage is the one that minimises the expected squared error (Ledoit & Wolf, 2004), estimated from the data:
+    with about as many images as dimensions (a few hundred of each here) the sample covariance is far from the true
+    one, and the optimal shrinkage is large. Written here because scikit-learn's ``ledoit_wolf`` would be a dependency
+    for one formula.
+    """
+    n, d = x.shape
+    centered = x - x.mean(0)
+    sample = centered.T @ centered / n
+    scale = sample.diagonal().mean()
+    target_distance = (sample - scale * torch.eye(d, dtype=x.dtype, device=x.device)).square().sum() / d
+    # Variance of the sample covariance's entries: mean over images of ||x x^T - S||^2, divided by n.
+    spread = ((centered.square().sum(1).square().sum() / n - sample.square().sum()) / (n * d)).clamp_min(0)
+    shrinkage = float(torch.clamp(spread / target_distance, max=1.0)) if target_distance > 0 else 1.0
+    return (1 - shrinkage) * sample + shrinkage * scale * torch.eye(d, dtype=x.dtype, device=x.device)
+
+
 def held_out_distances(x: torch.Tensor, eps: float, folds: int = THRESHOLD_FOLDS) -> torch.Tensor:
     """Squared Mahalanobis distance ``(n,)`` of each embedding to a Gaussian fitted on the other folds.
 
@@ -60,7 +87,7 @@ def held_out_distances(x: torch.Tensor, eps: float, folds: int = THRESHOLD_FOLDS
 
 
 class TaskPrototype(nn.Module):
-    """Mean and precision (float64 fit) of one task's image embeddings, and its unknown-product threshold.
+    """Mean, precision and Ledoit-Wolf covariance (float64 fit) of one task's image embeddings, its unknown threshold.
 
     Args:
         dim: Embedding size D.
@@ -72,6 +99,8 @@ class TaskPrototype(nn.Module):
         self.eps = eps
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("precision", torch.eye(dim))
+        #: Ledoit-Wolf covariance: this task's share of the pooled covariance.
+        self.register_buffer("covariance", torch.eye(dim))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
         #: Largest held-out distance of the task's training images (0: not measured, no unknown detection; not inf,
         #: so that every saved tensor stays finite).
@@ -100,6 +129,7 @@ class TaskPrototype(nn.Module):
         mean, precision = _gaussian(x, self.eps)
         self.mean.copy_(mean.to(self.mean.dtype))
         self.precision.copy_(precision.to(self.precision.dtype))
+        self.covariance.copy_(ledoit_wolf(x).to(self.covariance.dtype))
         self.count.fill_(n)
         self._embeddings = []
         if n >= 2 * THRESHOLD_FOLDS:
@@ -111,11 +141,6 @@ class TaskPrototype(nn.Module):
                 n,
                 2 * THRESHOLD_FOLDS,
             )
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        # Checkpoints written before the threshold existed load without it: no unknown-product detection for them.
-        state_dict.setdefault(f"{prefix}threshold", torch.zeros(()))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def distance(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distance ``(n,)`` of ``(n, d)`` embeddings to this task."""
@@ -191,28 +216,76 @@ class RoutingRecorder:
             log.append(routed)
 
 
+def image_embedding(patches: torch.Tensor, pooling: RouterEmbedding = "mean") -> torch.Tensor:
+    """The image-level embedding the router works on: ``(b, h, w, d) -> (b, d)``, the mean or the max over the grid.
+
+    The max keeps, for every channel, its strongest response anywhere in the image: what tells apart two products
+    that differ in a local texture (two cell types of one solar panel), which the mean over the grid washes out.
+    """
+    return patches.mean(dim=(1, 2)) if pooling == "mean" else patches.amax(dim=(1, 2))
+
+
 class MahalanobisRouter(nn.Module):
     """Route each image to the task whose prototype is nearest in Mahalanobis distance.
 
     Args:
         dim: Embedding size D.
-        eps: Relative covariance ridge.
+        eps: Relative ridge of each task's own covariance.
+        embedding: Image embedding (``mean`` or ``max`` of the patch embeddings).
+        covariance: Covariance of the route: each ``task``'s own, or one ``pooled`` over the fitted tasks (the mean of
+            their Ledoit-Wolf covariances). With a few hundred images per task in hundreds of dimensions, each task's
+            own covariance is a noisy estimate, and comparing distances under different noisy metrics misroutes
+            products that look alike; one shared, shrunk metric compares them on equal terms.
     """
 
-    def __init__(self, dim: int, eps: float = 0.01) -> None:
+    def __init__(
+        self, dim: int, eps: float = 0.01, embedding: RouterEmbedding = "max", covariance: RouterCovariance = "pooled"
+    ) -> None:
         super().__init__()
+        if embedding not in ("mean", "max"):
+            msg = f"router_embedding must be 'mean' or 'max', got {embedding!r}."
+            raise ValueError(msg)
+        if covariance not in ("task", "pooled"):
+            msg = f"router_covariance must be 'task' or 'pooled', got {covariance!r}."
+            raise ValueError(msg)
         self.dim = dim
         self.eps = eps
+        self.embedding = embedding
+        self.covariance = covariance
         self.prototypes = nn.ModuleList()
+        #: Inverse of the mean Ledoit-Wolf covariance of the fitted tasks (refitted whenever a task is fitted).
+        self.register_buffer("pooled_precision", torch.eye(dim))
+
+    def embed(self, patches: torch.Tensor) -> torch.Tensor:
+        """Image embeddings ``(b, d)`` of ``(b, h, w, d)`` patch embeddings."""
+        return image_embedding(patches, self.embedding)
 
     def add_task(self) -> None:
         """Add an empty prototype for a new task."""
         self.prototypes.append(TaskPrototype(self.dim, self.eps))
 
-    def distances(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Distances ``(n, tasks)`` to every fitted prototype (``inf`` where a prototype is not fitted)."""
+    @torch.no_grad()
+    def finalize(self, task: int) -> None:
+        """Fit ``task``'s prototype on its collected embeddings, then the pooled covariance over every fitted task."""
+        self.prototypes[task].finalize()
+        covariances = [p.covariance.to(torch.float64) for p in self.prototypes if p.ready]
+        pooled = torch.stack(covariances).mean(0)
+        self.pooled_precision.copy_(torch.linalg.inv(pooled).to(self.pooled_precision.dtype))
+
+    def _own_distances(self, embeddings: torch.Tensor) -> torch.Tensor:
         # torch.where, not a Python test of ``count``: the exported graph must not branch on a buffer's value.
         columns = [torch.where(p.count > 0, p.distance(embeddings), float("inf")) for p in self.prototypes]
+        return torch.stack(columns, dim=1)
+
+    def distances(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Distances ``(n, tasks)`` that decide the route (``inf`` where a prototype is not fitted)."""
+        if self.covariance == "task":
+            return self._own_distances(embeddings)
+        columns = []
+        for p in self.prototypes:
+            centered = embeddings.to(p.mean.dtype) - p.mean
+            pooled = torch.einsum("nd,de,ne->n", centered, self.pooled_precision, centered)
+            columns.append(torch.where(p.count > 0, pooled, float("inf")))
         return torch.stack(columns, dim=1)
 
     def route(
@@ -225,23 +298,27 @@ class MahalanobisRouter(nn.Module):
 
         Args:
             embeddings: Image embeddings.
-            unknown_factor: An image farther than ``unknown_factor`` times the threshold from every task is an unknown
-                product; ``None``: never. Given tasks are never unknown.
+            unknown_factor: An image farther than ``unknown_factor`` times the threshold from every task (each in its
+                own covariance) is an unknown product; ``None``: never. Given tasks are never unknown.
             tasks: Task per image to use instead of the nearest (oracle routing, training).
+
+        Returns:
+            The task of each image and its distance to that task in the task's own covariance.
         """
-        distances = self.distances(embeddings)  # inf for a prototype not fitted yet (the task being learned)
+        own = self._own_distances(embeddings)  # inf for a prototype not fitted yet (the task being learned)
         if tasks is not None:
             tasks = tasks.to(embeddings.device).long()
-            return Routed(tasks, distances.gather(1, tasks[:, None])[:, 0], torch.zeros_like(tasks, dtype=torch.bool))
+            return Routed(tasks, own.gather(1, tasks[:, None])[:, 0], torch.zeros_like(tasks, dtype=torch.bool))
         if not torch.compiler.is_exporting() and not any(p.ready for p in self.prototypes):
             msg = "The router has no fitted task yet: train at least one task before testing."
             raise RuntimeError(msg)
-        distance, task = distances.min(dim=1)
+        task = self.distances(embeddings).argmin(dim=1)
+        distance = own.gather(1, task[:, None])[:, 0]
         if unknown_factor is None:
             return Routed(task, distance, torch.zeros_like(task, dtype=torch.bool))
-        thresholds = torch.stack([p.threshold.to(distances.dtype) for p in self.prototypes])
+        thresholds = torch.stack([p.threshold.to(own.dtype) for p in self.prototypes])
         thresholds = torch.where(thresholds > 0, thresholds, torch.full_like(thresholds, float("inf")))
-        return Routed(task, distance, (distances > unknown_factor * thresholds).all(dim=1))
+        return Routed(task, distance, (own > unknown_factor * thresholds).all(dim=1))
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Task index ``(n,)`` for ``(n, d)`` image embeddings."""
