@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from anomalib.models import Patchcore
 from anomalib.post_processing import PostProcessor
@@ -55,3 +58,59 @@ def test_padim_default_features_are_anomalibs() -> None:
 
     assert padim_default_features("resnet18") == PadimModel("resnet18", pre_trained=False).n_features == 100
     assert padim_default_features("tf_efficientnet_lite0") is None
+
+
+def _patchcore() -> Any:
+    from anomalib_moleflow.baselines import TimmPatchcore
+
+    torch.manual_seed(0)  # the same random backbone in every model, so that banks of one task compare equal
+    return TimmPatchcore(
+        backbone="resnet18", layers=("layer2",), pre_trained=False, image_size=64, coreset_sampling_ratio=1.0
+    )
+
+
+def _bank(model: Any) -> torch.Tensor:
+    """The memory bank's rows in a fixed order (training batches are shuffled)."""
+    bank = model.model.memory_bank.detach().clone()
+    return bank[bank.sum(dim=1).argsort()]
+
+
+def test_patchcore_fits_its_bank_once_and_reset_makes_it_fit_again(
+    tiny_mvtec_root: Path, tiny_categories: tuple[str, ...], make_datamodule: Any, make_engine: Any, tmp_path: Path
+) -> None:
+    """anomalib's ``_is_fitted`` pin, with real fits: a second fit keeps the first bank; a reset rebuilds it."""
+    first, second = tiny_categories[:2]
+    model = _patchcore()
+    make_engine(tmp_path / "a", max_epochs=1).fit(model, datamodule=make_datamodule(tiny_mvtec_root, first))
+    assert bool(model._is_fitted)
+    bank_first = _bank(model)
+    make_engine(tmp_path / "b", max_epochs=1).fit(model, datamodule=make_datamodule(tiny_mvtec_root, second))
+    assert torch.equal(_bank(model), bank_first)  # anomalib fits once: the reason reset_memory_bank exists
+    reset_memory_bank(model)
+    make_engine(tmp_path / "c", max_epochs=1).fit(model, datamodule=make_datamodule(tiny_mvtec_root, second))
+    alone = _patchcore()
+    make_engine(tmp_path / "d", max_epochs=1).fit(alone, datamodule=make_datamodule(tiny_mvtec_root, second))
+    assert not torch.equal(_bank(model), bank_first)
+    torch.testing.assert_close(_bank(model), _bank(alone))  # the second task's own bank, as a fresh model builds it
+
+
+def test_finetune_patchcore_rebuilds_its_bank_on_every_task(
+    tiny_mvtec_root: Path, tiny_categories: tuple[str, ...], make_datamodule: Any, tmp_path: Path
+) -> None:
+    from anomalib_moleflow.data.tasks import Task
+    from anomalib_moleflow.engine.strategies import FinetuneStrategy
+    from anomalib_moleflow.engine.trainer import TaskTrainer
+
+    strategy = FinetuneStrategy(_patchcore, "patchcore")
+    trainer = TaskTrainer(accelerator="cpu", progress_bar=False)
+    banks = []
+    for index, category in enumerate(tiny_categories[:2]):
+        task = Task(category, make_datamodule(tiny_mvtec_root, category))
+        strategy.learn(index, task, trainer, tmp_path / category)
+        banks.append(_bank(strategy.model))
+    alone = _patchcore()
+    TaskTrainer(accelerator="cpu", progress_bar=False).fit(
+        alone, make_datamodule(tiny_mvtec_root, tiny_categories[1]), tmp_path / "alone"
+    )
+    assert not torch.equal(banks[0], banks[1])
+    torch.testing.assert_close(banks[1], _bank(alone))
