@@ -384,17 +384,18 @@ class MoleFlowModel(nn.Module):
         """
         if isinstance(task, torch.Tensor):
             return self._encode_per_image(patches, task)
-        x = self.whitening[task](self._with_position(patches))
-        flow = self.flow_for(task)
-        x = flow.context(x)
-        tokens = rearrange(x, "b h w d -> (b h w) d")
-        z, log_det = flow(tokens, task)
+        z, log_det = self.flow_for(task)(self.flow_inputs(patches, task), task)
         if self.dia_blocks:
             z, dia_log_det = self.dias[task](z)
             log_det = log_det + dia_log_det
         if self.exact_likelihood and self.use_whitening_adapter:
             log_det = log_det + self.whitening[task].log_abs_det()
         return z, log_det
+
+    def flow_inputs(self, patches: torch.Tensor, task: int) -> torch.Tensor:
+        """The tokens ``((b h w), d)`` that enter ``task``'s invertible part: positional code, whitening, context."""
+        x = self.flow_for(task).context(self.whitening[task](self._with_position(patches)))
+        return rearrange(x, "b h w d -> (b h w) d")
 
     def _encode_per_image(self, patches: torch.Tensor, image_tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`encode` with image ``i`` through the path of task ``image_tasks[i]``, in one pass."""
@@ -417,32 +418,10 @@ class MoleFlowModel(nn.Module):
             log_det = log_det + repeat(whitening_log_det, "b -> (b n)", n=height * width)
         return z, log_det
 
-    def invert(self, z: torch.Tensor, task: int, grid: tuple[int, int]) -> torch.Tensor:
-        """Invert the invertible part (MoLE blocks then DIA) of ``task``: latents back to flow inputs."""
-        tokens = z
-        if self.dia_blocks:
-            tokens, _ = self.dias[task](tokens, rev=True)
-        tokens, _ = self.flow_for(task)(tokens, task, rev=True)
-        return tokens
-
-    def flow_inputs(self, patches: torch.Tensor, task: int) -> torch.Tensor:
-        """The tokens ``((b h w), d)`` that enter the invertible part for ``task``."""
-        x = self.flow_for(task).context(self.whitening[task](self._with_position(patches)))
-        return rearrange(x, "b h w d -> (b h w) d")
-
     @staticmethod
     def patch_nll(z: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood per patch: ``0.5 * ||z||^2 - log|det J|``."""
         return 0.5 * z.pow(2).sum(dim=-1) - log_det
-
-    def forward_train(self, images: torch.Tensor, task: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Training pass for one task.
-
-        Returns:
-            Patch NLL ``(b, h*w)``, patch log-determinants ``(b, h*w)`` and image embeddings ``(b, d)``.
-        """
-        patches, image_embedding = self.embed(images)
-        return (*self.train_patches(patches, task), image_embedding)
 
     def train_patches(self, patches: torch.Tensor, task: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Training pass of ``(b, h, w, d)`` patch embeddings (from :meth:`embed` or a feature cache).
