@@ -605,18 +605,9 @@ class MoleFlow(AnomalibModule):
         self._routing.append(routed)
         return predictions, routed
 
-    def _mark_unknown(
-        self, pred_score: torch.Tensor, pred_label: torch.Tensor | None, routed: Routed
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Unknown products scored anomalous (normalised score 1, label anomalous) when ``unknown_as_anomalous``."""
-        normalised = isinstance(self.post_processor, TaskPostProcessor) and self.post_processor.enable_normalization
-        if not (self.unknown_as_anomalous and normalised):
-            return pred_score, pred_label
-        unknown = routed.unknown.to(pred_score.device)
-        pred_score = torch.where(unknown, torch.ones_like(pred_score), pred_score)
-        if pred_label is not None:
-            pred_label = pred_label | unknown.to(pred_label.device)
-        return pred_score, pred_label
+    def _overridden(self, routed: Routed) -> torch.Tensor | None:
+        """The images the post-processor scores anomalous as unknown products (``None`` with the override off)."""
+        return routed.unknown if self.unknown_as_anomalous else None
 
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Score validation images (with the training task's expert during ``fit``); gather per-task statistics."""
@@ -643,8 +634,7 @@ class MoleFlow(AnomalibModule):
         batch.update(**predictions._asdict())
         batch.raw_score = predictions.pred_score.clone()
         if isinstance(self.post_processor, TaskPostProcessor):
-            self.post_processor.post_process_batch(batch, routed.task)
-            batch.pred_score, batch.pred_label = self._mark_unknown(batch.pred_score, batch.pred_label, routed)
+            self.post_processor.post_process_batch(batch, routed.task, self._overridden(routed))
         return batch
 
     @torch.no_grad()
@@ -657,9 +647,7 @@ class MoleFlow(AnomalibModule):
         raw, routed = self._score(pixels)
         final = raw
         if isinstance(self.post_processor, TaskPostProcessor):
-            final = self.post_processor(raw, task_ids=routed.task)
-            pred_score, pred_label = self._mark_unknown(final.pred_score, final.pred_label, routed)
-            final = final._replace(pred_score=pred_score, pred_label=pred_label)
+            final = self.post_processor(raw, task_ids=routed.task, unknown=self._overridden(routed))
         elif self.post_processor:
             final = self.post_processor(raw)
         return ScoredImages(raw, final, routed)

@@ -177,8 +177,25 @@ class TaskPostProcessor(DynamicBufferMixin, PostProcessor):
             )
         return pred_score, anomaly_map
 
-    def post_process_batch(self, batch: Batch, task_ids: torch.Tensor | None = None) -> None:
-        """Normalise per task (when task ids are given), then threshold like anomalib."""
+    def mark_unknown(
+        self, pred_score: torch.Tensor, pred_label: torch.Tensor | None, unknown: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images of an unknown product ``(b,)`` scored anomalous: normalised score 1, label anomalous.
+
+        Only normalised scores are overridden (a raw score of 1 would mean nothing); ``unknown=None``: no override.
+        """
+        if unknown is None or not self.enable_normalization:
+            return pred_score, pred_label
+        unknown = unknown.to(pred_score.device)
+        pred_score = torch.where(unknown, torch.ones_like(pred_score), pred_score)
+        if pred_label is not None:
+            pred_label = pred_label | unknown.to(pred_label.device)
+        return pred_score, pred_label
+
+    def post_process_batch(
+        self, batch: Batch, task_ids: torch.Tensor | None = None, unknown: torch.Tensor | None = None
+    ) -> None:
+        """Normalise per task (when task ids are given), threshold like anomalib, then mark ``unknown`` products."""
         if task_ids is None:
             super().post_process_batch(batch)
             return
@@ -186,6 +203,7 @@ class TaskPostProcessor(DynamicBufferMixin, PostProcessor):
             batch.pred_score, batch.anomaly_map = self.normalize_per_task(batch.pred_score, batch.anomaly_map, task_ids)
         if self.enable_thresholding:
             self.threshold_batch(batch)
+        batch.pred_score, batch.pred_label = self.mark_unknown(batch.pred_score, batch.pred_label, unknown)
 
     def on_test_batch_end(self, *args: Any, **kwargs: Any) -> None:
         """Nothing: the model calls :meth:`post_process_batch` with the batch's task ids."""
@@ -193,15 +211,19 @@ class TaskPostProcessor(DynamicBufferMixin, PostProcessor):
     def on_predict_batch_end(self, *args: Any, **kwargs: Any) -> None:
         """Nothing: the model calls :meth:`post_process_batch` with the batch's task ids."""
 
-    def forward(self, predictions: InferenceBatch, task_ids: torch.Tensor | None = None) -> InferenceBatch:
-        """Post-process raw predictions; with ``task_ids``, per task (the model's ``forward`` passes them)."""
+    def forward(
+        self, predictions: InferenceBatch, task_ids: torch.Tensor | None = None, unknown: torch.Tensor | None = None
+    ) -> InferenceBatch:
+        """Post-process raw predictions; with ``task_ids``, per task (the model's ``forward`` passes them), with the
+        ``unknown`` products ``(b,)`` marked anomalous."""
         if task_ids is None or not self.enable_normalization:
             return super().forward(predictions)
         pred_score, anomaly_map = self.normalize_per_task(predictions.pred_score, predictions.anomaly_map, task_ids)
         normalized = InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
-        if not self.enable_thresholding:
-            return normalized
-        return normalized._replace(
-            pred_label=apply_threshold(pred_score, self.normalized_image_threshold),
-            pred_mask=apply_threshold(anomaly_map, self.normalized_pixel_threshold),
-        )
+        if self.enable_thresholding:
+            normalized = normalized._replace(
+                pred_label=apply_threshold(pred_score, self.normalized_image_threshold),
+                pred_mask=apply_threshold(anomaly_map, self.normalized_pixel_threshold),
+            )
+        pred_score, pred_label = self.mark_unknown(normalized.pred_score, normalized.pred_label, unknown)
+        return normalized._replace(pred_score=pred_score, pred_label=pred_label)
