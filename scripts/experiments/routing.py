@@ -97,18 +97,14 @@ def gaussian_rules(
     held-out training distance; ``gaussian``: the full Gaussian log-likelihood (distance + log det of the
     covariance); ``pooled``: one covariance shared by all tasks (LDA), each task's own mean.
     """
-    from sklearn.covariance import ledoit_wolf
-
-    from anomalib_moleflow.models.moleflow.components.router import held_out_distances
+    from anomalib_moleflow.models.moleflow.components.router import held_out_distances, ledoit_wolf
 
     stats = []
     for x in train:
         x = x.double()
         mean = x.mean(0)
-        if rule.endswith("_lw"):  # Ledoit-Wolf: the shrinkage to a scaled identity chosen from the data
-            cov = torch.from_numpy(ledoit_wolf(x.numpy())[0])
-        else:
-            cov = (x - mean).T @ (x - mean) / (len(x) - 1)
+        # Ledoit-Wolf: the shrinkage to a scaled identity chosen from the data.
+        cov = ledoit_wolf(x) if rule.endswith("_lw") else (x - mean).T @ (x - mean) / (len(x) - 1)
         stats.append((mean, cov, x))
     pooled = sum(cov for _, cov, _ in stats) / len(stats)
 
