@@ -1327,3 +1327,29 @@ def test_patch_size_sets_the_local_average_of_the_patch_embedding() -> None:
     assert (pooled_patches - plain_patches).abs().max() > 1e-3
     with pytest.raises(ValueError, match="patch_size"):
         small_model(patch_size=2)
+
+
+def test_position_whitening_fits_its_statistics_in_an_epoch_of_its_own(
+    tiny_model_kwargs: dict[str, Any], tiny_mvtec_root: Path, tiny_categories: tuple[str, ...], tmp_path: Path
+) -> None:
+    """``whitening_norm="position"``: the first epoch only collects each position's statistics (no step), then the
+    flow trains for ``max_epochs`` on patches standardised with them."""
+    from conftest import make_datamodule, make_engine
+
+    model = MoleFlow(**{**tiny_model_kwargs, "whitening_norm": "position", "max_epochs": 1})
+    model.add_task(tiny_categories[0])
+    before = {name: p.detach().clone() for name, p in model.model.named_parameters() if p.requires_grad}
+    datamodule = make_datamodule(tiny_mvtec_root, tiny_categories[0])
+    engine = make_engine(tmp_path)
+    engine.fit(model, datamodule=datamodule)
+    adapter = model.model.whitening[0]
+    assert not adapter.needs_fit
+    assert engine.trainer.current_epoch == 2  # one statistics epoch + max_epochs
+    patches = torch.cat(
+        [model.model.embed(model.pre_processor(batch.image))[0] for batch in datamodule.train_dataloader()]
+    )
+    torch.testing.assert_close(adapter.position_mean, model.model._with_position(patches).mean(0), rtol=1e-4, atol=1e-4)
+    changed = [
+        name for name, p in model.model.named_parameters() if name in before and not torch.equal(p, before[name])
+    ]
+    assert changed, "the flow did not train after the statistics epoch"

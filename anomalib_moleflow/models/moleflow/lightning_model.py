@@ -535,6 +535,11 @@ class MoleFlow(AnomalibModule):
                     self.model.router.prototypes[task].accumulate(embeddings)
                 return None
             patches = patches[~held]
+        if self.model.whitening_needs_fit(task):  # the statistics epoch: collect, train nothing
+            self.model.accumulate_whitening(task, patches)
+            if not self.model.router.prototypes[task].ready:
+                self.model.router.prototypes[task].accumulate(embeddings)
+            return None
         with self._compiled_calls():
             nll, log_det = self.model.train_patches(patches, task)
         loss = self.loss(nll, log_det)
