@@ -10,6 +10,8 @@ anomalib 2.7 has no public API for these:
   it; exporters can neither pickle nor trace it) and ``torch._dynamo.config.cache_size_limit`` (raised in a context).
 * ``MemoryBankMixin`` (Patchcore): ``_is_fitted``, and ``PatchcoreModel.embedding_store``. A fitted Patchcore never
   refits; retraining it on a new task (the fine-tuning baseline) needs both reset.
+* torch's ``_EXTRA_STATE_KEY_SUFFIX``: the state-dict key of a module's ``get_extra_state`` (a checkpoint's settings
+  are read from it before any model is built).
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ import torch
 from anomalib.models import Patchcore
 from anomalib.models.image.padim import torch_model as padim_torch_model
 from anomalib.post_processing import PostProcessor
+
+
+def extra_state_key(prefix: str) -> str:
+    """The state-dict key of the extra state of the module at ``prefix`` (e.g. ``"model."``)."""
+    return prefix + torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+
 
 #: PostProcessor buffers holding its single set of statistics, in the order of ``TaskPostProcessor``'s columns.
 POST_PROCESSOR_BUFFERS: tuple[str, ...] = (

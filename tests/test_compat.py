@@ -114,3 +114,18 @@ def test_finetune_patchcore_rebuilds_its_bank_on_every_task(
     )
     assert not torch.equal(banks[0], banks[1])
     torch.testing.assert_close(banks[1], _bank(alone))
+
+
+def test_extra_state_key_is_the_key_torch_saves_extra_state_under() -> None:
+    from anomalib_moleflow.compat import extra_state_key
+
+    class WithExtra(torch.nn.Module):
+        def get_extra_state(self) -> dict[str, int]:
+            return {"x": 1}
+
+        def set_extra_state(self, state: dict[str, int]) -> None:
+            del state
+
+    parent = torch.nn.Module()
+    parent.model = WithExtra()
+    assert parent.state_dict()[extra_state_key("model.")] == {"x": 1}

@@ -31,7 +31,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn, optim
 
 from anomalib_moleflow.checkpoint import check_finite_state, read_checkpoint
-from anomalib_moleflow.compat import compile_cache_limit, is_compiled
+from anomalib_moleflow.compat import compile_cache_limit, extra_state_key, is_compiled
 from anomalib_moleflow.metrics import default_evaluator
 
 from .components.feature_cache import FeatureCache, is_random
@@ -272,7 +272,7 @@ class MoleFlow(AnomalibModule):
             anomalib_moleflow.checkpoint.CheckpointError: If the file is damaged or not a checkpoint.
         """
         checkpoint = read_checkpoint(path)
-        extra = checkpoint.get("state_dict", {}).get("model._extra_state", {})
+        extra = checkpoint.get("state_dict", {}).get(extra_state_key("model."), {})
         saved = {**checkpoint.get("hyper_parameters", {}), **extra.get("fingerprint", {})}
         architecture = {
             name: value
@@ -566,7 +566,10 @@ class MoleFlow(AnomalibModule):
     # ------------------------------------------------------------ inference
     def _given_tasks(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
         """Task ids to use instead of routing: the training task during a running fit, else the oracle's task."""
-        trainer = self._trainer
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # Lightning's answer when no trainer is attached
+            trainer = None
         # Lightning keeps state.fn == FITTING after fit ends: only a running fit forces the training task.
         fitting = (
             trainer is not None
