@@ -16,7 +16,7 @@ import csv
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -206,8 +206,8 @@ def predict_folder(
     summary = PredictSummary(output / CSV_FILE, skipped_masks=skipped)
     unreadable = {path: reason for path in kept if (reason := _unreadable(path)) is not None}
     readable = [path for path in kept if path not in unreadable]
-    trainer = trainer or TaskTrainer(progress_bar=progress)
-    trainer.progress_bar = progress
+    # A copy: the caller's trainer keeps its own progress setting.
+    trainer = replace(trainer, progress_bar=progress) if trainer else TaskTrainer(progress_bar=progress)
     with model.record_routing() as log:
         writer = PredictionWriter(summary, root, model.task_names, log, overlays)
         writer.open()
