@@ -15,15 +15,14 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
+from ..settings import CacheDtype, CacheMode
+
 logger = logging.getLogger(__name__)
 
-CacheMode = Literal["auto", "memory", "disk", "off"]
-CacheDtype = Literal["float32", "float16"]
 #: ``auto`` keeps the cache in memory up to this share of the memory available when it starts.
 MEMORY_SHARE = 0.25
 #: Name prefixes of torchvision transforms whose output changes from call to call (``Random*`` includes the
