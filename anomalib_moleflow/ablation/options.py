@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 from jsonargparse import ArgumentParser
+
+#: What ``--executor ray`` says when Ray is missing.
+INSTALL_RAY = "--executor ray needs Ray: pip install 'anomalib-moleflow[distributed]'."
 
 
 def ablate_parser() -> ArgumentParser:
@@ -31,7 +35,27 @@ def ablate_parser() -> ArgumentParser:
         help="full: the suite's configs (GPU); smoke: two generated tasks, tiny random backbone, one epoch (CPU).",
     )
     parser.add_argument("--summary", type=str | None, default=None, help="Merge the suites finished in this folder.")
-    parser.add_argument("--threads", type=int | None, default=None, help="torch CPU threads (default: automatic).")
+    parser.add_argument(
+        "--threads",
+        type=int | None,
+        default=None,
+        help="torch CPU threads of each run (default: the config's threads, else automatic with serial, one per "
+        "run with ray).",
+    )
+    parser.add_argument(
+        "--executor",
+        type=Literal["serial", "ray"],
+        default="serial",
+        help="serial: one run after the other in this process; ray: each run one Ray task (one GPU each on a "
+        "cluster with GPUs, else one CPU), retried when its worker dies. ray needs anomalib-moleflow[distributed].",
+    )
+    parser.add_argument(
+        "--address",
+        type=str | None,
+        default=None,
+        help="With --executor ray: the Ray cluster to use (HEAD:6379); default: the one `ray start` started on "
+        "this machine, else a local one started now.",
+    )
     return parser
 
 
@@ -45,15 +69,17 @@ def ablate_command(argv: Sequence[str]) -> str:
     if not (config.suite or config.config):
         msg = "Pass --suite NAME (a file of configs/ablations/), --config FILE, or --summary FOLDER."
         raise ValueError(msg)
+    if config.address is not None and config.executor != "ray":
+        msg = "--address is the Ray cluster of --executor ray; pass --executor ray with it."
+        raise ValueError(msg)
+    if config.executor == "ray" and importlib.util.find_spec("ray") is None:
+        raise ModuleNotFoundError(INSTALL_RAY)
     from .suite import load_suite, suite_path, validate
 
     suite = load_suite(config.config or suite_path(config.suite), config.base)
     validate(suite, config.scale, Path(config.output) / "data")  # a typo fails now, not after the other runs
 
-    from anomalib_moleflow.runtime import torch_threads
-
     from .runner import run_suite
 
-    with torch_threads(config.threads):
-        run_suite(suite, config.output, config.scale)
+    run_suite(suite, config.output, config.scale, config.executor, config.address, config.threads)
     return (Path(config.output) / suite.name / "suite.md").read_text()
