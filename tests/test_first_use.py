@@ -103,6 +103,21 @@ def test_help_option_errors_and_refusals_answer_without_loading_torch(argv: list
 
 
 # --------------------------------------------------------------------------------------------- one line per error
+def test_several_devices_are_refused_in_one_line_before_anything_runs(tmp_path: Path) -> None:
+    """Under DDP each rank would fit the router and thresholds on a shard: refused, not silently wrong."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(_tiny_config(tmp_path / "data")))
+    completed = _cli(
+        ["continual", "--config", str(config), "--output", str(tmp_path / "out"), "--devices", "2"], tmp_path
+    )
+    assert completed.returncode != 0
+    lines = [line for line in completed.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, completed.stderr
+    assert "one device per run" in lines[0]
+    assert "--executor ray" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_diverging_run_is_one_line_and_writes_no_model(tiny_mvtec_root: Path, tmp_path: Path) -> None:
     config = tmp_path / "diverge.yaml"
     config.write_text(yaml.safe_dump(_tiny_config(tiny_mvtec_root, lr=1.0e4, max_epochs=2)))

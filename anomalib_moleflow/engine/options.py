@@ -82,6 +82,26 @@ def add_run_options(parser: ArgumentParser, resume_help: str) -> None:
     )
 
 
+def check_devices(devices: int | str) -> None:
+    """Refuse more than one device per run, with what to do instead.
+
+    Raises:
+        ValueError: If ``devices`` asks for several devices.
+    """
+    text = str(devices).strip()
+    listed = [part for part in text.strip("[]").split(",") if part.strip()]
+    # Lightning's forms: a count ("1"), or device indices ("[0]", "0,"); "auto" and -1 take every device there is.
+    single = text == "1" or (text != "1" and ("," in text or text.startswith("[")) and len(listed) == 1)
+    if not single:
+        msg = (
+            f"--devices {devices}: one device per run for now. Under DDP every rank would fit the router, the "
+            "thresholds and the metrics on its own shard of the images, which gives wrong numbers without an error. "
+            "Use --devices 1 (a GPU is picked with CUDA_VISIBLE_DEVICES), and spread a suite's runs over GPUs and "
+            "machines with `moleflow ablate --executor ray`."
+        )
+        raise ValueError(msg)
+
+
 def add_overwrite_option(parser: ArgumentParser, help_text: str) -> None:
     """Add ``--overwrite`` (a bare flag, or ``--overwrite true|false``) to ``parser``."""
     parser.add_argument("--overwrite", type=bool, nargs="?", const=True, default=False, help=help_text)

@@ -21,7 +21,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from anomalib_moleflow.io import claim_output_dir
 from anomalib_moleflow.models.moleflow.settings import MoleFlowSettings, names
 
-from .options import RUN_OUTPUTS, add_run_options, apply_dotted, split_dotted
+from .options import RUN_OUTPUTS, add_run_options, apply_dotted, check_devices, split_dotted
 
 if TYPE_CHECKING:
     from anomalib_moleflow.data import Task
@@ -206,6 +206,7 @@ def run_continual(
     if config.tasks is None and tasks is None:
         msg = "No tasks: pass --config with a `tasks:` section (see configs/continual/)."
         raise ValueError(msg)
+    check_devices(config.devices)
     check_output(config)  # before anything heavy loads
 
     from lightning.pytorch import seed_everything
