@@ -198,9 +198,17 @@ def test_shipped_configs_parse() -> None:
         assert list(config.rows) == list(ROWS)
     quality = parser.parse_args(["--config", str(REPO / "configs" / "benchmark" / "quality.yaml")])
     specs = parse_rows(quality.rows, quality.overrides)
-    assert [spec.regime for spec in specs] == ["continual", "continual", "separate", "separate", "separate"]
-    assert quality.overrides["moleflow#fine_patch"] == {"layers": ["blocks.2"], "whitening_norm": "patch"}
+    assert [spec.name for spec in specs] == ["moleflow", "padim/separate", "patchcore/separate", "fastflow/separate"]
     assert quality.moleflow.max_epochs == quality.fastflow.max_epochs  # the same training budget for both flows
+    # real images only: ELPV's two cell types and the two masked products of ../shared/datasets, no generated set
+    classes = [spec["dataset"]["class_path"] for spec in quality.tasks]
+    assert "anomalib_moleflow.data.SyntheticMVTecAD" not in classes
+    roots = [
+        spec["dataset"]["init_args"]["root"]
+        for spec in quality.tasks
+        if spec["dataset"]["class_path"].endswith("MVTecAD")
+    ]
+    assert roots == ["../shared/datasets/bsdata", "../shared/datasets/mpdd"]
     subset = parser.parse_args(
         ["--config", str(REPO / "configs" / "benchmark" / "quality.yaml"), "--rows", "[moleflow]"]
     )

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'anomalib-moleflow[distributed]')")
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install '.[distributed]')")
 
 from anomalib_moleflow.ablation import load_suite, run_suite  # noqa: E402
 from anomalib_moleflow.ablation.runner import ATTEMPTS_FOLDER, OUTPUT_FOLDER, RUN_FILE, WORKER_FILE  # noqa: E402
@@ -178,7 +178,8 @@ def test_ray_missing_is_one_line(
     with pytest.raises(SystemExit):
         main(["ablate", "--suite", "core", "--output", str(tmp_path), "--scale", "smoke", "--executor", "ray"])
     assert capsys.readouterr().err == (
-        "moleflow ablate: error: --executor ray needs Ray: pip install 'anomalib-moleflow[distributed]'.\n"
+        "moleflow ablate: error: --executor ray needs Ray: pip install '.[distributed]' (in the clone of "
+        "anomalib-moleflow).\n"
     )
     with pytest.raises(SystemExit):
         main(["ablate", "--suite", "core", "--output", str(tmp_path), "--address", "head:6379"])

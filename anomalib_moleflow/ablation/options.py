@@ -9,9 +9,6 @@ from typing import Literal
 
 from jsonargparse import ArgumentParser
 
-#: What ``--executor ray`` says when Ray is missing.
-INSTALL_RAY = "--executor ray needs Ray: pip install 'anomalib-moleflow[distributed]'."
-
 
 def ablate_parser() -> ArgumentParser:
     """Options of ``moleflow ablate``."""
@@ -73,6 +70,8 @@ def ablate_command(argv: Sequence[str]) -> str:
         msg = "--address is the Ray cluster of --executor ray; pass --executor ray with it."
         raise ValueError(msg)
     if config.executor == "ray" and importlib.util.find_spec("ray") is None:
+        from .suite import INSTALL_RAY
+
         raise ModuleNotFoundError(INSTALL_RAY)
     from .suite import load_suite, suite_path, validate
 

@@ -29,8 +29,7 @@ from anomalib_moleflow.engine.runner import run_continual
 from anomalib_moleflow.io import atomic_write_text
 from anomalib_moleflow.reports.ablation_table import write_suite_report
 
-from .options import INSTALL_RAY
-from .suite import Run, Scale, Suite, config_key, validate
+from .suite import INSTALL_RAY, Run, Scale, Suite, config_key, validate
 
 if TYPE_CHECKING:
     from types import ModuleType

@@ -28,6 +28,9 @@ from typing import Any, Literal
 
 import yaml
 
+#: What to do when ``--executor ray`` finds no Ray.
+INSTALL_RAY = "--executor ray needs Ray: pip install '.[distributed]' (in the clone of anomalib-moleflow)."
+
 Scale = Literal["full", "smoke"]
 #: Keys of a run in a suite YAML.
 RUN_KEYS = frozenset({"name", "set", "reference", "depth"})
