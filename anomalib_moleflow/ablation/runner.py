@@ -79,6 +79,11 @@ class PlannedRun:
         }
 
 
+def without_result(header: dict[str, Any], status: str, reason: str) -> dict[str, Any]:
+    """The record of a run that has no metrics: failed, or not finished yet."""
+    return header | {"metrics": {}, "routing": None, "status": status, "reason": reason}
+
+
 def import_ray() -> ModuleType:
     """Ray, imported now (only ``--executor ray`` needs it).
 
@@ -139,7 +144,7 @@ def execute_run(
             record |= {"status": "failed", "reason": f"image AUROC {100 * final['image_AUROC']:.1f} (chance)"}
     except Exception as error:  # a diverged run is a result of the suite, not the end of it
         reason = f"{type(error).__name__}: {error}".splitlines()[0][:200]
-        record |= {"metrics": {}, "routing": None, "status": "failed", "reason": reason}
+        record = without_result(header, "failed", reason)
         logger.warning("%s failed: %s", header["name"], reason)
     try:  # atomic: fails when another driver's attempt of the run finished first
         (run_dir / OUTPUT_FOLDER).symlink_to(Path(ATTEMPTS_FOLDER) / attempt, target_is_directory=True)
@@ -162,10 +167,6 @@ def _ray_task(*args: Any) -> dict[str, Any]:
     return execute_run(*args)
 
 
-def _pending(planned: PlannedRun) -> dict[str, Any]:
-    return planned.header() | {"metrics": {}, "routing": None, "status": "pending", "reason": "not finished yet"}
-
-
 def write_tables(
     suite: Suite, folder: Path, plans: list[PlannedRun], lost: dict[int, dict[str, Any]]
 ) -> dict[str, Any]:
@@ -185,7 +186,7 @@ def write_tables(
         if planned.done.exists():
             records.append(json.loads(planned.done.read_text()))
         else:
-            records.append(lost.get(index) or _pending(planned))
+            records.append(lost.get(index) or without_result(planned.header(), "pending", "not finished yet"))
     return write_suite_report(suite.name, suite.sweep_key, records, folder)
 
 
@@ -304,5 +305,5 @@ def _collect(
         logger.info("[%s] %s: %s.", name, planned.run.name, record["status"])
     except ray.exceptions.RayError as error:  # not cached in run.json: a rerun tries it again
         reason = f"{type(error).__name__}: {error}".splitlines()[0][:200]
-        lost[index] = planned.header() | {"metrics": {}, "routing": None, "status": "failed", "reason": reason}
+        lost[index] = without_result(planned.header(), "failed", reason)
         logger.warning("[%s] %s: its Ray task failed: %s", name, planned.run.name, reason)

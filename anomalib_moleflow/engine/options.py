@@ -91,7 +91,7 @@ def check_devices(devices: int | str) -> None:
     text = str(devices).strip()
     listed = [part for part in text.strip("[]").split(",") if part.strip()]
     # Lightning's forms: a count ("1"), or device indices ("[0]", "0,"); "auto" and -1 take every device there is.
-    single = text == "1" or (text != "1" and ("," in text or text.startswith("[")) and len(listed) == 1)
+    single = text == "1" or (("," in text or text.startswith("[")) and len(listed) == 1)
     if not single:
         msg = (
             f"--devices {devices}: one device per run for now. Under DDP every rank would fit the router, the "

@@ -524,21 +524,18 @@ class MoleFlow(AnomalibModule):
         """One step of the training task: tail-aware NLL + log-det regularisation; feeds the router."""
         del args, kwargs
         task = self.training_task
-        patches = self._patches(batch, self._cache)
-        embeddings = self.model.router.embed(patches)  # of every image, held-out ones included (the router's own folds)
+        patches = every_image = self._patches(batch, self._cache)
         if self._held_out:
             held = torch.tensor([str(path) in self._held_out for path in batch.image_path], device=patches.device)
             for index in held.nonzero().flatten().tolist():
                 self._held_out[str(batch.image_path[index])] = patches[index].detach().cpu()
             if bool(held.all()):  # nothing to train on in this batch: Lightning skips the step
-                if not self.model.router.prototypes[task].ready:
-                    self.model.router.prototypes[task].accumulate(embeddings)
+                self._feed_router(task, every_image)
                 return None
             patches = patches[~held]
         if self.model.whitening_needs_fit(task):  # the statistics epoch: collect, train nothing
             self.model.accumulate_whitening(task, patches)
-            if not self.model.router.prototypes[task].ready:
-                self.model.router.prototypes[task].accumulate(embeddings)
+            self._feed_router(task, every_image)
             return None
         with self._compiled_calls():
             nll, log_det = self.model.train_patches(patches, task)
@@ -550,11 +547,16 @@ class MoleFlow(AnomalibModule):
                 "tasks are untouched. Lower `lr`, use fewer `num_coupling_layers`, or check the images for NaN."
             )
             raise FloatingPointError(msg)
-        prototype = self.model.router.prototypes[task]
-        if not prototype.ready:
-            prototype.accumulate(embeddings)
+        self._feed_router(task, every_image)  # after the check: a bad batch never reaches the router
         self.log("train_loss", loss.detach(), on_epoch=True, prog_bar=True, batch_size=batch.image.shape[0])
         return {"loss": loss}
+
+    def _feed_router(self, task: int, patches: torch.Tensor) -> None:
+        """Until ``task``'s prototype is fitted (its first epoch), collect the image embeddings of ``(b, h, w, d)``
+        patches: every image's, held-out ones included (the router's own folds)."""
+        prototype = self.model.router.prototypes[task]
+        if not prototype.ready:
+            prototype.accumulate(self.model.router.embed(patches))
 
     def on_train_epoch_end(self) -> None:
         """Fit the training task's router prototype (and whitening statistics) once its first epoch is collected."""

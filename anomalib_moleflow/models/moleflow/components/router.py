@@ -142,10 +142,11 @@ class TaskPrototype(nn.Module):
                 2 * THRESHOLD_FOLDS,
             )
 
-    def distance(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Squared Mahalanobis distance ``(n,)`` of ``(n, d)`` embeddings to this task."""
+    def distance(self, embeddings: torch.Tensor, precision: torch.Tensor | None = None) -> torch.Tensor:
+        """Squared Mahalanobis distance ``(n,)`` of ``(n, d)`` embeddings to this task's mean, in this task's own
+        metric or in ``precision`` (the router's pooled one)."""
         centered = embeddings.to(self.mean.dtype) - self.mean
-        return torch.einsum("nd,de,ne->n", centered, self.precision, centered)
+        return torch.einsum("nd,de,ne->n", centered, self.precision if precision is None else precision, centered)
 
 
 class RoutingLog:
@@ -272,21 +273,15 @@ class MahalanobisRouter(nn.Module):
         pooled = torch.stack(covariances).mean(0)
         self.pooled_precision.copy_(torch.linalg.inv(pooled).to(self.pooled_precision.dtype))
 
-    def _own_distances(self, embeddings: torch.Tensor) -> torch.Tensor:
+    def _distances(self, embeddings: torch.Tensor, precision: torch.Tensor | None = None) -> torch.Tensor:
+        """Distances ``(n, tasks)`` in each task's own metric or in ``precision`` (``inf`` where not fitted)."""
         # torch.where, not a Python test of ``count``: the exported graph must not branch on a buffer's value.
-        columns = [torch.where(p.count > 0, p.distance(embeddings), float("inf")) for p in self.prototypes]
+        columns = [torch.where(p.count > 0, p.distance(embeddings, precision), float("inf")) for p in self.prototypes]
         return torch.stack(columns, dim=1)
 
     def distances(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Distances ``(n, tasks)`` that decide the route (``inf`` where a prototype is not fitted)."""
-        if self.covariance == "task":
-            return self._own_distances(embeddings)
-        columns = []
-        for p in self.prototypes:
-            centered = embeddings.to(p.mean.dtype) - p.mean
-            pooled = torch.einsum("nd,de,ne->n", centered, self.pooled_precision, centered)
-            columns.append(torch.where(p.count > 0, pooled, float("inf")))
-        return torch.stack(columns, dim=1)
+        return self._distances(embeddings, None if self.covariance == "task" else self.pooled_precision)
 
     def route(
         self,
@@ -305,7 +300,7 @@ class MahalanobisRouter(nn.Module):
         Returns:
             The task of each image and its distance to that task in the task's own covariance.
         """
-        own = self._own_distances(embeddings)  # inf for a prototype not fitted yet (the task being learned)
+        own = self._distances(embeddings)  # inf for a prototype not fitted yet (the task being learned)
         if tasks is not None:
             tasks = tasks.to(embeddings.device).long()
             return Routed(tasks, own.gather(1, tasks[:, None])[:, 0], torch.zeros_like(tasks, dtype=torch.bool))
