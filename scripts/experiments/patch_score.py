@@ -18,6 +18,7 @@ import argparse
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ import torch.nn.functional as F  # noqa: N812
 from einops import rearrange
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from anomalib_moleflow.models.moleflow.anomaly_map import AnomalyMapGenerator
 from anomalib_moleflow.models.moleflow.components.embedding import PatchEmbedding
 from anomalib_moleflow.models.moleflow.loss import MoleFlowLoss
 from anomalib_moleflow.models.moleflow.torch_model import MoleFlowModel
@@ -244,6 +246,10 @@ VARIANTS: dict[str, dict] = {
     "patch3": {"patch_size": 3},
     "soft_ln_0.1": {"fit": lambda m, p: _soft_ln(m, p, 0.1)},
     "nearest": {"upsample": "nearest"},
+    "tail_off": {"tail_weight": 0.0},
+    "tail_k0.005": {"tail_ratio": 0.005},
+    "tail_k0.1": {"tail_ratio": 0.1},
+    "tail_only": {"tail_weight": 1.0},
 }
 
 
@@ -308,9 +314,10 @@ def metrics(scores_map: torch.Tensor, image_scores: torch.Tensor, split: dict[st
     return result
 
 
-def to_map(model: MoleFlowModel, patch_scores: torch.Tensor, size: int) -> torch.Tensor:
-    """Patch scores ``(b, h, w)`` to the model's blurred image-size map ``(b, H, W)``."""
-    return model.anomaly_map_generator(patch_scores, (size, size))[:, 0]
+def to_map(model: MoleFlowModel, patch_scores: torch.Tensor, size: int, sigma: float | None = None) -> torch.Tensor:
+    """Patch scores ``(b, h, w)`` to the model's blurred image-size map ``(b, H, W)`` (or blurred by ``sigma``)."""
+    generator = model.anomaly_map_generator if sigma is None else AnomalyMapGenerator(sigma)
+    return generator(patch_scores, (size, size))[:, 0]
 
 
 def top_k(patch_scores: torch.Tensor, k: int = 3) -> torch.Tensor:
@@ -328,10 +335,17 @@ def padim_scores(train: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhwi,hwij,bhwj->bhw", diff, inv, diff).clamp_min(0).sqrt()
 
 
-def patchcore_scores(train: torch.Tensor, test: torch.Tensor, bank_size: int = 20000) -> torch.Tensor:
-    """Distance to the nearest training patch (full or random-subsampled bank) ``(b, h, w)``."""
+def patchcore_scores(
+    train: torch.Tensor, test: torch.Tensor, bank_size: int = 20000, coreset_ratio: float = 0.0
+) -> torch.Tensor:
+    """Distance to the nearest training patch ``(b, h, w)``: a random bank of at most ``bank_size`` patches, or, with
+    ``coreset_ratio`` > 0, anomalib's greedy coreset of that share of all training patches (as its Patchcore)."""
     bank = rearrange(train, "n h w d -> (n h w) d")
-    if bank.shape[0] > bank_size:
+    if coreset_ratio > 0:
+        from anomalib.models.components.sampling import KCenterGreedy
+
+        bank = KCenterGreedy(bank, sampling_ratio=coreset_ratio).sample_coreset()
+    elif bank.shape[0] > bank_size:
         bank = bank[torch.randperm(bank.shape[0], generator=torch.Generator().manual_seed(0))[:bank_size]]
     flat = rearrange(test, "b h w d -> (b h w) d")
     dists = torch.cat([torch.cdist(chunk, bank).min(1).values for chunk in flat.split(2048)])
@@ -484,6 +498,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--baselines", action="store_true")
     parser.add_argument("--sigma", type=float, default=4.0)
+    parser.add_argument("--sigmas", default="", help="Also score with these map blurs (comma-separated; NAME~sS).")
+    parser.add_argument("--coreset", type=float, default=0.0, help="With --baselines: also anomalib's greedy coreset.")
     parser.add_argument("--categories", default="", help="Only these categories of the data (comma-separated).")
     parser.add_argument("--eval_epochs", default="", help="Also score after these epochs (or steps; VARIANT@N).")
     parser.add_argument("--lora_rank", type=int, default=16)
@@ -497,6 +513,7 @@ def main() -> None:
     args = parser.parse_args()
     eval_epochs = {int(e) for e in args.eval_epochs.split(",") if e}
     kinds = set(args.kinds.split(","))
+    sigmas = [args.sigma] + [float(v) for v in args.sigmas.split(",") if v]
     torch.set_num_threads(pick_threads())
     layers = args.layers.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -557,9 +574,16 @@ def main() -> None:
                 f"  patch norm: train mean {train_p.norm(dim=-1).mean():.3f}, pos-emb norm "
                 f"{base.pos_embedding.norm(dim=-1).mean():.3f}"
             )
-            for name, fn in (("padim", padim_scores), ("patchcore", patchcore_scores)):
+            scorers = [("padim", padim_scores), ("patchcore", patchcore_scores)]
+            if args.coreset:
+                scorers.append(
+                    (f"patchcore_coreset{args.coreset:g}", partial(patchcore_scores, coreset_ratio=args.coreset))
+                )
+            for name, fn in scorers:
                 s = fn(train_p, test_p)
-                add(f"{category}|{name}", metrics(to_map(base, s, args.image_size), top_k(s, 1), split))
+                for sigma in sigmas:
+                    tag = name if sigma == sigmas[0] else f"{name}~s{sigma:g}"
+                    add(f"{category}|{tag}", metrics(to_map(base, s, args.image_size, sigma), top_k(s, 1), split))
             base.patch_embedding = PatchEmbedding(args.embed_dim, patch_size=1)
             s = padim_scores(patches_for(base, "train"), patches_for(base, "test"))
             add(f"{category}|padim_pool1", metrics(to_map(base, s, args.image_size), top_k(s, 1), split))
@@ -639,12 +663,16 @@ def main() -> None:
                     for kind, s in flow_scores(model, test_p, task).items():
                         if kind not in kinds:
                             continue
-                        anomaly_map = to_map(model, s, args.image_size)
-                        result = metrics(anomaly_map, top_k(s), split)
-                        add(f"{category}|{tag}:{kind}", result)
-                        # Image score = the blurred map's maximum (anomalib's Padim, Fastflow), not the top-k mean
-                        peak = metrics(anomaly_map, anomaly_map.flatten(1).amax(1), {**split, "mask": None})
-                        add(f"{category}|{tag}:{kind}+mapmax", {**result, **peak})
+                        for sigma in sigmas:
+                            anomaly_map = to_map(model, s, args.image_size, sigma)
+                            result = metrics(anomaly_map, top_k(s), split)
+                            blur = "" if sigma == sigmas[0] else f"~s{sigma:g}"
+                            add(f"{category}|{tag}:{kind}{blur}", result)
+                            if blur:
+                                continue
+                            # Image score = the blurred map's maximum (anomalib's Padim, Fastflow), not the top-k mean
+                            peak = metrics(anomaly_map, anomaly_map.flatten(1).amax(1), {**split, "mask": None})
+                            add(f"{category}|{tag}:{kind}+mapmax", {**result, **peak})
 
                 losses = train_flow(
                     model,
@@ -658,7 +686,9 @@ def main() -> None:
                     on_epoch=None if args.steps else evaluate,
                     max_steps=args.steps,
                     on_step=evaluate if args.steps else None,
-                    loss_fn=MoleFlowLoss(tail_top_k_ratio=spec.get("tail_ratio", 0.02)),
+                    loss_fn=MoleFlowLoss(
+                        tail_weight=spec.get("tail_weight", 0.7), tail_top_k_ratio=spec.get("tail_ratio", 0.02)
+                    ),
                     task=task,
                 )
                 print(
