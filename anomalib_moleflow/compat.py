@@ -10,6 +10,8 @@ anomalib 2.7 has no public API for these:
   it; exporters can neither pickle nor trace it) and ``torch._dynamo.config.cache_size_limit`` (raised in a context).
 * ``MemoryBankMixin`` (Patchcore): ``_is_fitted``, and ``PatchcoreModel.embedding_store``. A fitted Patchcore never
   refits; retraining it on a new task (the fine-tuning baseline) needs both reset.
+* ``pipelines.Benchmark._setup_runners`` (static): the only place that names the benchmark's job generator, which
+  :func:`benchmark_pipeline` replaces (anomalib's runners kept: serial, or one per GPU).
 * torch's ``_EXTRA_STATE_KEY_SUFFIX``: the state-dict key of a module's ``get_extra_state`` (a checkpoint's settings
   are read from it before any model is built).
 """
@@ -17,6 +19,7 @@ anomalib 2.7 has no public API for these:
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from anomalib.models import Patchcore
@@ -81,3 +84,29 @@ def is_compiled(module: torch.nn.Module) -> bool:
 def padim_default_features(backbone: str) -> int | None:
     """Channels anomalib's Padim keeps for ``backbone`` when ``n_features`` is not given (``None``: no default)."""
     return padim_torch_model._N_FEATURES_DEFAULTS.get(backbone)
+
+
+def benchmark_pipeline(job_generator: type) -> type:
+    """anomalib's ``Benchmark`` pipeline whose jobs come from ``job_generator(accelerator)``.
+
+    anomalib's own runner choice is kept: a ``SerialRunner`` on the CPU or one GPU, a ``ParallelRunner`` with one job
+    per GPU otherwise.
+    """
+    from anomalib.pipelines import Benchmark
+    from anomalib.pipelines.components.runners import ParallelRunner, SerialRunner
+
+    def setup_runners(args: dict[str, Any]) -> list[Any]:
+        accelerators = args["accelerator"] if isinstance(args["accelerator"], list) else [args["accelerator"]]
+        runners: list[Any] = []
+        for accelerator in accelerators:
+            if accelerator not in {"cpu", "cuda"}:
+                msg = f"Unsupported accelerator: {accelerator}. Use 'cpu' or 'cuda'."
+                raise ValueError(msg)
+            device_count = torch.cuda.device_count()
+            if device_count <= 1 or accelerator == "cpu":
+                runners.append(SerialRunner(job_generator(accelerator)))
+            else:
+                runners.append(ParallelRunner(job_generator(accelerator), n_jobs=device_count))
+        return runners
+
+    return type("Benchmark", (Benchmark,), {"_setup_runners": staticmethod(setup_runners)})

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib.models import Patchcore
 from anomalib.post_processing import PostProcessor
 
 from anomalib_moleflow.compat import (
@@ -40,15 +40,6 @@ def test_normalize_maps_threshold_to_half_and_clips() -> None:
 
 def test_apply_threshold_is_strictly_greater() -> None:
     assert apply_threshold(torch.tensor([0.4, 0.5, 0.6]), torch.tensor(0.5)).tolist() == [False, False, True]
-
-
-def test_reset_memory_bank_lets_patchcore_refit() -> None:
-    model = Patchcore(backbone="resnet18", layers=("layer2",), pre_trained=False)
-    model.model.embedding_store.append(torch.zeros(2, 3))
-    model._is_fitted = torch.tensor([True])
-    reset_memory_bank(model)
-    assert model.model.embedding_store == []
-    assert not bool(model._is_fitted)
 
 
 def test_padim_default_features_are_anomalibs() -> None:
@@ -129,3 +120,23 @@ def test_extra_state_key_is_the_key_torch_saves_extra_state_under() -> None:
     parent = torch.nn.Module()
     parent.model = WithExtra()
     assert parent.state_dict()[extra_state_key("model.")] == {"x": 1}
+
+
+def test_benchmark_pipeline_runs_anomalibs_pipeline_with_our_jobs(monkeypatch: Any) -> None:
+    """anomalib's Benchmark asks ``_setup_runners`` for its runners; ours hand out our generator's jobs."""
+    from anomalib.pipelines import Benchmark as AnomalibBenchmark
+    from anomalib.pipelines.components.runners import ParallelRunner, SerialRunner
+
+    from anomalib_moleflow.benchmark.anomalib_pipeline import Benchmark, BenchmarkJob, BenchmarkJobGenerator
+
+    assert issubclass(Benchmark, AnomalibBenchmark)
+    assert isinstance(inspect.getattr_static(AnomalibBenchmark, "_setup_runners"), staticmethod)
+    assert "_setup_runners" in inspect.getsource(AnomalibBenchmark.run)  # the hook anomalib's run() calls
+    (runner,) = Benchmark._setup_runners({"accelerator": "cpu"})
+    assert isinstance(runner, SerialRunner)
+    assert isinstance(runner.generator, BenchmarkJobGenerator)
+    assert runner.generator.job_class is BenchmarkJob
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    (parallel,) = Benchmark._setup_runners({"accelerator": ["cuda"]})
+    assert isinstance(parallel, ParallelRunner)
+    assert isinstance(parallel.generator, BenchmarkJobGenerator)

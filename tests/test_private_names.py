@@ -57,6 +57,7 @@ COMPAT_NAMES = frozenset(
         "_compiled_call_impl",  # torch nn.Module.compile's in-place wrapper
         "_dynamo",  # torch._dynamo.config.cache_size_limit
         "_EXTRA_STATE_KEY_SUFFIX",  # torch's state-dict key of get_extra_state
+        "_setup_runners",  # anomalib.pipelines.Benchmark (static method naming its job generator)
     }
 )
 
@@ -65,7 +66,6 @@ COMPAT_NAMES = frozenset(
 OTHER_PRIVATE = frozenset(
     {
         # anomalib
-        "_setup_runners",  # anomalib.pipelines.Benchmark (static method)
         "_get_cnn_features",  # anomalib FastflowModel
         "_checkpointable_components",  # AnomalibModule
         "_resolve_component",
@@ -102,15 +102,6 @@ AUTOMATIC = frozenset({"_abc_impl", "_is_protocol"})
 #: Underscored hooks that anomalib documents as the subclass's to implement (``AnomalibDataModule._setup``:
 #: "This method should be implemented by subclasses").
 SUBCLASS_HOOKS = frozenset({"_setup"})
-
-#: Uses found today outside compat.py, as (file, name). Move each into compat.py (or find a public way), then delete
-#: it here; ``test_no_private_names_outside_compat`` fails as strict xfail once the list is empty but the mark stays.
-KNOWN_VIOLATIONS = frozenset(
-    {
-        ("anomalib_moleflow/benchmark/anomalib_pipeline.py", "_setup_runners"),  # Benchmark overrides anomalib's
-        ("anomalib_moleflow/baselines/fastflow.py", "_get_cnn_features"),  # TimmFastflowModel overrides anomalib's
-    }
-)
 
 _IDENTIFIER_PATH = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
 _INSTANCE_ATTRIBUTE = re.compile(r"self\.(_[A-Za-z]\w*)\s*(?::[^=\n]*)?=(?!=)|__setattr__\((?:self, )?[\"'](_\w+)[\"']")
@@ -305,27 +296,9 @@ def _report(found: tuple[Violation, ...] | list[Violation]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------- tests
-@pytest.mark.xfail(
-    strict=True,
-    reason="Known uses outside compat.py (move them there, then remove this mark and KNOWN_VIOLATIONS): "
-    "benchmark/anomalib_pipeline.py Benchmark overrides anomalib's private static method `_setup_runners`; "
-    "baselines/fastflow.py TimmFastflowModel overrides anomalib FastflowModel's private `_get_cnn_features`.",
-)
 def test_no_private_names_outside_compat() -> None:
     found = violations()
     assert not found, _report(found)
-
-
-def test_no_new_private_names_outside_compat() -> None:
-    """Until the known uses move into compat.py, no other one may appear (the xfail above would hide it)."""
-    new = [violation for violation in violations() if (violation.path, violation.name) not in KNOWN_VIOLATIONS]
-    assert not new, _report(new)
-
-
-def test_known_violations_are_still_there() -> None:
-    """A use moved into compat.py leaves the list (so that the list stays the truth)."""
-    gone = KNOWN_VIOLATIONS - {(violation.path, violation.name) for violation in violations()}
-    assert not gone, f"fixed, remove from KNOWN_VIOLATIONS: {sorted(gone)}"
 
 
 def test_compat_uses_exactly_the_names_it_wraps() -> None:
@@ -340,8 +313,7 @@ def test_compat_uses_exactly_the_names_it_wraps() -> None:
 def test_the_package_defines_none_of_the_known_names() -> None:
     """A known name of the libraries is never also one of ours (else the generic check could not tell them apart)."""
     ours = own_names() & KNOWN_PRIVATE
-    allowed = {name for _, name in KNOWN_VIOLATIONS}  # the overrides above define them
-    assert ours <= allowed, sorted(ours - allowed)
+    assert not ours, sorted(ours)
 
 
 def test_known_names_are_the_libraries() -> None:

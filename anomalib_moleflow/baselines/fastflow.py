@@ -59,6 +59,8 @@ class TimmFastflowModel(FastflowModel):
         with torch.no_grad():
             probe = self.feature_extractor(torch.zeros(1, 3, *self.input_size))
         shapes = [list(feature.shape[1:]) for feature in probe.values()]
+        # anomalib's CNN path iterates over the extractor's output as a list (timm's), ours returns a dict by stage.
+        self.feature_extractor.register_forward_hook(_stage_list)
         self.norms = nn.ModuleList(nn.LayerNorm(shape, elementwise_affine=True) for shape in shapes)
         self.fast_flow_blocks = nn.ModuleList(
             create_fast_flow_block(
@@ -71,10 +73,11 @@ class TimmFastflowModel(FastflowModel):
         )
         self.anomaly_map_generator = AnomalyMapGenerator(input_size=self.input_size)
 
-    def _get_cnn_features(self, input_tensor: torch.Tensor) -> list[torch.Tensor]:
-        """Normalised features of every stage (anomalib's extractor returns a dict, timm's a list)."""
-        features = self.feature_extractor(input_tensor).values()
-        return [norm(feature) for norm, feature in zip(self.norms, features, strict=True)]
+
+def _stage_list(module: nn.Module, args: Any, output: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Forward hook: the extractor's stage features as a list, finest first."""
+    del module, args
+    return list(output.values())
 
 
 class TimmFastflow(BenchmarkBaseline, Fastflow):

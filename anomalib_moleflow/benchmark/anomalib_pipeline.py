@@ -13,12 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 import pandas as pd
-import torch
-from anomalib.pipelines import Benchmark as AnomalibBenchmark
 from anomalib.pipelines.benchmark.generator import BenchmarkJobGenerator as AnomalibJobGenerator
 from anomalib.pipelines.benchmark.job import BenchmarkJob as AnomalibBenchmarkJob
-from anomalib.pipelines.components.base import Runner
-from anomalib.pipelines.components.runners import ParallelRunner, SerialRunner
+
+from anomalib_moleflow.compat import benchmark_pipeline
 
 
 class BenchmarkJob(AnomalibBenchmarkJob):
@@ -39,20 +37,5 @@ class BenchmarkJobGenerator(AnomalibJobGenerator):
         return BenchmarkJob
 
 
-class Benchmark(AnomalibBenchmark):
-    """anomalib's benchmark pipeline with :class:`BenchmarkJobGenerator` (same runners: serial, or one per GPU)."""
-
-    @staticmethod
-    def _setup_runners(args: dict) -> list[Runner]:
-        accelerators = args["accelerator"] if isinstance(args["accelerator"], list) else [args["accelerator"]]
-        runners: list[Runner] = []
-        for accelerator in accelerators:
-            if accelerator not in {"cpu", "cuda"}:
-                msg = f"Unsupported accelerator: {accelerator}. Use 'cpu' or 'cuda'."
-                raise ValueError(msg)
-            device_count = torch.cuda.device_count()
-            if device_count <= 1 or accelerator == "cpu":
-                runners.append(SerialRunner(BenchmarkJobGenerator(accelerator)))
-            else:
-                runners.append(ParallelRunner(BenchmarkJobGenerator(accelerator), n_jobs=device_count))
-        return runners
+#: anomalib's benchmark pipeline with :class:`BenchmarkJobGenerator` (same runners: serial, or one per GPU).
+Benchmark = benchmark_pipeline(BenchmarkJobGenerator)
