@@ -264,7 +264,8 @@ def test_log_det_matches_autograd_jacobian(num_coupling_layers: int, dia_blocks:
         sign, expected = torch.linalg.slogdet(jacobian)
         assert sign != 0
         _, log_det = model.encode(token, task)
-        assert abs(expected.item()) > 1e-2, "the perturbed flow should not be volume preserving"
+        # a volume-preserving flow gives ~1e-15 here; the perturbed one's log-det varies from run to run (0.003 to 1)
+        assert abs(expected.item()) > 1e-4, "the perturbed flow should not be volume preserving"
         torch.testing.assert_close(log_det, expected.view(1), rtol=1e-6, atol=1e-8)
 
 
@@ -756,13 +757,15 @@ def test_flags_of_the_loss_change_the_loss(tiny_model_kwargs: dict[str, Any], na
 @pytest.mark.parametrize("freeze_base", [True, False])
 def test_flag_freeze_base_selects_trainable_parameters(tiny_model_kwargs: dict[str, Any], freeze_base: bool) -> None:
     model = build(tiny_model_kwargs, tasks=1, freeze_base=freeze_base)
-    first = model.configure_optimizers()
+    with model.fitting(0):
+        first = model.configure_optimizers()
     first_ids = {id(p) for group in first.param_groups for p in group["params"]}
     shared_ids = {id(p) for p in model.model.shared_parameters()}
     assert shared_ids
     assert shared_ids <= first_ids  # the first task always trains the shared base
     model.add_task("t1")
-    optimizer = model.configure_optimizers()
+    with model.fitting(1):
+        optimizer = model.configure_optimizers()
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     task1 = {id(p) for p in model.model.task_parameters(1)}
     expected = task1 | (set() if freeze_base else shared_ids)
@@ -792,14 +795,16 @@ def test_flag_task_separated_builds_one_flow_per_task(tiny_model_kwargs: dict[st
     assert report_separated > report_shared
     # training task 1 of a task-separated model cannot touch task 0's flow
     separated.add_task("t2")
-    optimizer = separated.configure_optimizers()
+    with separated.fitting():
+        optimizer = separated.configure_optimizers()
     trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert not trained & {id(p) for p in separated.model.flows[0].parameters()}
 
 
 def test_flags_lr_and_max_epochs(tiny_model_kwargs: dict[str, Any]) -> None:
     model = build({**tiny_model_kwargs, "max_epochs": 7}, lr=1.5e-3)
-    optimizer = model.configure_optimizers()
+    with model.fitting():
+        optimizer = model.configure_optimizers()
     assert isinstance(optimizer, torch.optim.Adam)
     assert [group["lr"] for group in optimizer.param_groups] == [1.5e-3]
     assert model.trainer_arguments["max_epochs"] == 7
@@ -861,6 +866,23 @@ def test_duplicate_or_empty_task_names_are_rejected(tiny_model_kwargs: dict[str,
     assert model.task_names == ["t0"]
     with pytest.raises(RuntimeError, match="add_task"):
         _ = MoleFlow(**tiny_model_kwargs).training_task
+
+
+def test_the_fit_task_is_chosen_in_the_open(tiny_model_kwargs: dict[str, Any]) -> None:
+    model = build(tiny_model_kwargs, tasks=2)
+    with pytest.raises(RuntimeError, match="No fit is running"):
+        _ = model.training_task
+    with pytest.raises(ValueError, match="only the newest task"):
+        model.fitting(0).__enter__()
+    assert not model.is_fitting
+    with model.fitting(1):
+        assert model.training_task == 1
+        with pytest.raises(RuntimeError, match="do not nest"), model.fitting(1):
+            pass
+        images = random_images(64, batch=2)
+        with torch.no_grad():
+            assert model.score_images(images).routed.task.tolist() == [1, 1]  # inside a fit: the fit's task, no routing
+    assert not model.is_fitting
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1145,12 +1167,13 @@ def test_non_finite_loss_in_training_step(tiny_model_kwargs: dict[str, Any]) -> 
     from anomalib.data import ImageBatch
 
     model = build(tiny_model_kwargs, tasks=1)
-    model.configure_optimizers()
     images = random_images(64)
     images[1, :, 3, 3] = float("nan")
     before = tensor_snapshot(model)
-    with pytest.raises(FloatingPointError, match="check the images for NaN"):
-        model.training_step(ImageBatch(image=images))
+    with model.fitting(0):
+        model.configure_optimizers()
+        with pytest.raises(FloatingPointError, match="check the images for NaN"):
+            model.training_step(ImageBatch(image=images))
     assert all(same_bits(value, model.state_dict()[key]) for key, value in before.items())
     assert model.model.router.prototypes[0]._embeddings == []  # the bad batch did not reach the router
 

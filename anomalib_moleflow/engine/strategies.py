@@ -132,8 +132,9 @@ class MoleFlowStrategy(Strategy):
         del index
         if task.name in self.model.task_names:
             return
-        self.model.add_task(task.name)
-        trainer.fit(self.model, task.datamodule, folder)
+        new = self.model.add_task(task.name)
+        with self.model.fitting(new):
+            trainer.fit(self.model, task.datamodule, folder)
 
     @contextmanager
     def testing(self, index: int) -> Iterator[tuple[AnomalibModule, RoutingLog | None]]:

@@ -26,7 +26,7 @@ from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.visualization import Visualizer
-from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn, optim
 
@@ -34,7 +34,8 @@ from anomalib_moleflow.checkpoint import check_finite_state, read_checkpoint
 from anomalib_moleflow.compat import compile_cache_limit, extra_state_key, is_compiled
 from anomalib_moleflow.metrics import default_evaluator
 
-from .components.feature_cache import FeatureCache, is_random
+from .callbacks import FitScope, TaskStatisticsFitting, TrainingFeatureCache, training_cache
+from .components.feature_cache import FeatureCache
 from .components.router import Routed, RoutingLog, RoutingRecorder
 from .loss import MoleFlowLoss
 from .post_processor import TaskPostProcessor
@@ -55,6 +56,9 @@ from .settings import (
 from .torch_model import MoleFlowModel
 
 logger = logging.getLogger(__name__)
+
+NEWEST_TASK = -1
+"""``MoleFlow.fitting()`` without a task: the fit trains the newest task (resolved when the fit reads it)."""
 
 #: ONNX opset of exports (the lowest that torch's exporter writes natively).
 ONNX_OPSET = 18
@@ -249,13 +253,13 @@ class MoleFlow(AnomalibModule):
         self.feature_cache = feature_cache
         self.feature_cache_dtype = feature_cache_dtype
         self.compile_mode = compile_mode
-        self._cache: FeatureCache | None = None  # training images of the running fit
         self._test_cache: FeatureCache | None = None
         self.lr = lr
         self.max_epochs = max_epochs
         self.threshold = threshold
         self.target_fpr = target_fpr
         self._held_out: dict[str, torch.Tensor | None] = {}  # good_fpr: held-out image path -> its patch embedding
+        self._fit_task: int | None = None  # chosen by `fitting` for one fit (NEWEST_TASK: the newest)
         self._oracle_task: int | None = None
         self._routing = RoutingRecorder()
 
@@ -341,11 +345,50 @@ class MoleFlow(AnomalibModule):
 
     @property
     def training_task(self) -> int:
-        """Index of the task that ``fit`` trains: the latest one."""
+        """Index of the task the running fit trains (chosen by :meth:`fitting`).
+
+        Raises:
+            RuntimeError: Outside a fit, or when the model has no task.
+        """
         if self.model.num_tasks == 0:
             msg = "MoLE-Flow has no task: call `model.add_task(name)` first."
             raise RuntimeError(msg)
-        return self.model.num_tasks - 1
+        if self._fit_task is None:
+            msg = "No fit is running: train inside `with model.fitting(task):` or through `Engine.fit`."
+            raise RuntimeError(msg)
+        return self.model.num_tasks - 1 if self._fit_task == NEWEST_TASK else self._fit_task
+
+    @property
+    def is_fitting(self) -> bool:
+        """Whether a fit's task is chosen (inside :meth:`fitting`): validation then scores with that task."""
+        return self._fit_task is not None
+
+    @contextmanager
+    def fitting(self, task: int | None = None) -> Iterator[None]:
+        """Inside the block, ``fit`` trains ``task`` and validates with its expert (no routing).
+
+        Only the newest task can be trained: the earlier ones are frozen. ``None`` means the newest task when the fit
+        reads it (after Lightning restored a checkpoint's tasks); ``Engine.fit`` outside such a block enters one so
+        (:class:`~anomalib_moleflow.models.moleflow.callbacks.FitScope`).
+
+        Raises:
+            ValueError: If ``task`` is not the newest task.
+            RuntimeError: If a fit's task is already chosen.
+        """
+        if task is not None and task != self.model.num_tasks - 1:
+            msg = (
+                f"Task {task} cannot be trained: only the newest task ({self.model.num_tasks - 1}) can, the earlier "
+                "ones are frozen. Add a task with `model.add_task(name)` to train a new one."
+            )
+            raise ValueError(msg)
+        if self._fit_task is not None:
+            msg = "A fit's task is already chosen: `fitting` blocks do not nest."
+            raise RuntimeError(msg)
+        self._fit_task = NEWEST_TASK if task is None else task
+        try:
+            yield
+        finally:
+            self._fit_task = None
 
     def add_task(self, name: str) -> int:
         """Add a task (expert, whitening adapter, DIA, router prototype, post-processing row).
@@ -441,38 +484,30 @@ class MoleFlow(AnomalibModule):
         return optim.Adam(params, lr=self.lr)
 
     # ------------------------------------------------------------- training
-    def on_train_start(self) -> None:
-        """Decide whether this fit caches the training images' patch embeddings (deterministic transforms only).
+    def configure_callbacks(self) -> list[Callback]:
+        """The fit's task for a plain ``Engine.fit``, anomalib's (the components that are callbacks), then the
+        training feature cache's life cycle and the fitting of the training task's statistics."""
+        inherited = super().configure_callbacks()
+        inherited = [inherited] if isinstance(inherited, Callback) else list(inherited)
+        cache = TrainingFeatureCache(self.feature_cache, self.feature_cache_dtype)
+        return [FitScope(), *inherited, cache, TaskStatisticsFitting()]
 
-        With ``threshold="good_fpr"``, also choose the held-out good images (every k-th training image by path,
-        :data:`HELD_OUT_SHARE` of them, at least 2): they never train the flow and set the task's thresholds.
-        """
-        self._close_cache()
-        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+    def on_train_start(self) -> None:
+        """With ``threshold="good_fpr"``, choose the held-out good images (every k-th training image by path,
+        :data:`HELD_OUT_SHARE` of them, at least 2): they never train the flow and set the task's thresholds."""
         self._held_out = {}
-        if self.threshold == "good_fpr":
-            paths = sorted(str(p) for p in getattr(getattr(dataset, "samples", None), "image_path", []))
-            if len(paths) < 4:
-                msg = (
-                    f"threshold='good_fpr' holds out some good training images to set the thresholds and needs at "
-                    f"least 4 training images with paths, got {len(paths)}. Add images, or use threshold='f1'."
-                )
-                raise ValueError(msg)
-            step = max(2, min(round(1 / HELD_OUT_SHARE), len(paths) // 2))
-            self._held_out = dict.fromkeys(paths[::step])
-        if self.feature_cache == "off":
+        if self.threshold != "good_fpr":
             return
-        if dataset is None or not hasattr(dataset, "samples"):
-            reason = "the training data has no image paths"
-        elif is_random(getattr(dataset, "augmentations", None)) or is_random(
-            getattr(self.pre_processor, "transform", None)
-        ):
-            reason = "the training transforms are random"
-        else:
-            folder = getattr(self.trainer, "default_root_dir", None)
-            self._cache = FeatureCache(len(dataset), self.feature_cache, self.feature_cache_dtype, folder)
-            return
-        logger.info("No training feature cache: %s.", reason)
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        paths = sorted(str(p) for p in getattr(getattr(dataset, "samples", None), "image_path", []))
+        if len(paths) < 4:
+            msg = (
+                f"threshold='good_fpr' holds out some good training images to set the thresholds and needs at "
+                f"least 4 training images with paths, got {len(paths)}. Add images, or use threshold='f1'."
+            )
+            raise ValueError(msg)
+        step = max(2, min(round(1 / HELD_OUT_SHARE), len(paths) // 2))
+        self._held_out = dict.fromkeys(paths[::step])
 
     def _patches(self, batch: Batch | torch.Tensor, cache: FeatureCache | None) -> torch.Tensor:
         """Patch embeddings ``(b, h, w, d)`` of a batch's images, from ``cache`` when it holds every one of them.
@@ -490,14 +525,8 @@ class MoleFlow(AnomalibModule):
             cache.put(keys, patches)  # type: ignore[union-attr]
         return patches
 
-    def _close_cache(self) -> None:
-        if self._cache is not None:
-            self._cache.close()
-        self._cache = None
-
     def on_train_end(self) -> None:
-        """Set the task's thresholds from its held-out good images (``threshold="good_fpr"``); free the cache."""
-        self._close_cache()
+        """Set the task's thresholds from its held-out good images (``threshold="good_fpr"``)."""
         if self._held_out and isinstance(self.post_processor, TaskPostProcessor):
             held = [patches for patches in self._held_out.values() if patches is not None]
             task = self.training_task
@@ -515,16 +544,11 @@ class MoleFlow(AnomalibModule):
             )
         self._held_out = {}
 
-    def teardown(self, stage: str) -> None:
-        """Free the feature cache, also when a fit stops with an error."""
-        del stage
-        self._close_cache()
-
     def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """One step of the training task: tail-aware NLL + log-det regularisation; feeds the router."""
         del args, kwargs
         task = self.training_task
-        patches = every_image = self._patches(batch, self._cache)
+        patches = every_image = self._patches(batch, training_cache(self))
         if self._held_out:
             held = torch.tensor([str(path) in self._held_out for path in batch.image_path], device=patches.device)
             for index in held.nonzero().flatten().tolist():
@@ -552,33 +576,17 @@ class MoleFlow(AnomalibModule):
         return {"loss": loss}
 
     def _feed_router(self, task: int, patches: torch.Tensor) -> None:
-        """Until ``task``'s prototype is fitted (its first epoch), collect the image embeddings of ``(b, h, w, d)``
-        patches: every image's, held-out ones included (the router's own folds)."""
+        """Until ``task``'s prototype is fitted (its first epoch; :class:`TaskStatisticsFitting` fits it), collect the
+        image embeddings of ``(b, h, w, d)`` patches: every image's, held-out ones included (the router's own
+        folds)."""
         prototype = self.model.router.prototypes[task]
         if not prototype.ready:
             prototype.accumulate(self.model.router.embed(patches))
 
-    def on_train_epoch_end(self) -> None:
-        """Fit the training task's router prototype (and whitening statistics) once its first epoch is collected."""
-        if self.model.whitening_needs_fit(self.training_task):
-            self.model.finalize_whitening(self.training_task)
-        if not self.model.router.prototypes[self.training_task].ready:
-            self.model.router.finalize(self.training_task)
-
     # ------------------------------------------------------------ inference
     def _given_tasks(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
-        """Task ids to use instead of routing: the training task during a running fit, else the oracle's task."""
-        try:
-            trainer = self.trainer
-        except RuntimeError:  # Lightning's answer when no trainer is attached
-            trainer = None
-        # Lightning keeps state.fn == FITTING after fit ends: only a running fit forces the training task.
-        fitting = (
-            trainer is not None
-            and trainer.state.fn == TrainerFn.FITTING
-            and trainer.state.status == TrainerStatus.RUNNING
-        )
-        task = self.training_task if fitting else self._oracle_task
+        """Task ids to use instead of routing: the fit's task inside a fit (validation), else the oracle's task."""
+        task = self.training_task if self.is_fitting else self._oracle_task
         return None if task is None else torch.full((batch_size,), task, device=device, dtype=torch.long)
 
     @contextmanager
@@ -631,21 +639,29 @@ class MoleFlow(AnomalibModule):
     def test_step(self, batch: Batch, batch_idx: int, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Score test images, each routed to its task and normalised with that task's statistics."""
         del batch_idx, args, kwargs
-        return self._score_and_post_process(batch)
+        return self._update(batch, self._score_and_post_process(batch))
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> STEP_OUTPUT:
         """Score images, each routed to its task and normalised with that task's statistics."""
         del batch_idx, dataloader_idx
-        return self._score_and_post_process(batch)
+        return self._update(batch, self._score_and_post_process(batch))
 
-    def _score_and_post_process(self, batch: Batch) -> Batch:
-        """Score and post-process a batch in place; ``batch.raw_score`` keeps the scores before normalisation."""
-        predictions, routed = self._score(batch)
-        batch.update(**predictions._asdict())
-        batch.raw_score = predictions.pred_score.clone()
-        if isinstance(self.post_processor, TaskPostProcessor):
-            self.post_processor.post_process_batch(batch, routed.task, self._overridden(routed))
+    @staticmethod
+    def _update(batch: Batch, scored: ScoredImages) -> Batch:
+        """``batch`` with the final predictions; ``batch.raw_score`` keeps the scores before normalisation."""
+        batch.update(**{key: value for key, value in scored.final._asdict().items() if value is not None})
+        batch.raw_score = scored.raw.pred_score.clone()
         return batch
+
+    def _score_and_post_process(self, batch: Batch | torch.Tensor) -> ScoredImages:
+        """Route, score and post-process a batch (or pre-processed images ``(b, 3, H, W)``)."""
+        raw, routed = self._score(batch)
+        final = raw
+        if isinstance(self.post_processor, TaskPostProcessor):
+            final = self.post_processor(raw, task_ids=routed.task, unknown=self._overridden(routed))
+        elif self.post_processor:
+            final = self.post_processor(raw)
+        return ScoredImages(raw, final, routed)
 
     @torch.no_grad()
     def score_images(self, images: torch.Tensor) -> ScoredImages:
@@ -653,14 +669,7 @@ class MoleFlow(AnomalibModule):
 
         Runs without gradients (scoring never trains).
         """
-        pixels = self.pre_processor(images) if self.pre_processor else images
-        raw, routed = self._score(pixels)
-        final = raw
-        if isinstance(self.post_processor, TaskPostProcessor):
-            final = self.post_processor(raw, task_ids=routed.task, unknown=self._overridden(routed))
-        elif self.post_processor:
-            final = self.post_processor(raw)
-        return ScoredImages(raw, final, routed)
+        return self._score_and_post_process(self.pre_processor(images) if self.pre_processor else images)
 
     def to_onnx(
         self,

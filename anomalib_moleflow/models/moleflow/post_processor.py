@@ -192,24 +192,11 @@ class TaskPostProcessor(DynamicBufferMixin, PostProcessor):
             pred_label = pred_label | unknown.to(pred_label.device)
         return pred_score, pred_label
 
-    def post_process_batch(
-        self, batch: Batch, task_ids: torch.Tensor | None = None, unknown: torch.Tensor | None = None
-    ) -> None:
-        """Normalise per task (when task ids are given), threshold like anomalib, then mark ``unknown`` products."""
-        if task_ids is None:
-            super().post_process_batch(batch)
-            return
-        if self.enable_normalization:
-            batch.pred_score, batch.anomaly_map = self.normalize_per_task(batch.pred_score, batch.anomaly_map, task_ids)
-        if self.enable_thresholding:
-            self.threshold_batch(batch)
-        batch.pred_score, batch.pred_label = self.mark_unknown(batch.pred_score, batch.pred_label, unknown)
-
     def on_test_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        """Nothing: the model calls :meth:`post_process_batch` with the batch's task ids."""
+        """Nothing: the model post-processes each batch with its task ids (:meth:`forward`)."""
 
     def on_predict_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        """Nothing: the model calls :meth:`post_process_batch` with the batch's task ids."""
+        """Nothing: the model post-processes each batch with its task ids (:meth:`forward`)."""
 
     def forward(
         self, predictions: InferenceBatch, task_ids: torch.Tensor | None = None, unknown: torch.Tensor | None = None

@@ -1,0 +1,130 @@
+"""The Lightning callbacks every MoLE-Flow fit runs (returned by :meth:`MoleFlow.configure_callbacks`).
+
+* :class:`FitScope`: a fit started without ``MoleFlow.fitting`` (a plain ``Engine.fit``, ``anomalib train``) trains
+  the newest task: the scope is entered at setup and left when the fit ends or fails.
+* :class:`TrainingFeatureCache`: the training feature cache's life cycle (decide at the start of the fit whether the
+  transforms allow one, open it, close it when the fit ends or fails).
+* :class:`TaskStatisticsFitting`: after each training epoch, fit what the training task's first epoch collected, the
+  router prototype and (``whitening_norm="position"``) the whitening statistics.
+
+The training step itself only reads the cache and feeds the statistics; when they are fitted is decided here.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from .components.feature_cache import FeatureCache, is_random
+
+if TYPE_CHECKING:
+    from .settings import CacheDtype, CacheMode
+
+logger = logging.getLogger(__name__)
+
+
+class FitScope(Callback):
+    """Enter ``pl_module.fitting()`` (the newest task) for a fit whose caller chose no task; leave it afterwards."""
+
+    def __init__(self) -> None:
+        self._scope = ExitStack()
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        """Choose the newest task unless the caller chose one."""
+        del trainer
+        if stage == "fit" and not pl_module.is_fitting:
+            self._scope.enter_context(pl_module.fitting())
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Leave the scope when the fit ends."""
+        del trainer, pl_module, stage
+        self._scope.close()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Leave the scope when the fit fails (Lightning calls no ``teardown`` then)."""
+        del trainer, pl_module, exception
+        self._scope.close()
+
+
+class TrainingFeatureCache(Callback):
+    """Each training image's patch embedding computed once per fit and reused by the later epochs.
+
+    Bypassed (with a log line) when the training data has no image paths or its transforms are random.
+
+    Args:
+        mode: ``auto``, ``memory``, ``disk`` or ``off`` (see :class:`FeatureCache`).
+        dtype: Storage type of the cache.
+    """
+
+    def __init__(self, mode: CacheMode, dtype: CacheDtype) -> None:
+        self.mode = mode
+        self.dtype = dtype
+        self.cache: FeatureCache | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Open the cache when the training transforms are deterministic."""
+        self.close()
+        if self.mode == "off":
+            return
+        dataset = getattr(trainer.train_dataloader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "samples"):
+            reason = "the training data has no image paths"
+        elif is_random(getattr(dataset, "augmentations", None)) or is_random(
+            getattr(pl_module.pre_processor, "transform", None)
+        ):
+            reason = "the training transforms are random"
+        else:
+            self.cache = FeatureCache(len(dataset), self.mode, self.dtype, trainer.default_root_dir)
+            return
+        logger.info("No training feature cache: %s.", reason)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Free the cache."""
+        del trainer, pl_module
+        self.close()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Free the cache when a fit stops early."""
+        del trainer, pl_module, stage
+        self.close()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Free the cache when a fit fails (Lightning calls no ``teardown`` then)."""
+        del trainer, pl_module, exception
+        self.close()
+
+    def close(self) -> None:
+        """Close and drop the cache (a memory-mapped file is deleted)."""
+        if self.cache is not None:
+            self.cache.close()
+        self.cache = None
+
+
+class TaskStatisticsFitting(Callback):
+    """At the end of each training epoch, fit the training task's router prototype and whitening statistics once
+    their first epoch is collected (later epochs find them fitted and change nothing)."""
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+        """Fit what the epoch collected for ``pl_module.training_task``."""
+        del trainer
+        task = pl_module.training_task
+        model = pl_module.model
+        if model.whitening_needs_fit(task):
+            model.finalize_whitening(task)
+        if not model.router.prototypes[task].ready:
+            model.router.finalize(task)
+
+
+def training_cache(pl_module: LightningModule) -> FeatureCache | None:
+    """The open training feature cache of ``pl_module``'s running fit (``None``: no cache, or no trainer)."""
+    try:
+        callbacks = pl_module.trainer.callbacks
+    except RuntimeError:  # Lightning's answer when no trainer is attached (a direct call of training_step)
+        return None
+    for callback in callbacks:
+        if isinstance(callback, TrainingFeatureCache):
+            return callback.cache
+    return None
