@@ -447,3 +447,11 @@ def test_seeds_run_the_table_once_per_seed(tmp_path: Path) -> None:
     values = report["rows"][0]["image_AUROC"]["values"]
     assert len(values) == 2
     assert "padim/separate" in (tmp_path / "out" / "seeds.md").read_text()
+
+
+def test_a_benchmark_on_several_devices_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    config = {**tiny_config(tmp_path / "data", tmp_path / "out"), "devices": 2, "strategy": "ddp"}
+    with pytest.raises(ValueError, match="DDP runs MoLE-Flow only"):
+        run_benchmark(config)
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "data").exists()  # refused before the tasks were built

@@ -103,8 +103,8 @@ def test_help_option_errors_and_refusals_answer_without_loading_torch(argv: list
 
 
 # --------------------------------------------------------------------------------------------- one line per error
-def test_several_devices_are_refused_in_one_line_before_anything_runs(tmp_path: Path) -> None:
-    """Under DDP each rank would fit the router and thresholds on a shard: refused, not silently wrong."""
+def test_several_devices_without_ddp_are_refused_in_one_line_before_anything_runs(tmp_path: Path) -> None:
+    """Several devices need --strategy ddp (the ranks' statistics are combined there): said at once, in one line."""
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(_tiny_config(tmp_path / "data")))
     completed = _cli(
@@ -113,7 +113,7 @@ def test_several_devices_are_refused_in_one_line_before_anything_runs(tmp_path: 
     assert completed.returncode != 0
     lines = [line for line in completed.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, completed.stderr
-    assert "one device per run" in lines[0]
+    assert "need --strategy ddp" in lines[0]
     assert "--executor ray" in lines[0]
     assert not (tmp_path / "out").exists()
 

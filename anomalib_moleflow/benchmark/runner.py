@@ -19,6 +19,7 @@ from lightning.pytorch import seed_everything
 from anomalib_moleflow.baselines import TimmFastflow, TimmPadim, TimmPatchcore
 from anomalib_moleflow.data import Task, build_tasks, check_datamodule
 from anomalib_moleflow.engine import FinetuneStrategy, JointStrategy, SeparateStrategy, Strategy
+from anomalib_moleflow.engine.options import check_devices
 from anomalib_moleflow.engine.runner import moleflow_strategy, run_continual
 from anomalib_moleflow.io import atomic_write_text, claim_output_dir
 from anomalib_moleflow.metrics import METRICS
@@ -88,6 +89,7 @@ def row_config(config: Namespace, row: RowSpec, folder: Path) -> dict[str, Any]:
         "resume": config.resume,
         "accelerator": config.accelerator,
         "devices": config.devices,
+        "strategy": config.strategy,
         "precision": config.precision,
         "progress_bar": config.progress_bar,
         "overlays_per_task": 0,
@@ -173,6 +175,9 @@ def run_benchmark(config: Mapping[str, Any] | Namespace) -> dict[str, Any]:
     if config.tasks is None:
         msg = "No tasks: give a `tasks:` section (see configs/benchmark/)."
         raise ValueError(msg)
+    # Rank 0 alone would have to write the benchmark's tables, and its baseline rows cannot combine ranks: a benchmark
+    # row is one device (several MoLE-Flow devices: `moleflow continual --strategy ddp`).
+    check_devices(config.devices, config.strategy, baseline=True)
     rows = parse_rows(list(config.rows), dict(config.overrides))
     tasks: list[Task] = build_tasks(config.tasks)
     for task in tasks:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import time
 from collections.abc import Mapping, Sequence
@@ -23,9 +24,11 @@ from lightning.pytorch import seed_everything
 
 from anomalib_moleflow.checkpoint import checksum_path, write_checksum
 from anomalib_moleflow.data import Task, TaskLike, check_datamodule, resolve_tasks
+from anomalib_moleflow.distributed import gather_in_order, is_rank_zero, world_size
 from anomalib_moleflow.io import atomic_write, atomic_write_text, claim_output_dir
 from anomalib_moleflow.metrics import GOOD_FLAGGED, METRICS
 from anomalib_moleflow.models import MoleFlow
+from anomalib_moleflow.models.moleflow.components.router import Routed, RoutingLog
 from anomalib_moleflow.models.moleflow.settings import differences
 from anomalib_moleflow.reports import (
     clean,
@@ -59,6 +62,8 @@ class ContinualEngine:
         devices: Lightning devices.
         enable_progress_bar: Lightning's progress bars inside a task.
         precision: Lightning precision of every fit and test (``"bf16-mixed"``, ``"16-mixed"``); ``None``: float32.
+        lightning_strategy: Lightning strategy of every fit and test (``"ddp"`` with several devices: every process
+            runs the sequence on its shard, the ranks' statistics are combined, rank 0 alone writes the outputs).
         overlays_per_task: Anomaly-map overlays saved per task at the end (0: none).
         config: Extra configuration to store in ``results.json`` (the CLI passes the whole resolved config).
     """
@@ -75,12 +80,13 @@ class ContinualEngine:
         overlays_per_task: int = 4,
         config: dict[str, Any] | None = None,
         precision: str | None = None,
+        lightning_strategy: str = "auto",
     ) -> None:
         self.output_dir = Path(output_dir)
         self.seed = seed
         self.resume = resume
         self.overwrite = overwrite
-        self.trainer = TaskTrainer(accelerator, devices, enable_progress_bar, precision)
+        self.trainer = TaskTrainer(accelerator, devices, enable_progress_bar, precision, lightning_strategy)
         self.overlays_per_task = overlays_per_task
         self.config = config or {}
 
@@ -91,6 +97,7 @@ class ContinualEngine:
                 "seed": self.seed,
                 "accelerator": self.trainer.accelerator,
                 "devices": self.trainer.devices,
+                "strategy": self.trainer.strategy,
                 "precision": self.trainer.precision,
             },
             **strategy.describe(),
@@ -117,17 +124,26 @@ class ContinualEngine:
         if routing_log is None:
             return values, None, None
         images = [str(path) for path in task.datamodule.test_data.samples["image_path"]]
+        if world_size() > 1:  # each rank routed its shard: every image's routing, in the dataset's order
+            routed = (gather_in_order(t, len(images)) for t in routing_log.routed())
+            routing_log = RoutingLog.of(Routed(*routed))
         routing = {
             "task": routing_log.tasks().tolist(),
             "distance": routing_log.distances().tolist(),
             "unknown": routing_log.unknown().tolist(),
         }
-        if len(images) == len(routing["task"]):  # the test loader keeps the samples' order
+        if len(images) == len(routing["task"]) and is_rank_zero():  # the test loader keeps the samples' order
             write_routing_csv(folder / "routing.csv", images, routing, names)
         return values, clean(routing_log.accuracy(index)), clean(routing_log.unknown_rate())
 
     def _save(self, strategy: Strategy, state: dict[str, Any]) -> None:
-        """Checkpoint, its checksum, then state, each atomically: the state never names an incomplete checkpoint."""
+        """Checkpoint, its checksum, then state, each atomically: the state never names an incomplete checkpoint.
+
+        Under DDP the other ranks only join Lightning's checkpoint call (rank 0 writes, all wait at its barrier).
+        """
+        if not is_rank_zero():
+            strategy.save(Path(os.devnull), self.trainer)
+            return
         # The old checksum goes first: a crash before the new one is written leaves a checkpoint without a checksum
         # (accepted), never one with a stale checksum (refused as damaged).
         checksum_path(self.output_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
@@ -192,9 +208,11 @@ class ContinualEngine:
         if known and known != [t.name for t in task_list][: len(known)]:
             msg = f"The model already holds tasks {known}; the task list must start with them."
             raise ValueError(msg)
-        # Last of the checks, so that an error above never costs an earlier run's outputs (resume: a no-op).
-        claim_output_dir(self.output_dir, RUN_OUTPUTS, self.resume, self.overwrite)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        # Last of the checks, so that an error above never costs an earlier run's outputs (resume: a no-op). Under
+        # DDP the other ranks start inside rank 0's first fit, into the folder rank 0 has claimed.
+        if is_rank_zero():
+            claim_output_dir(self.output_dir, RUN_OUTPUTS, self.resume, self.overwrite)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
         with strategy.session(task_list, self.output_dir):
             return self._run(strategy, task_list, state, stop_after)
 
@@ -276,6 +294,8 @@ class ContinualEngine:
             "timing": state["timing"],
             "config": state["config"],
         }
+        if not is_rank_zero():
+            return results
         write_results(results, self.output_dir)
         plot_matrix_heatmaps(results, self.output_dir)
         plot_final_bars(results, self.output_dir)

@@ -67,13 +67,19 @@ def check_export_format(export_format: str) -> None:
 
 
 def add_run_options(parser: ArgumentParser, resume_help: str) -> None:
-    """Add ``--resume``, ``--overwrite``, ``--accelerator``, ``--devices`` and ``--precision`` to ``parser``."""
+    """Add ``--resume``, ``--overwrite``, ``--accelerator``, ``--devices``, ``--strategy`` and ``--precision``."""
     parser.add_argument("--resume", type=bool, nargs="?", const=True, default=False, help=resume_help)
     add_overwrite_option(
         parser, "Delete the earlier run's outputs in --output first (without it or --resume, such a folder is refused)."
     )
     parser.add_argument("--accelerator", type=str, default="auto")
     parser.add_argument("--devices", type=int | str, default=1)
+    parser.add_argument(
+        "--strategy",
+        type=str,
+        default="auto",
+        help="Lightning strategy; with several --devices: ddp (one process per device; rank 0 writes the outputs).",
+    )
     parser.add_argument(
         "--precision",
         type=str | None,
@@ -82,22 +88,31 @@ def add_run_options(parser: ArgumentParser, resume_help: str) -> None:
     )
 
 
-def check_devices(devices: int | str) -> None:
-    """Refuse more than one device per run, with what to do instead.
+def check_devices(devices: int | str, strategy: str = "auto", threshold: str = "f1", baseline: bool = False) -> None:
+    """Refuse several devices per run unless the run can combine its ranks (MoLE-Flow under ``--strategy ddp``).
 
     Raises:
-        ValueError: If ``devices`` asks for several devices.
+        ValueError: Naming what to change.
     """
     text = str(devices).strip()
     listed = [part for part in text.strip("[]").split(",") if part.strip()]
     # Lightning's forms: a count ("1"), or device indices ("[0]", "0,"); "auto" and -1 take every device there is.
-    single = text == "1" or (("," in text or text.startswith("[")) and len(listed) == 1)
-    if not single:
+    if text == "1" or (("," in text or text.startswith("[")) and len(listed) == 1):
+        return
+    reason = ""
+    if strategy != "ddp":
+        reason = (
+            f"several devices need --strategy ddp (got {strategy!r}): it starts one process per device, each running "
+            "the whole sequence on its shard of the images, and MoLE-Flow combines what they collect"
+        )
+    elif baseline:
+        reason = "DDP runs MoLE-Flow only; anomalib's baselines here keep per-process memory banks and statistics"
+    elif threshold == "good_fpr":
+        reason = "threshold 'good_fpr' holds out images per batch, which DDP's ranks would do differently"
+    if reason:
         msg = (
-            f"--devices {devices}: one device per run for now. Under DDP every rank would fit the router, the "
-            "thresholds and the metrics on its own shard of the images, which gives wrong numbers without an error. "
-            "Use --devices 1 (a GPU is picked with CUDA_VISIBLE_DEVICES), and spread a suite's runs over GPUs and "
-            "machines with `moleflow ablate --executor ray`."
+            f"--devices {devices}: {reason}. Use --devices 1 for this run, or spread a suite's runs over GPUs and "
+            "machines with `--executor ray`."
         )
         raise ValueError(msg)
 

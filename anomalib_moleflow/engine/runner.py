@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
+from anomalib_moleflow.distributed import is_rank_zero
 from anomalib_moleflow.io import claim_output_dir
 from anomalib_moleflow.models.moleflow.settings import MoleFlowSettings, names
 
@@ -206,8 +207,9 @@ def run_continual(
     if config.tasks is None and tasks is None:
         msg = "No tasks: pass --config with a `tasks:` section (see configs/continual/)."
         raise ValueError(msg)
-    check_devices(config.devices)
-    check_output(config)  # before anything heavy loads
+    check_devices(config.devices, config.strategy, config.model.threshold, baseline=strategy is not None)
+    if is_rank_zero():  # under DDP the other ranks start later, inside rank 0's first fit, in its claimed folder
+        check_output(config)  # before anything heavy loads
 
     from lightning.pytorch import seed_everything
 
@@ -235,6 +237,7 @@ def run_continual(
             enable_progress_bar=config.progress_bar,
             overlays_per_task=config.overlays_per_task,
             precision=config.precision,
+            lightning_strategy=config.strategy,
             config={"cli": json.loads(json.dumps(config.as_dict(), default=str)), **dict(record or {})},
         )
         return engine.run(strategy, tasks, stop_after=config.stop_after)
@@ -269,4 +272,4 @@ def command(argv: Sequence[str]) -> str:
     if changes:
         config.tasks = apply_dotted(config.tasks, changes, "tasks")
     run_continual(config, given=given_model_settings(rest))
-    return (Path(config.output) / "results.md").read_text()
+    return (Path(config.output) / "results.md").read_text() if is_rank_zero() else ""

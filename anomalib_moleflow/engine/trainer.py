@@ -24,6 +24,7 @@ class TaskTrainer:
         devices: Lightning devices.
         progress_bar: Lightning's progress bars.
         precision: Lightning precision (e.g. ``"bf16-mixed"``, ``"16-mixed"`` on a GPU); ``None``: full float32.
+        strategy: Lightning strategy (``"ddp"``: one process per device, see :mod:`anomalib_moleflow.distributed`).
         last_engine: The Engine of the latest call (its trainer can save a Lightning checkpoint of the module).
     """
 
@@ -31,6 +32,7 @@ class TaskTrainer:
     devices: int | str = 1
     progress_bar: bool = True
     precision: str | None = None
+    strategy: str = "auto"
     last_engine: Engine | None = None
 
     def engine(self, root_dir: Path, **trainer_kwargs: Any) -> Engine:
@@ -43,6 +45,7 @@ class TaskTrainer:
             logger=False,
             accelerator=self.accelerator,
             devices=self.devices,
+            strategy=self.strategy,
             enable_progress_bar=self.progress_bar,
             enable_model_summary=False,
             callbacks=callbacks,

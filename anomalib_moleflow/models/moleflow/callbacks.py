@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from anomalib_moleflow.distributed import gather_objects
+
 from .components.feature_cache import FeatureCache, is_random
 
 if TYPE_CHECKING:
@@ -108,13 +110,15 @@ class TaskStatisticsFitting(Callback):
     their first epoch is collected (later epochs find them fitted and change nothing)."""
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
-        """Fit what the epoch collected for ``pl_module.training_task``."""
+        """Fit what the epoch collected for ``pl_module.training_task`` (under DDP: what every rank collected)."""
         del trainer
         task = pl_module.training_task
         model = pl_module.model
         if model.whitening_needs_fit(task):
+            model.whitening[task].share(gather_objects)
             model.finalize_whitening(task)
         if not model.router.prototypes[task].ready:
+            model.router.prototypes[task].share(gather_objects)
             model.router.finalize(task)
 
 

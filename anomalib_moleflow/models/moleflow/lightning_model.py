@@ -32,6 +32,7 @@ from torch import nn, optim
 
 from anomalib_moleflow.checkpoint import check_finite_state, read_checkpoint
 from anomalib_moleflow.compat import compile_cache_limit, extra_state_key, is_compiled
+from anomalib_moleflow.distributed import world_size
 from anomalib_moleflow.metrics import default_evaluator
 
 from .callbacks import FitScope, TaskStatisticsFitting, TrainingFeatureCache, training_cache
@@ -474,6 +475,13 @@ class MoleFlow(AnomalibModule):
         check_finite_state(checkpoint.get("state_dict", {}), "This checkpoint")
         super().on_load_checkpoint(checkpoint)
 
+    def configure_model(self) -> None:
+        """Inside a fit, freeze all but what the fit trains before Lightning builds the optimizer and (DDP) wraps the
+        module: DDP reduces the gradients of the parameters that require them when it wraps."""
+        if self.is_fitting and self.model.num_tasks:
+            task = self.training_task
+            self.model.set_trainable(task, train_shared=task == 0 or not self.freeze_base)
+
     def configure_optimizers(self) -> optim.Optimizer:
         """Adam over the training task's own parameters, plus the shared base on the first task or when not frozen.
 
@@ -554,13 +562,13 @@ class MoleFlow(AnomalibModule):
             for index in held.nonzero().flatten().tolist():
                 self._held_out[str(batch.image_path[index])] = patches[index].detach().cpu()
             if bool(held.all()):  # nothing to train on in this batch: Lightning skips the step
-                self._feed_router(task, every_image)
+                self._feed_router(task, every_image, batch)
                 return None
             patches = patches[~held]
         if self.model.whitening_needs_fit(task):  # the statistics epoch: collect, train nothing
             self.model.accumulate_whitening(task, patches)
-            self._feed_router(task, every_image)
-            return None
+            self._feed_router(task, every_image, batch)
+            return self._no_step()
         with self._compiled_calls():
             nll, log_det = self.model.train_patches(patches, task)
         loss = self.loss(nll, log_det)
@@ -571,17 +579,25 @@ class MoleFlow(AnomalibModule):
                 "tasks are untouched. Lower `lr`, use fewer `num_coupling_layers`, or check the images for NaN."
             )
             raise FloatingPointError(msg)
-        self._feed_router(task, every_image)  # after the check: a bad batch never reaches the router
+        self._feed_router(task, every_image, batch)  # after the check: a bad batch never reaches the router
         self.log("train_loss", loss.detach(), on_epoch=True, prog_bar=True, batch_size=batch.image.shape[0])
         return {"loss": loss}
 
-    def _feed_router(self, task: int, patches: torch.Tensor) -> None:
+    def _no_step(self) -> STEP_OUTPUT:
+        """A step that trains nothing: skipped in one process. Under DDP, where Lightning refuses a skipped step, a
+        zero loss: every trained parameter gets a zero gradient on every rank, which Adam turns into no change."""
+        if world_size() == 1:
+            return None
+        return {"loss": sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0}
+
+    def _feed_router(self, task: int, patches: torch.Tensor, batch: Batch) -> None:
         """Until ``task``'s prototype is fitted (its first epoch; :class:`TaskStatisticsFitting` fits it), collect the
-        image embeddings of ``(b, h, w, d)`` patches: every image's, held-out ones included (the router's own
-        folds)."""
+        image embeddings of ``(b, h, w, d)`` patches, keyed by the batch's image paths: every image's, held-out ones
+        included (the router's own folds)."""
         prototype = self.model.router.prototypes[task]
         if not prototype.ready:
-            prototype.accumulate(self.model.router.embed(patches))
+            paths = getattr(batch, "image_path", None)
+            prototype.accumulate(self.model.router.embed(patches), [str(p) for p in paths] if paths else None)
 
     # ------------------------------------------------------------ inference
     def _given_tasks(self, batch_size: int, device: torch.device) -> torch.Tensor | None:

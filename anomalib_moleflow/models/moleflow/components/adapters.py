@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import get_args
+from collections.abc import Callable, Sequence
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -67,6 +67,12 @@ class WhiteningAdapter(nn.Module):
         x = x.detach().double()
         batch = [torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device), x.sum(0), x.pow(2).sum(0)]
         self._sums = batch if not self._sums else [a + b for a, b in zip(self._sums, batch, strict=True)]
+
+    def share(self, gather: Callable[[Any], list[Any]]) -> None:
+        """Replace the collected sums by their total over every process (``gather``: one value per process)."""
+        parts = [part for part in gather([t.cpu() for t in self._sums]) if part]
+        device = self._sums[0].device if self._sums else self.position_mean.device
+        self._sums = [sum(column).to(device) for column in zip(*parts, strict=True)] if parts else []
 
     @torch.no_grad()
     def finalize(self) -> None:

@@ -9,9 +9,9 @@ Each task's own covariance always sets its unknown-product threshold.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -107,6 +107,7 @@ class TaskPrototype(nn.Module):
         self.register_buffer("threshold", torch.zeros(()))
         # The embeddings (n x D floats, not images) exist only while the task is learned; they are not saved.
         self._embeddings: list[torch.Tensor] = []
+        self._keyed: dict[str, torch.Tensor] = {}  # the same, by image path, when the images have paths
 
     @property
     def ready(self) -> bool:
@@ -114,14 +115,30 @@ class TaskPrototype(nn.Module):
         return bool(self.count > 0)
 
     @torch.no_grad()
-    def accumulate(self, embeddings: torch.Tensor) -> None:
-        """Collect ``(n, d)`` training embeddings."""
-        self._embeddings.append(embeddings.detach().float().cpu())
+    def accumulate(self, embeddings: torch.Tensor, keys: Sequence[str] | None = None) -> None:
+        """Collect ``(n, d)`` training embeddings, keyed by their images' paths when ``keys`` are given (an image seen
+        twice, e.g. padded into two DDP shards, then counts once)."""
+        embeddings = embeddings.detach().float().cpu()
+        if keys is None:
+            self._embeddings.append(embeddings)
+        else:
+            self._keyed.update(zip(keys, embeddings, strict=True))
+
+    def share(self, gather: Callable[[Any], list[Any]]) -> None:
+        """Replace the collected embeddings by those of every process (``gather``: one value per process)."""
+        parts = gather((self._embeddings, self._keyed))
+        self._embeddings = [chunk for embeddings, _ in parts for chunk in embeddings]
+        self._keyed = {key: row for _, keyed in parts for key, row in keyed.items()}
 
     @torch.no_grad()
     def finalize(self) -> None:
-        """Fit mean, precision and threshold on the collected embeddings; needs at least two."""
-        x = torch.cat(self._embeddings).to(torch.float64) if self._embeddings else torch.zeros(0, len(self.mean))
+        """Fit mean, precision and threshold on the collected embeddings; needs at least two.
+
+        Keyed embeddings come first, sorted by path: the held-out folds of the threshold do not depend on the loader's
+        shuffling or on how DDP sharded the images.
+        """
+        rows = [self._keyed[key][None] for key in sorted(self._keyed)] + self._embeddings
+        x = torch.cat(rows).to(torch.float64) if rows else torch.zeros(0, len(self.mean))
         n = x.shape[0]
         if n < 2:
             msg = f"The router needs at least 2 training images per task, got {n}."
@@ -131,7 +148,7 @@ class TaskPrototype(nn.Module):
         self.precision.copy_(precision.to(self.precision.dtype))
         self.covariance.copy_(ledoit_wolf(x).to(self.covariance.dtype))
         self.count.fill_(n)
-        self._embeddings = []
+        self._embeddings, self._keyed = [], {}
         if n >= 2 * THRESHOLD_FOLDS:
             self.threshold.fill_(float(held_out_distances(x, self.eps).max()))
         else:
@@ -154,6 +171,17 @@ class RoutingLog:
 
     def __init__(self) -> None:
         self._chunks: list[Routed] = []
+
+    @classmethod
+    def of(cls, routed: Routed) -> RoutingLog:
+        """A log holding ``routed``."""
+        log = cls()
+        log.append(routed)
+        return log
+
+    def routed(self) -> Routed:
+        """Every recorded routing, concatenated."""
+        return Routed(self.tasks(), self.distances(), self.unknown())
 
     def append(self, routed: Routed | torch.Tensor) -> None:
         """Record one batch's routing (or only its task ids ``(b,)``: distance NaN, not unknown)."""
