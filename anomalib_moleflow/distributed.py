@@ -37,11 +37,12 @@ def world_size() -> int:
 
 def gather_objects(value: Any) -> list[Any]:
     """``value`` of every rank, in rank order (``[value]`` without a DDP group). Tensors travel on the CPU."""
-    if world_size() == 1:
+    size = world_size()
+    if size == 1:
         return [value]
     import torch.distributed as dist
 
-    gathered: list[Any] = [None] * world_size()
+    gathered: list[Any] = [None] * size
     dist.all_gather_object(gathered, value)
     return gathered
 

@@ -479,17 +479,19 @@ class MoleFlow(AnomalibModule):
         """Inside a fit, freeze all but what the fit trains before Lightning builds the optimizer and (DDP) wraps the
         module: DDP reduces the gradients of the parameters that require them when it wraps."""
         if self.is_fitting and self.model.num_tasks:
-            task = self.training_task
-            self.model.set_trainable(task, train_shared=task == 0 or not self.freeze_base)
+            self._set_trainable()
 
     def configure_optimizers(self) -> optim.Optimizer:
         """Adam over the training task's own parameters, plus the shared base on the first task or when not frozen.
 
         Everything else gets ``requires_grad=False`` and stays out of the optimizer, so it cannot change.
         """
+        return optim.Adam(self._set_trainable(), lr=self.lr)
+
+    def _set_trainable(self) -> list[nn.Parameter]:
+        """Make the fit's parameters (and only them) trainable; returns them."""
         task = self.training_task
-        params = self.model.set_trainable(task, train_shared=task == 0 or not self.freeze_base)
-        return optim.Adam(params, lr=self.lr)
+        return self.model.set_trainable(task, train_shared=task == 0 or not self.freeze_base)
 
     # ------------------------------------------------------------- training
     def configure_callbacks(self) -> list[Callback]:
