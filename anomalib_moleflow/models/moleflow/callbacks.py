@@ -1,7 +1,8 @@
 """The Lightning callbacks every MoLE-Flow fit runs (returned by :meth:`MoleFlow.configure_callbacks`).
 
 * :class:`FitScope`: a fit started without ``MoleFlow.fitting`` (a plain ``Engine.fit``, ``anomalib train``) trains
-  the newest task: the scope is entered at setup and left when the fit ends or fails.
+  the newest task (on a model without tasks, a new one named after the data): the scope is entered at setup and
+  left when the fit ends or fails.
 * :class:`TrainingFeatureCache`: the training feature cache's life cycle (decide at the start of the fit whether the
   transforms allow one, open it, close it when the fit ends or fails).
 * :class:`TaskStatisticsFitting`: after each training epoch, fit what the training task's first epoch collected, the
@@ -16,6 +17,7 @@ import logging
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
+from anomalib.data import Folder
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from anomalib_moleflow.distributed import gather_objects
@@ -29,16 +31,23 @@ logger = logging.getLogger(__name__)
 
 
 class FitScope(Callback):
-    """Enter ``pl_module.fitting()`` (the newest task) for a fit whose caller chose no task; leave it afterwards."""
+    """Enter ``pl_module.fitting()`` (the newest task) for a fit whose caller chose no task; leave it afterwards.
+
+    This is the adapter for callers that cannot call ``add_task`` or ``fitting`` (``anomalib train``, a plain
+    ``Engine.fit``): a model without tasks (and no checkpoint to restore them from) gets one, named after the
+    datamodule's category, else a ``Folder``'s ``name``, else ``task_0``.
+    """
 
     def __init__(self) -> None:
         self._scope = ExitStack()
 
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
-        """Choose the newest task unless the caller chose one."""
-        del trainer
-        if stage == "fit" and not pl_module.is_fitting:
-            self._scope.enter_context(pl_module.fitting())
+        """Choose the newest task unless the caller chose one (adding the first one if there is none)."""
+        if stage != "fit" or pl_module.is_fitting:
+            return
+        if pl_module.model.num_tasks == 0 and not getattr(trainer, "ckpt_path", None):
+            pl_module.add_task(task_name(getattr(trainer, "datamodule", None)))
+        self._scope.enter_context(pl_module.fitting())
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Leave the scope when the fit ends."""
@@ -49,6 +58,14 @@ class FitScope(Callback):
         """Leave the scope when the fit fails (Lightning calls no ``teardown`` then)."""
         del trainer, pl_module, exception
         self._scope.close()
+
+
+def task_name(datamodule: object) -> str:
+    """A task's name from its data: the datamodule's category, else a ``Folder``'s ``name``, else ``task_0``."""
+    name = str(getattr(datamodule, "category", "") or "")
+    if not name and isinstance(datamodule, Folder):
+        name = str(datamodule.name or "")
+    return name or "task_0"
 
 
 class TrainingFeatureCache(Callback):

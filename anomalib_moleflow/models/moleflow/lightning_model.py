@@ -21,7 +21,7 @@ from typing import Any, NamedTuple, get_args
 
 import torch
 from anomalib import LearningType
-from anomalib.data import Batch, Folder, InferenceBatch
+from anomalib.data import Batch, InferenceBatch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
@@ -114,7 +114,8 @@ class MoleFlow(AnomalibModule):
     """MoLE-Flow: one frozen normalizing flow, a low-rank expert per task, and a router.
 
     Tasks are added with :meth:`add_task`; each ``fit`` trains the latest task. When ``fit`` runs on a model with no
-    task (e.g. ``anomalib train``), a task named after the datamodule's category is added automatically. At test
+    task (e.g. ``anomalib train``), the fit's callback :class:`~.callbacks.FitScope` adds one named after the
+    datamodule's category. At test
     and predict time every image is routed to its task; ``with model.oracle(task):`` uses the true task instead.
 
     The architecture arguments are those of :class:`MoleFlowModel` (documented there); this class adds training,
@@ -432,18 +433,8 @@ class MoleFlow(AnomalibModule):
         return self._routing.record()
 
     def setup(self, stage: str) -> None:
-        """Before fitting a model that has no task (and no checkpoint to restore tasks from), add one; compile.
-
-        This is what ``anomalib train --model anomalib_moleflow.MoleFlow`` relies on (anomalib's CLI cannot call
-        :meth:`add_task`). The task is named after the datamodule's category, else a ``Folder``'s ``name``, else
-        ``task_0``.
-        """
-        if stage == "fit" and self.model.num_tasks == 0 and not getattr(self.trainer, "ckpt_path", None):
-            datamodule = getattr(self.trainer, "datamodule", None)
-            name = str(getattr(datamodule, "category", "") or "")
-            if not name and isinstance(datamodule, Folder):
-                name = str(datamodule.name or "")
-            self.add_task(name or "task_0")
+        """Compile the modules (``compile_mode``)."""
+        del stage
         self.compile_modules()
 
     def compile_modules(self) -> None:
