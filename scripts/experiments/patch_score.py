@@ -73,6 +73,15 @@ def datasets(name: str, root: Path) -> dict[str, object]:
             c: ELPV(root=root / "elpv_q", category=c, n_train=200, n_test_good=100, n_test_defect=100, num_workers=0)
             for c in ("mono", "poly")
         }
+    if name == "elpv_bench":  # the split of configs/benchmark/quality.yaml
+        from anomalib_moleflow.data.elpv import ELPV
+
+        return {
+            f"elpv_{c}": ELPV(
+                root=root / "elpv_quality", category=c, n_train=150, n_test_good=60, n_test_defect=60, num_workers=0
+            )
+            for c in ("mono", "poly")
+        }
     if name == "real":  # the real products with pixel masks (../shared/datasets, MVTec layout)
         from anomalib.data import MVTecAD
 

@@ -50,6 +50,12 @@ def _max_only(p: torch.Tensor) -> torch.Tensor:
     return p.flatten(1, 2).amax(dim=1)
 
 
+def _quantile(q: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Each channel's ``q``-quantile over the grid: like the max, but a defect covering under ``1 - q`` of the image
+    cannot set it."""
+    return lambda p: p.flatten(1, 2).quantile(q, dim=1)
+
+
 def _mean_std_max(p: torch.Tensor) -> torch.Tensor:
     return torch.cat([_mean_std(p), p.flatten(1, 2).amax(dim=1)], dim=1)
 
@@ -62,6 +68,9 @@ CANDIDATES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "mean+logstd": _mean_std_log,
     "quadrants": _grid2,
     "mean+max": _max,
+    "q0.9": _quantile(0.9),
+    "q0.75": _quantile(0.75),
+    "median": _quantile(0.5),
 }
 
 
