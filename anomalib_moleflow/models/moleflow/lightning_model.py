@@ -115,8 +115,8 @@ class MoleFlow(AnomalibModule):
 
     Tasks are added with :meth:`add_task`; each ``fit`` trains the latest task. When ``fit`` runs on a model with no
     task (e.g. ``anomalib train``), the fit's callback :class:`~.callbacks.FitScope` adds one named after the
-    datamodule's category. At test
-    and predict time every image is routed to its task; ``with model.oracle(task):`` uses the true task instead.
+    datamodule's category. At test and predict time every image is routed to its task; ``with model.oracle(task):``
+    uses the true task instead.
 
     The architecture arguments are those of :class:`MoleFlowModel` (documented there); this class adds training,
     loss and anomalib's components.
