@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from anomalib.models.components import GaussianBlur2d
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from patch_score import auroc_ap, datasets, load_split
+from patch_score import auroc_ap, checkpoint_parser, datasets, load_checkpoint, load_split
 
 from anomalib_moleflow import MoleFlow
-from anomalib_moleflow.runtime import pick_threads
+from anomalib_moleflow.models.moleflow.anomaly_map import AnomalyMapGenerator
 
 #: (upsampling mode, blur sigma) of every map scored.
 MAPS = (("nearest", 4.0), ("bilinear", 4.0), ("nearest", 2.0), ("bilinear", 2.0))
@@ -30,8 +31,7 @@ MAPS = (("nearest", 4.0), ("bilinear", 4.0), ("nearest", 2.0), ("bilinear", 2.0)
 
 def to_map(patch_scores: torch.Tensor, size: int, mode: str, sigma: float) -> torch.Tensor:
     """``(b, h, w)`` patch scores to a ``(b, size, size)`` map: upsampled by ``mode``, then blurred by ``sigma``."""
-    kernel = 2 * int(4.0 * sigma + 0.5) + 1
-    blur = GaussianBlur2d(sigma=(sigma, sigma), channels=1, kernel_size=(kernel, kernel))
+    blur = AnomalyMapGenerator(sigma).blur  # MoLE-Flow's blur (anomalib's kernel), after either upsampling
     options = {"align_corners": False} if mode == "bilinear" else {}
     return blur(F.interpolate(patch_scores[:, None], size=(size, size), mode=mode, **options))[:, 0]
 
@@ -41,18 +41,24 @@ def pixel_aps(patch_scores: torch.Tensor, masks: torch.Tensor) -> list[float]:
     return [100 * auroc_ap(masks, to_map(patch_scores, masks.shape[-1], *spec))[1] for spec in MAPS]
 
 
-def moleflow_patch_scores(model: MoleFlow, images: torch.Tensor) -> torch.Tensor:
-    """Routed patch NLLs ``(b, h, w)`` of a continual MoLE-Flow (each image scored by the expert it is routed to)."""
+def map_inputs(generator: nn.Module, predict: Callable[[torch.Tensor], object], images: torch.Tensor) -> torch.Tensor:
+    """The patch scores ``(b, h, w)`` that ``predict`` hands its map ``generator`` (the first argument of its call)
+    for ``images``, in batches of 32."""
     captured: list[torch.Tensor] = []
-    generator = model.model.anomaly_map_generator
     hook = generator.register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
     try:
         with torch.no_grad():
             for batch in images.split(32):
-                model.model.predict(batch)
+                predict(batch)
     finally:
         hook.remove()
-    return torch.cat(captured)
+    scores = torch.cat(captured)
+    return scores[:, 0] if scores.dim() == 4 else scores  # anomalib's Patchcore: (b, 1, h, w)
+
+
+def moleflow_patch_scores(model: MoleFlow, images: torch.Tensor) -> torch.Tensor:
+    """Routed patch NLLs ``(b, h, w)`` of a continual MoLE-Flow (each image scored by the expert it is routed to)."""
+    return map_inputs(model.model.anomaly_map_generator, model.model.predict, images)
 
 
 def patchcore_patch_scores(split: dict[str, torch.Tensor], args: argparse.Namespace) -> torch.Tensor:
@@ -66,43 +72,32 @@ def patchcore_patch_scores(split: dict[str, torch.Tensor], args: argparse.Namesp
     with torch.no_grad():
         for batch in split["train"].split(32):
             inner(batch)
-        inner.subsample_embedding(0.01)
-        inner.eval()
-        captured: list[torch.Tensor] = []
-        generator = inner.anomaly_map_generator
-        original = generator.compute_anomaly_map
-
-        def capture(patch_scores: torch.Tensor, image_size: object = None) -> torch.Tensor:
-            captured.append(patch_scores[:, 0])
-            return original(patch_scores, image_size)
-
-        generator.compute_anomaly_map = capture
-        for batch in split["test"].split(32):
-            inner(batch)
-    return torch.cat(captured)
+        inner.subsample_embedding(model.coreset_sampling_ratio)
+    inner.eval()
+    return map_inputs(inner.anomaly_map_generator, inner, split["test"])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser = checkpoint_parser(__doc__.splitlines()[0], data="real")
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--layers", default="blocks.2,blocks.4")
-    parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--root", type=Path, default=Path("./datasets"))
     parser.add_argument("--patchcore", action="store_true", help="also fit anomalib's Patchcore on each product")
     args = parser.parse_args()
-    torch.set_num_threads(pick_threads())
-    model = MoleFlow.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
+    model = load_checkpoint(args.checkpoint)
     header = " | ".join(f"{mode} sigma={sigma:g}" for mode, sigma in MAPS)
     print(f"| product | score | {header} |\n|---|---|{'---|' * len(MAPS)}")
-    for name, datamodule in datasets("real", args.root).items():
-        split = load_split(datamodule, args.image_size)
-        rows = [("MoLE-Flow (routed)", moleflow_patch_scores(model, split["test"]))]
-        if args.patchcore:
-            rows.append(("anomalib Patchcore (1 %)", patchcore_patch_scores(split, args)))
-        for label, scores in rows:
-            cells = " | ".join(f"{ap:.2f}" for ap in pixel_aps(scores, split["mask"]))
-            print(f"| {name} | {label} | {cells} |", flush=True)
+    for family in args.data.split(","):
+        for name, datamodule in datasets(family, args.root).items():
+            split = load_split(datamodule, args.image_size)
+            if "mask" not in split:
+                print(f"{name}: no pixel masks, skipped.")
+                continue
+            rows = [("MoLE-Flow (routed)", moleflow_patch_scores(model, split["test"]))]
+            if args.patchcore:
+                rows.append(("anomalib Patchcore (1 %)", patchcore_patch_scores(split, args)))
+            for label, scores in rows:
+                cells = " | ".join(f"{ap:.2f}" for ap in pixel_aps(scores, split["mask"]))
+                print(f"| {name} | {label} | {cells} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from anomalib_moleflow.models.moleflow.components.embedding import PatchEmbeddin
 from anomalib_moleflow.models.moleflow.loss import MoleFlowLoss
 from anomalib_moleflow.models.moleflow.torch_model import MoleFlowModel
 from anomalib_moleflow.runtime import pick_threads
+
+if TYPE_CHECKING:
+    from anomalib_moleflow.models.moleflow.lightning_model import MoleFlow
 
 # ---------------------------------------------------------------- data
 
@@ -90,6 +94,25 @@ def datasets(name: str, root: Path) -> dict[str, object]:
             for folder, category in REAL_PRODUCTS
         }
     raise ValueError(name)
+
+
+def checkpoint_parser(description: str, data: str) -> argparse.ArgumentParser:
+    """The arguments of a script that scores a trained checkpoint on families of :func:`datasets`: ``--checkpoint``,
+    ``--data`` (default ``data``), ``--root`` and ``--image_size``; the script adds its own."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--data", default=data, help="families of datasets(), comma-separated")
+    parser.add_argument("--root", type=Path, default=Path("./datasets"))
+    parser.add_argument("--image_size", type=int, default=224)
+    return parser
+
+
+def load_checkpoint(path: Path) -> MoleFlow:
+    """A trained continual MoLE-Flow on the CPU, in eval mode, with the torch threads the machine has free."""
+    from anomalib_moleflow.models.moleflow.lightning_model import MoleFlow
+
+    torch.set_num_threads(pick_threads())
+    return MoleFlow.load_from_checkpoint(path, map_location="cpu").eval()
 
 
 #: Real products with pixel masks: (folder under ``SHARED``, category).

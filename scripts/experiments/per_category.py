@@ -10,7 +10,6 @@ compare category by category.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,10 +17,9 @@ import torch
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from patch_score import datasets, load_split
+from patch_score import checkpoint_parser, datasets, load_checkpoint, load_split
 
 from anomalib_moleflow import MoleFlow
-from anomalib_moleflow.runtime import pick_threads
 
 
 def category_metrics(model: MoleFlow, split: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -47,14 +45,8 @@ def category_metrics(model: MoleFlow, split: dict[str, torch.Tensor]) -> dict[st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--data", default="elpv_bench,real", help="families of patch_score.datasets, comma-separated")
-    parser.add_argument("--root", type=Path, default=Path("./datasets"))
-    parser.add_argument("--image_size", type=int, default=224)
-    args = parser.parse_args()
-    torch.set_num_threads(pick_threads())
-    model = MoleFlow.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
+    args = checkpoint_parser(__doc__.splitlines()[0], data="elpv_bench,real").parse_args()
+    model = load_checkpoint(args.checkpoint)
     print(f"tasks: {model.task_names}")
     for family in args.data.split(","):
         for name, datamodule in datasets(family, args.root).items():

@@ -10,17 +10,15 @@ its score normalised by each task's own statistics). Prints the routing accuracy
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from patch_score import datasets, load_split
+from patch_score import checkpoint_parser, datasets, load_checkpoint, load_split
 
 from anomalib_moleflow import MoleFlow
-from anomalib_moleflow.runtime import pick_threads
 
 Row = tuple[int, torch.Tensor, dict[int, float], dict[int, float]]
 
@@ -63,15 +61,10 @@ def accuracy(rows: list[Row], pair: tuple[int, int], rule: str, margin: float) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, required=True)
-    parser.add_argument("--data", default="elpv_bench", help="the family of the two look-alike tasks")
-    parser.add_argument("--root", type=Path, default=Path("./datasets"))
-    parser.add_argument("--image_size", type=int, default=224)
+    parser = checkpoint_parser(__doc__.splitlines()[0], data="elpv_bench")  # one family: the two look-alike tasks
     parser.add_argument("--margins", default="1.1,1.25,1.5,2,1e9")
     args = parser.parse_args()
-    torch.set_num_threads(pick_threads())
-    model = MoleFlow.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
+    model = load_checkpoint(args.checkpoint)
     names = list(datasets(args.data, args.root))
     pair = (model.task_names.index(names[0]), model.task_names.index(names[1]))
     rows = score_rows(model, pair, args.data, args.root, args.image_size)
