@@ -15,7 +15,7 @@ from anomalib.data import MVTecAD
 from lightning.pytorch import seed_everything
 
 from anomalib_moleflow import MoleFlow
-from anomalib_moleflow.data import DatasetError, TaskGroup
+from anomalib_moleflow.data import DatasetError, TaskGroup, build_tasks
 from anomalib_moleflow.engine import ContinualEngine
 from anomalib_moleflow.metrics import METRICS
 
@@ -111,6 +111,35 @@ def test_task_group_of_two_categories(tiny_mvtec_root: Path, tmp_path: Path) -> 
     expected = sum(len(member.test_data) for member in single)
     assert len(group.test_data) == expected
     assert set(group.test_data.samples["label_index"]) == {0, 1}
+
+
+def test_specs_with_one_task_name_form_one_task_across_roots(tiny_mvtec_root: Path, tmp_path: Path) -> None:
+    """`task: NAME` joins categories of different specs (here two roots) into one task, at its first place."""
+    second_root = tmp_path / "other_root"
+    second_root.mkdir()
+    (second_root / TINY_CATEGORIES[1]).symlink_to(tiny_mvtec_root / TINY_CATEGORIES[1])
+
+    def spec(root: Path, categories: list, **extra: str) -> dict:
+        dataset = {"class_path": "anomalib.data.MVTecAD", "init_args": {"root": str(root), "num_workers": 0}}
+        return {"dataset": dataset, "categories": categories, **extra}
+
+    tasks = build_tasks(
+        [
+            spec(tiny_mvtec_root, [TINY_CATEGORIES[0]], task="line"),
+            spec(tiny_mvtec_root, [TINY_CATEGORIES[2]]),
+            spec(second_root, [TINY_CATEGORIES[1]], task="line"),
+        ]
+    )
+    assert [task.name for task in tasks] == ["line", TINY_CATEGORIES[2]]
+    assert isinstance(tasks[0].datamodule, TaskGroup)
+    assert [(Path(m.root), m.category) for m in tasks[0].members] == [
+        (tiny_mvtec_root, TINY_CATEGORIES[0]),
+        (second_root, TINY_CATEGORIES[1]),
+    ]
+    with pytest.raises(ValueError, match="Task names must be unique"):
+        build_tasks([spec(tiny_mvtec_root, [TINY_CATEGORIES[0]]), spec(second_root, [TINY_CATEGORIES[0]])])
+    with pytest.raises(ValueError, match=r"tasks\.task must be a non-empty task name"):
+        build_tasks([spec(tiny_mvtec_root, [TINY_CATEGORIES[0]], task="")])
 
 
 def test_resume_after_interruption_equals_uninterrupted(

@@ -12,7 +12,7 @@ from lightning.pytorch.cli import instantiate_class
 from .datamodules import TaskGroup
 
 TaskLike = AnomalibDataModule | tuple[str, AnomalibDataModule | Sequence[AnomalibDataModule]]
-TASK_SPEC_KEYS = ("dataset", "categories")
+TASK_SPEC_KEYS = ("dataset", "categories", "task")
 
 
 @dataclass
@@ -116,7 +116,9 @@ def build_tasks(spec: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[T
 
     ``spec`` is ``{"dataset": {"class_path": ..., "init_args": {...}}, "categories": [...]}`` or a list of such
     specs (their tasks follow each other, e.g. ELPV cell types then MVTec AD categories). A category entry that is a
-    list (or ``{name: [...]}``) makes one task of several categories (a :class:`TaskGroup`).
+    list (or ``{name: [...]}``) makes one task of several categories (a :class:`TaskGroup`). A spec with
+    ``task: NAME`` puts all its categories into the one task ``NAME``; specs that give the same ``task`` form that
+    task together (at the place of the first), so one task can hold categories of different datasets or roots.
 
     Raises:
         ValueError: On a missing or unknown key, or an empty category list.
@@ -125,7 +127,24 @@ def build_tasks(spec: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[T
     if not specs:
         msg = "tasks is empty: give at least one {dataset, categories} spec."
         raise ValueError(msg)
-    return resolve_tasks([pair for item in specs for pair in _spec_tasks(item)])
+    pairs: list[tuple[str, list[AnomalibDataModule]]] = []
+    named: dict[str, list[AnomalibDataModule]] = {}
+    for item in specs:
+        tasks = _spec_tasks(item)
+        if item.get("task") is None:
+            pairs.extend(tasks)
+            continue
+        name = item["task"]
+        if not isinstance(name, str) or not name:
+            msg = f"tasks.task must be a non-empty task name, got {name!r}."
+            raise ValueError(msg)
+        members = [member for _, datamodules in tasks for member in datamodules]
+        if name in named:
+            named[name].extend(members)
+        else:
+            named[name] = members
+            pairs.append((name, members))
+    return resolve_tasks(pairs)
 
 
 def joint_datamodule(tasks: Sequence[Task]) -> TaskGroup:
