@@ -61,18 +61,33 @@ def moleflow_patch_scores(model: MoleFlow, images: torch.Tensor) -> torch.Tensor
     return map_inputs(model.model.anomaly_map_generator, model.model.predict, images)
 
 
-def patchcore_patch_scores(split: dict[str, torch.Tensor], args: argparse.Namespace) -> torch.Tensor:
-    """anomalib's Patchcore (the benchmark's settings) fitted on the split's training images; its patch scores."""
+def patchcore_patch_scores(
+    split: dict[str, torch.Tensor], args: argparse.Namespace, count_include_pad: bool = True, bank: int | None = None
+) -> torch.Tensor:
+    """anomalib's Patchcore (the benchmark's settings) fitted on the split's training images; its patch scores.
+
+    ``count_include_pad=False`` swaps its 3 x 3 feature average for one that ignores the zero padding (as
+    MoLE-Flow's ``patch_size=3``): the two embeddings then differ only there. ``bank``: that many training patches
+    drawn at random (seed 0) instead of the greedy coreset (which takes most of an hour on BSData on one core).
+    """
     from anomalib_moleflow.baselines.patchcore import TimmPatchcore
 
     model = TimmPatchcore(
         backbone=args.backbone, layers=args.layers.split(","), image_size=args.image_size, coreset_sampling_ratio=0.01
     )
     inner = model.model.train()
+    if not count_include_pad:
+        inner.feature_pooler = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
     with torch.no_grad():
         for batch in split["train"].split(32):
             inner(batch)
-        inner.subsample_embedding(model.coreset_sampling_ratio)
+        if bank is None:
+            inner.subsample_embedding(model.coreset_sampling_ratio)
+        else:
+            patches = torch.vstack(inner.embedding_store)
+            inner.embedding_store.clear()
+            drawn = torch.randperm(len(patches), generator=torch.Generator().manual_seed(0))[:bank]
+            inner.memory_bank = patches[drawn]
     inner.eval()
     return map_inputs(inner.anomaly_map_generator, inner, split["test"])
 
