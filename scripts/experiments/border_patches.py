@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from map_upsampling import moleflow_patch_scores, patchcore_patch_scores, to_map
-from patch_score import auroc_ap, checkpoint_parser, datasets, load_checkpoint, load_split
+from map_upsampling import masked_splits, moleflow_patch_scores, patchcore_parser, patchcore_patch_scores, to_map
+from patch_score import auroc_ap, load_checkpoint
 
 
 def border_mask(size: int, band: int) -> torch.Tensor:
@@ -42,36 +42,25 @@ def border_report(maps: torch.Tensor, masks: torch.Tensor, band: int) -> dict[st
 
 
 def main() -> None:
-    parser = checkpoint_parser(__doc__.splitlines()[0], data="real")
-    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
-    parser.add_argument("--layers", default="blocks.2,blocks.4")
+    parser = patchcore_parser(__doc__.splitlines()[0])
     parser.add_argument("--band", type=int, default=16, help="border band in pixels (16: two patches at stride 8)")
     parser.add_argument("--bank", type=int, default=20000, help="random bank size; 0: anomalib's coreset (slow)")
     args = parser.parse_args()
     model = load_checkpoint(args.checkpoint)
     bank = args.bank or None
-    for family in args.data.split(","):
-        for name, datamodule in datasets(family, args.root).items():
-            split = load_split(datamodule, args.image_size)
-            if "mask" not in split:
-                print(f"{name}: no pixel masks, skipped.")
-                continue
-            masks = split["mask"]
-            defect_share = 100 * float(
-                masks[border_mask(args.image_size, args.band).expand_as(masks)].sum() / masks.sum()
-            )
-            print(f"{name}: {defect_share:.1f} % of the defect pixels lie in the {args.band}-pixel border band")
-            rows = {
-                "MoLE-Flow (routed)": moleflow_patch_scores(model, split["test"]),
-                "anomalib Patchcore (zero padding counted: anomalib's)": patchcore_patch_scores(
-                    split, args, True, bank
-                ),
-                "anomalib Patchcore (padding ignored: MoLE-Flow's)": patchcore_patch_scores(split, args, False, bank),
-            }
-            for label, scores in rows.items():
-                report = border_report(to_map(scores, args.image_size, "bilinear", 4.0), masks, args.band)
-                cells = " | ".join(f"{key} {value:.2f}" for key, value in report.items())
-                print(f"| {name} | {label} | {cells} |", flush=True)
+    for name, split in masked_splits(args):
+        masks = split["mask"]
+        in_band = masks[border_mask(args.image_size, args.band).expand_as(masks)]
+        print(f"{name}: {100 * float(in_band.sum() / masks.sum()):.1f} % of the defect pixels lie in the border band")
+        rows = {
+            "MoLE-Flow (routed)": moleflow_patch_scores(model, split["test"]),
+            "anomalib Patchcore (zero padding counted: anomalib's)": patchcore_patch_scores(split, args, True, bank),
+            "anomalib Patchcore (padding ignored: MoLE-Flow's)": patchcore_patch_scores(split, args, False, bank),
+        }
+        for label, scores in rows.items():
+            report = border_report(to_map(scores, args.image_size, "bilinear", 4.0), masks, args.band)
+            cells = " | ".join(f"{key} {value:.2f}" for key, value in report.items())
+            print(f"| {name} | {label} | {cells} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -92,27 +92,40 @@ def patchcore_patch_scores(
     return map_inputs(inner.anomaly_map_generator, inner, split["test"])
 
 
-def main() -> None:
-    parser = checkpoint_parser(__doc__.splitlines()[0], data="real")
+def patchcore_parser(description: str) -> argparse.ArgumentParser:
+    """:func:`checkpoint_parser` (masked real products by default) plus the Patchcore's ``--backbone`` and
+    ``--layers``."""
+    parser = checkpoint_parser(description, data="real")
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--layers", default="blocks.2,blocks.4")
+    return parser
+
+
+def masked_splits(args: argparse.Namespace) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """``(product, split)`` of every product of ``--data`` that has pixel masks (the others are named and skipped)."""
+    for family in args.data.split(","):
+        for name, datamodule in datasets(family, args.root).items():
+            split = load_split(datamodule, args.image_size)
+            if "mask" in split:
+                yield name, split
+            else:
+                print(f"{name}: no pixel masks, skipped.")
+
+
+def main() -> None:
+    parser = patchcore_parser(__doc__.splitlines()[0])
     parser.add_argument("--patchcore", action="store_true", help="also fit anomalib's Patchcore on each product")
     args = parser.parse_args()
     model = load_checkpoint(args.checkpoint)
     header = " | ".join(f"{mode} sigma={sigma:g}" for mode, sigma in MAPS)
     print(f"| product | score | {header} |\n|---|---|{'---|' * len(MAPS)}")
-    for family in args.data.split(","):
-        for name, datamodule in datasets(family, args.root).items():
-            split = load_split(datamodule, args.image_size)
-            if "mask" not in split:
-                print(f"{name}: no pixel masks, skipped.")
-                continue
-            rows = [("MoLE-Flow (routed)", moleflow_patch_scores(model, split["test"]))]
-            if args.patchcore:
-                rows.append(("anomalib Patchcore (1 %)", patchcore_patch_scores(split, args)))
-            for label, scores in rows:
-                cells = " | ".join(f"{ap:.2f}" for ap in pixel_aps(scores, split["mask"]))
-                print(f"| {name} | {label} | {cells} |", flush=True)
+    for name, split in masked_splits(args):
+        rows = [("MoLE-Flow (routed)", moleflow_patch_scores(model, split["test"]))]
+        if args.patchcore:
+            rows.append(("anomalib Patchcore (1 %)", patchcore_patch_scores(split, args)))
+        for label, scores in rows:
+            cells = " | ".join(f"{ap:.2f}" for ap in pixel_aps(scores, split["mask"]))
+            print(f"| {name} | {label} | {cells} |", flush=True)
 
 
 if __name__ == "__main__":
