@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from einops import rearrange
 from lightning.pytorch import seed_everything
 from torch import nn
 
@@ -740,6 +741,26 @@ def test_flag_score_aggregation_top_k(tiny_model_kwargs: dict[str, Any]) -> None
     assert (score1 > score10).all()
 
 
+def test_flag_anomaly_map_sigma_blurs_only_the_map(tiny_model_kwargs: dict[str, Any]) -> None:
+    blurred = build(tiny_model_kwargs)  # anomalib's sigma 4
+    sharp = build(tiny_model_kwargs, anomaly_map_sigma=0.0)
+    saved = blurred.state_dict()
+    assert not [key for key in saved if "anomaly_map_generator" in key]  # the kernel follows from sigma
+    saved["model.anomaly_map_generator.blur.kernel"] = torch.ones(1, 1, 33, 33)  # as earlier versions saved it
+    sharp.load_state_dict(saved)  # a scoring setting: the checkpoint loads with any sigma
+    images = random_images(64)
+    score4, map4 = scores_of(blurred, images)
+    score0, map0 = scores_of(sharp, images)
+    torch.testing.assert_close(score0, score4)  # the image score comes from the patches, not the map
+    with torch.no_grad():
+        patches, _ = sharp.model.embed(images)
+        nll = sharp.model.patch_nll(*sharp.model.encode(patches, 0))
+    patch_scores = rearrange(nll, "(b h w) -> b 1 h w", b=2, h=16)
+    upsampled = torch.nn.functional.interpolate(patch_scores, size=(64, 64), mode="bilinear")
+    torch.testing.assert_close(map0, upsampled)  # sigma 0: the bilinear map itself
+    assert (map4.amax(dim=(1, 2, 3)) < map0.amax(dim=(1, 2, 3))).all()  # the blur lowers every peak
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [("tail_weight", 0.0), ("tail_top_k_ratio", 0.5), ("lambda_logdet", 1.0)],
@@ -841,6 +862,7 @@ def test_oracle_scores_every_image_with_the_given_task(tiny_model_kwargs: dict[s
         ({"lora_rank": 0}, "lora_rank"),
         ({"image_size": 16}, "image_size"),
         ({"score_aggregation_top_k": 0}, "score_aggregation_top_k"),
+        ({"anomaly_map_sigma": -1.0}, r"anomaly_map_sigma must be >= 0 \(0: no blur\), got -1.0"),
         ({"lr": 0.0}, "lr must be > 0"),
         ({"max_epochs": 0}, "max_epochs"),
         ({"layers": ()}, "layers"),

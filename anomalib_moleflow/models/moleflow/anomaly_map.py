@@ -12,18 +12,30 @@ class AnomalyMapGenerator(nn.Module):
     """Bilinear upsampling of the patch NLL map to image size, then a Gaussian blur.
 
     Args:
-        sigma: Standard deviation of the blur, in pixels.
+        sigma: Standard deviation of the blur, in pixels; 0: no blur.
     """
 
     def __init__(self, sigma: float = 4.0) -> None:
         super().__init__()
-        kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
-        self.blur = GaussianBlur2d(sigma=(sigma, sigma), channels=1, kernel_size=(kernel_size, kernel_size))
+        self.blur: nn.Module = nn.Identity()
+        if sigma > 0:
+            kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
+            self.blur = GaussianBlur2d(sigma=(sigma, sigma), channels=1, kernel_size=(kernel_size, kernel_size))
+            # The kernel follows from sigma, a scoring setting: kept out of the state dict so that a checkpoint loads
+            # with any sigma.
+            self.blur.register_buffer("kernel", self.blur.kernel, persistent=False)
+        self.register_load_state_dict_pre_hook(_drop_saved_kernel)
 
     def forward(self, patch_scores: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """Map ``(b, h, w)`` patch scores to a ``(b, 1, H, W)`` anomaly map."""
         upsampled = F.interpolate(patch_scores.unsqueeze(1), size=image_size, mode="bilinear", align_corners=False)
         return self.blur(upsampled)
+
+
+def _drop_saved_kernel(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """Ignore the blur kernel that checkpoints of earlier versions saved (it is rebuilt from ``sigma``)."""
+    del module, args
+    state_dict.pop(f"{prefix}blur.kernel", None)
 
 
 def top_k_image_score(patch_scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -142,6 +142,7 @@ class MoleFlow(AnomalibModule):
         tail_top_k_ratio: Fraction of patches in the tail term.
         lambda_logdet: Weight of the log-determinant regulariser.
         score_aggregation_top_k: Image score = mean of the k highest patch scores.
+        anomaly_map_sigma: Standard deviation of the anomaly map's Gaussian blur in pixels (0: no blur).
         freeze_base: Freeze the shared base after the first task (``False``: sequential fine-tuning).
         task_separated: A whole flow per task (the parameter-hungry upper bound).
         lr: Adam learning rate.
@@ -200,6 +201,7 @@ class MoleFlow(AnomalibModule):
         tail_top_k_ratio: float = 0.02,
         lambda_logdet: float = 1e-4,
         score_aggregation_top_k: int = 3,
+        anomaly_map_sigma: float = 4.0,
         freeze_base: bool = True,
         task_separated: bool = False,
         lr: float = 3e-4,
@@ -271,7 +273,8 @@ class MoleFlow(AnomalibModule):
 
         Settings that define the architecture (those of :class:`MoleFlowModel`, e.g. ``backbone``, ``lora_rank``)
         must equal the checkpoint's; the others (``lr``, ``max_epochs``, the loss weights, ``freeze_base``,
-        ``score_aggregation_top_k``, components) replace the checkpoint's and are recorded in ``hparams``.
+        ``score_aggregation_top_k``, ``anomaly_map_sigma``, components) replace the checkpoint's and are recorded in
+        ``hparams``.
 
         Raises:
             ValueError: Naming every given architecture setting that differs from the checkpoint's.

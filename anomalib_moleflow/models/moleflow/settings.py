@@ -63,6 +63,8 @@ class ArchitectureSettings:
         spatial_context_kernel: Kernel of the shared spatial context (0: off, else odd).
         scale_context_kernel: Kernel of the scale context in each coupling subnet (0: off, else odd).
         score_aggregation_top_k: Image score = mean of the k highest patch scores.
+        anomaly_map_sigma: Standard deviation in pixels of the Gaussian blur of the anomaly map (after the bilinear
+            upsampling; 0: no blur). 4 is anomalib's (Patchcore, Padim); a blur wider than the defect erases it.
         task_separated: One whole flow per task instead of a shared base (the parameter-hungry upper bound).
         router_eps: Relative ridge of each task's own router covariance (its unknown-product threshold; its route with
             router_covariance task).
@@ -95,6 +97,7 @@ class ArchitectureSettings:
     spatial_context_kernel: int = 3
     scale_context_kernel: int = 5
     score_aggregation_top_k: int = 3
+    anomaly_map_sigma: float = 4.0
     task_separated: bool = False
     router_eps: float = 0.01
     router_embedding: RouterEmbedding = "max"
@@ -153,7 +156,7 @@ class MoleFlowSettings(TrainingSettings, ArchitectureSettings):
 
 #: Architecture settings that do not change what a saved state dict means (free to differ from a checkpoint's).
 RUNTIME_SETTINGS: frozenset[str] = frozenset(
-    {"score_aggregation_top_k", "router_eps", "router_covariance", "unknown_factor"}
+    {"score_aggregation_top_k", "anomaly_map_sigma", "router_eps", "router_covariance", "unknown_factor"}
 )
 #: Settings that change only speed and memory, never a result (a resumed run may change them).
 SPEED_SETTINGS: tuple[str, ...] = ("feature_cache", "feature_cache_dtype", "compile_mode")

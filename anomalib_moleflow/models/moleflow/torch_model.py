@@ -71,6 +71,7 @@ class MoleFlowModel(nn.Module):
         spatial_context_kernel: Kernel of the shared spatial context (0: off, else odd).
         scale_context_kernel: Kernel of the scale context in each coupling subnet (0: off, else odd).
         score_aggregation_top_k: Image score = mean of the top-k patch scores.
+        anomaly_map_sigma: Standard deviation of the anomaly map's Gaussian blur in pixels (0: no blur).
         task_separated: One whole flow per task instead of a shared base.
         router_eps: Relative ridge of each task's own router covariance.
         router_embedding: The router's image embedding: ``mean`` or ``max`` of the patch embeddings over the grid.
@@ -105,6 +106,7 @@ class MoleFlowModel(nn.Module):
         spatial_context_kernel: int = 3,
         scale_context_kernel: int = 5,
         score_aggregation_top_k: int = 3,
+        anomaly_map_sigma: float = 4.0,
         task_separated: bool = False,
         router_eps: float = 0.01,
         router_embedding: RouterEmbedding = "max",
@@ -149,6 +151,7 @@ class MoleFlowModel(nn.Module):
         ):
             _check(kernel == 0 or (kernel > 0 and kernel % 2 == 1), f"{name} must be 0 (off) or odd, got {kernel}.")
         _check(score_aggregation_top_k >= 1, f"score_aggregation_top_k must be >= 1, got {score_aggregation_top_k}.")
+        _check(anomaly_map_sigma >= 0, f"anomaly_map_sigma must be >= 0 (0: no blur), got {anomaly_map_sigma}.")
         _check(router_eps > 0, f"router_eps must be > 0, got {router_eps}.")
         _check(unknown_factor is None or unknown_factor > 0, f"unknown_factor must be > 0, got {unknown_factor}.")
         #: Every constructor argument (``embed_dim`` and ``lora_alpha`` resolved): the checkpoint fingerprint's source.
@@ -195,7 +198,7 @@ class MoleFlowModel(nn.Module):
         self.flows = nn.ModuleList()
         if not task_separated:
             self.flows.append(self._new_flow())
-        self.anomaly_map_generator = AnomalyMapGenerator(sigma=4.0)
+        self.anomaly_map_generator = AnomalyMapGenerator(sigma=anomaly_map_sigma)
 
     # ------------------------------------------------------------------ tasks
     def _new_flow(self) -> MoLEFlow:
