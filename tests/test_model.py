@@ -1063,6 +1063,18 @@ def test_forward_after_fit_routes_each_image(sequential_run: ContinualRun, make_
 # ----------------------------------------------------------------------------------------------------------------------
 # 8. checkpoints
 # ----------------------------------------------------------------------------------------------------------------------
+def test_checkpoint_loads_with_another_map_blur(continual_run: ContinualRun) -> None:
+    saved = continual_run.model.eval()
+    sharp = MoleFlow.load_from_checkpoint(continual_run.checkpoint, map_location="cpu", anomaly_map_sigma=0.0).eval()
+    assert sharp.task_names == saved.task_names
+    images = random_images(saved.model.image_size[0])
+    with torch.no_grad():
+        before, _ = saved.model.predict(images)
+        after, _ = sharp.model.predict(images)
+    torch.testing.assert_close(after.pred_score, before.pred_score)  # same experts: same image scores
+    assert (after.anomaly_map.amax(dim=(1, 2, 3)) > before.anomaly_map.amax(dim=(1, 2, 3))).all()  # no blur
+
+
 def test_checkpoint_round_trip_in_new_process(
     continual_run: ContinualRun, tmp_path: Path, make_datamodule: Any
 ) -> None:

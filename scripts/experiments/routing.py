@@ -74,25 +74,34 @@ CANDIDATES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def patch_gaussian_routing(train: list[torch.Tensor], test: list[torch.Tensor], eps: float, reduce: str) -> list[float]:
+def patch_gaussian_routing(
+    train: list[torch.Tensor], test: list[torch.Tensor], eps: float, reduce: str, pooled: bool = False
+) -> list[float]:
     """Route by a Gaussian over each task's training *patches*: an image goes to the task whose patches' squared
-    Mahalanobis distances have the smallest mean (or median, which defects on under half the image cannot move)."""
-    means, precisions = [], []
+    Mahalanobis distances have the smallest mean (or median, which defects on under half the image cannot move), or
+    (``vote``) to the task nearest to most of its patches. ``pooled``: one covariance shared by the tasks (LDA)."""
+    means, covariances = [], []
     for patches in train:
         x = patches.flatten(0, 2).double()
         mean = x.mean(0)
         cov = (x - mean).T @ (x - mean) / (len(x) - 1)
         cov += eps * cov.diagonal().mean() * torch.eye(len(mean), dtype=cov.dtype)
         means.append(mean)
-        precisions.append(torch.linalg.inv(cov))
+        covariances.append(cov)
+    if pooled:
+        covariances = [sum(covariances) / len(covariances)] * len(covariances)
+    precisions = [torch.linalg.inv(cov) for cov in covariances]
     accuracy = []
     for task, patches in enumerate(test):
         x = patches.flatten(1, 2).double()  # (b, n, d)
-        scores = []
-        for mean, precision in zip(means, precisions, strict=True):
-            d = torch.einsum("bnd,de,bne->bn", x - mean, precision, x - mean)
-            scores.append(d.mean(1) if reduce == "mean" else d.median(1).values)
-        routed = torch.stack(scores, 1).argmin(1)
+        distances = torch.stack(
+            [torch.einsum("bnd,de,bne->bn", x - m, p, x - m) for m, p in zip(means, precisions, strict=True)], dim=2
+        )  # (b, n, tasks)
+        if reduce == "vote":
+            votes = torch.nn.functional.one_hot(distances.argmin(2), len(means)).sum(1)
+            routed = votes.argmax(1)
+        else:
+            routed = (distances.mean(1) if reduce == "mean" else distances.median(1).values).argmin(1)
         accuracy.append(float((routed == task).float().mean()))
     return accuracy
 
@@ -181,8 +190,12 @@ def main() -> None:
                 mean = 100 * sum(accuracy) / len(accuracy)
                 print(f"| {label}, {eps:g}, {rule} | {cells} | {mean:.2f} | {defects} |", flush=True)
     for eps in (float(e) for e in args.eps.split(",") if args.patch_gauss):
-        for label, reduce in (("patch-gauss mean", "mean"), ("patch-gauss median", "median")):
-            accuracy = patch_gaussian_routing(train, test, eps, reduce)
+        for label, reduce, pooled in (
+            (f"patch-gauss {reduce}{', pooled' if pooled else ''}", reduce, pooled)
+            for pooled in (False, True)
+            for reduce in ("mean", "median", "vote")
+        ):
+            accuracy = patch_gaussian_routing(train, test, eps, reduce, pooled)
             cells = " | ".join(f"{100 * a:.1f}" for a in accuracy)
             print(f"| {label}, {eps:g} | {cells} | {100 * sum(accuracy) / len(accuracy):.2f} |", flush=True)
     print("|---" * (len(names) + 2) + "|")
