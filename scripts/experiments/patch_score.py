@@ -282,6 +282,8 @@ VARIANTS: dict[str, dict] = {
     "tail_k0.005": {"tail_ratio": 0.005},
     "tail_k0.1": {"tail_ratio": 0.1},
     "tail_only": {"tail_weight": 1.0},
+    "lr3e-4": {"lr": 3e-4},
+    "lr3e-3": {"lr": 3e-3},
 }
 
 
@@ -710,7 +712,7 @@ def main() -> None:
                     model,
                     train_p,
                     args.epochs,
-                    args.lr,
+                    spec.get("lr", args.lr),
                     args.batch,
                     seed,
                     spec.get("frozen", ""),
