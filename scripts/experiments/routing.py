@@ -89,8 +89,9 @@ def patch_gaussian_routing(
         means.append(mean)
         covariances.append(cov)
     if pooled:
-        covariances = [sum(covariances) / len(covariances)] * len(covariances)
-    precisions = [torch.linalg.inv(cov) for cov in covariances]
+        precisions = [torch.linalg.inv(sum(covariances) / len(covariances))] * len(covariances)
+    else:
+        precisions = [torch.linalg.inv(cov) for cov in covariances]
     accuracy = []
     for task, patches in enumerate(test):
         x = patches.flatten(1, 2).double()  # (b, n, d)
@@ -190,14 +191,12 @@ def main() -> None:
                 mean = 100 * sum(accuracy) / len(accuracy)
                 print(f"| {label}, {eps:g}, {rule} | {cells} | {mean:.2f} | {defects} |", flush=True)
     for eps in (float(e) for e in args.eps.split(",") if args.patch_gauss):
-        for label, reduce, pooled in (
-            (f"patch-gauss {reduce}{', pooled' if pooled else ''}", reduce, pooled)
-            for pooled in (False, True)
-            for reduce in ("mean", "median", "vote")
-        ):
-            accuracy = patch_gaussian_routing(train, test, eps, reduce, pooled)
-            cells = " | ".join(f"{100 * a:.1f}" for a in accuracy)
-            print(f"| {label}, {eps:g} | {cells} | {100 * sum(accuracy) / len(accuracy):.2f} |", flush=True)
+        for pooled in (False, True):
+            for reduce in ("mean", "median", "vote"):
+                accuracy = patch_gaussian_routing(train, test, eps, reduce, pooled)
+                label = f"patch-gauss {reduce}{', pooled' if pooled else ''}"
+                cells = " | ".join(f"{100 * a:.1f}" for a in accuracy)
+                print(f"| {label}, {eps:g} | {cells} | {100 * sum(accuracy) / len(accuracy):.2f} |", flush=True)
     print("|---" * (len(names) + 2) + "|")
 
 

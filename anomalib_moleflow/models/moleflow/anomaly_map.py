@@ -19,8 +19,7 @@ class AnomalyMapGenerator(nn.Module):
         super().__init__()
         self.blur: nn.Module = nn.Identity()
         if sigma > 0:
-            kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
-            self.blur = GaussianBlur2d(sigma=(sigma, sigma), channels=1, kernel_size=(kernel_size, kernel_size))
+            self.blur = GaussianBlur2d(sigma=sigma, channels=1)  # anomalib's kernel size: 2 * int(4 sigma + 0.5) + 1
             # The kernel follows from sigma, a scoring setting: kept out of the state dict so that a checkpoint loads
             # with any sigma.
             self.blur.register_buffer("kernel", self.blur.kernel, persistent=False)
