@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
-    submod_attrs={"models": ["MoleFlow", "MoleFlowModel", "TaskPostProcessor"]},
+    submod_attrs={"models": ["MoleFlow", "MoleFlowModel", "OracleRouting", "TaskPostProcessor"]},
 )
 __all__ += ["__version__"]
 

@@ -16,7 +16,7 @@ from lightning.pytorch import seed_everything
 
 from anomalib_moleflow import MoleFlow
 from anomalib_moleflow.data import DatasetError, TaskGroup, build_tasks
-from anomalib_moleflow.engine import ContinualEngine
+from anomalib_moleflow.engine import ContinualEngine, MoleFlowStrategy
 from anomalib_moleflow.metrics import METRICS
 
 from conftest import TINY_CATEGORIES, TINY_MODEL_KWARGS
@@ -258,3 +258,16 @@ def test_resuming_a_finished_run_whose_images_differ_from_the_model_size_is_a_no
     assert resumed["matrix"] == before["matrix"]
     assert json.loads((output / "results.json").read_text())["matrix"] == before["matrix"]
     assert sorted((output / "overlays").rglob("*.png")) == overlays
+
+
+def test_oracle_mode_scores_every_image_with_its_true_task(tiny_mvtec_root: Path, tmp_path: Path) -> None:
+    """``routing="oracle"``: each test batch carries its true task and the router is not asked. Two tasks learned from
+    the very same images cannot be told apart: routed, every image goes to the first; the oracle knows."""
+    accuracy = {}
+    for routing in ("router", "oracle"):
+        tasks = [(name, _tasks(tiny_mvtec_root, TINY_CATEGORIES[:1])) for name in ("first", "twin")]
+        results = _engine(tmp_path / routing, overlays_per_task=0).run(MoleFlowStrategy(_model(), routing), tasks)
+        accuracy[routing] = results["routing_matrix"][-1]
+        rows = (tmp_path / routing / "tasks" / "01_twin" / "test" / "twin" / "routing.csv").read_text().splitlines()
+        assert {row.split(",")[1] for row in rows[1:]} == {"first" if routing == "router" else "twin"}
+    assert accuracy == {"router": [1.0, 0.0], "oracle": [1.0, 1.0]}

@@ -21,7 +21,7 @@ from einops import rearrange
 from lightning.pytorch import seed_everything
 from torch import nn
 
-from anomalib_moleflow import MoleFlow, MoleFlowModel
+from anomalib_moleflow import MoleFlow, MoleFlowModel, OracleRouting
 from anomalib_moleflow.models.moleflow.anomaly_map import AnomalyMapGenerator, top_k_image_score
 from anomalib_moleflow.models.moleflow.components.adapters import SpatialContext, WhiteningAdapter
 from anomalib_moleflow.models.moleflow.components.dia import DeepInvertibleAdapter
@@ -835,15 +835,42 @@ def test_oracle_scores_every_image_with_the_given_task(tiny_model_kwargs: dict[s
     images = random_images(64, batch=3)
     model = build(tiny_model_kwargs, tasks=2)
     with pytest.raises(RuntimeError, match="router has no fitted task"), torch.no_grad():
-        model(images)  # no prototype fitted: routing is impossible, so the oracle below is what scores
+        model(images)  # no prototype fitted: routing is impossible, so the given tasks below are what scores
     for task in (1, 0):
-        with model.oracle(task), model.record_routing() as log, torch.no_grad():
-            model(images)
+        with model.record_routing() as log:
+            scored = model.score_images(images, task)
         assert log.tasks().tolist() == [task] * 3
-    with pytest.raises(IndexError, match="Oracle task 2 does not exist"), model.oracle(2):
-        pass
+        assert scored.routed.task.tolist() == [task] * 3
+    with model.record_routing() as log:
+        per_image = model.score_images(images, torch.tensor([1, 0, 1]))
+    assert log.tasks().tolist() == [1, 0, 1]
+    one_by_one = [model.score_images(images[i : i + 1], task).raw.pred_score for i, task in enumerate((1, 0, 1))]
+    torch.testing.assert_close(per_image.raw.pred_score, torch.cat(one_by_one))  # each image with its own expert
+    with pytest.raises(IndexError, match="Task 2 does not exist: the model has 2 task"):
+        model.score_images(images, 2)
     with pytest.raises(RuntimeError, match="router has no fitted task"), torch.no_grad():
-        model(images)  # the oracle ended with its block
+        model(images)  # nothing of the given tasks stays behind
+
+
+def test_oracle_routing_callback_gives_each_test_batch_its_true_task(
+    tiny_model_kwargs: dict[str, Any],
+    tiny_mvtec_root: Path,
+    tiny_categories: tuple[str, ...],
+    make_datamodule: Any,
+    make_engine: Any,
+    tmp_path: Path,
+) -> None:
+    """``Engine(callbacks=[OracleRouting(j)]).test`` scores every image with task ``j``; without it, the router."""
+    model = build(tiny_model_kwargs, tasks=2)
+    datamodule = make_datamodule(tiny_mvtec_root, tiny_categories[0])
+    for task in (1, 0):
+        with model.record_routing() as log:
+            make_engine(tmp_path, callbacks=[OracleRouting(task)]).test(model, datamodule=datamodule, verbose=False)
+        assert log.tasks().tolist() == [task] * len(datamodule.test_data)
+    with pytest.raises(RuntimeError, match="router has no fitted task"):  # no callback: routed, and nothing is fitted
+        make_engine(tmp_path).test(model, datamodule=datamodule, verbose=False)
+    with pytest.raises(IndexError, match="Oracle task 2 does not exist"):
+        make_engine(tmp_path, callbacks=[OracleRouting(2)]).test(model, datamodule=datamodule, verbose=False)
 
 
 @pytest.mark.parametrize(

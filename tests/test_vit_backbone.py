@@ -101,8 +101,7 @@ def test_moleflow_runs_on_an_early_vit_block(tiny_model_kwargs: dict[str, Any]) 
     model.add_task("t0")
     model.eval()
     images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    with model.oracle(0), torch.no_grad():
-        predictions = model(images)
+    predictions = model.score_images(images, 0).final
     assert predictions.pred_score.shape == (3,)
     assert predictions.anomaly_map.shape[0] == 3
     assert predictions.anomaly_map.shape[-2:] == (64, 64)

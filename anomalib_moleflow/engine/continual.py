@@ -27,7 +27,7 @@ from anomalib_moleflow.data import Task, TaskLike, check_datamodule, resolve_tas
 from anomalib_moleflow.distributed import gather_in_order, is_rank_zero, world_size
 from anomalib_moleflow.io import atomic_write, atomic_write_text, claim_output_dir
 from anomalib_moleflow.metrics import GOOD_FLAGGED, METRICS
-from anomalib_moleflow.models import MoleFlow
+from anomalib_moleflow.models import MoleFlow, OracleRouting
 from anomalib_moleflow.models.moleflow.components.router import Routed, RoutingLog
 from anomalib_moleflow.models.moleflow.settings import differences
 from anomalib_moleflow.reports import (
@@ -118,8 +118,10 @@ class ContinualEngine:
 
         The routing of every test image (task, router distance, unknown product) goes to ``folder/routing.csv``.
         """
+        true_task = strategy.true_task(index)
+        oracle = [] if true_task is None else [OracleRouting(true_task)]  # the true task comes with each batch
         with strategy.testing(index) as (module, routing_log):
-            metrics = self.trainer.test(module, task.datamodule, folder, calibrate=strategy.calibrate)
+            metrics = self.trainer.test(module, task.datamodule, folder, strategy.calibrate, oracle)
         values = {metric: clean(metrics.get(metric)) for metric in (*METRICS, GOOD_FLAGGED)}
         if routing_log is None:
             return values, None, None
@@ -300,6 +302,7 @@ class ContinualEngine:
         plot_matrix_heatmaps(results, self.output_dir)
         plot_final_bars(results, self.output_dir)
         for index, task in enumerate(tasks if self.overlays_per_task > 0 else []):
+            true_task = strategy.true_task(index)
             with strategy.testing(index) as (module, _):
-                save_overlays(module, task.datamodule, task.name, self.output_dir, self.overlays_per_task)
+                save_overlays(module, task.datamodule, task.name, self.output_dir, self.overlays_per_task, true_task)
         return results

@@ -66,6 +66,10 @@ class Strategy(ABC):
     def testing(self, index: int) -> Iterator[tuple[AnomalibModule, RoutingLog | None]]:
         """The module that scores task ``index``'s test images, and the log of its routing (``None``: no routing)."""
 
+    def true_task(self, index: int) -> int | None:
+        """The task to score task ``index``'s test images with instead of routing (oracle mode); ``None``: routed."""
+        del index
+
     @abstractmethod
     def learned(self) -> list[str]:
         """Names of the tasks learned so far (a strategy may start with tasks learned earlier)."""
@@ -138,10 +142,14 @@ class MoleFlowStrategy(Strategy):
 
     @contextmanager
     def testing(self, index: int) -> Iterator[tuple[AnomalibModule, RoutingLog | None]]:
-        """The model itself, routing (or in oracle mode for task ``index``), recording its routing."""
-        oracle = self.model.oracle(index) if self.routing == "oracle" else nullcontext()
-        with oracle, self.model.record_routing() as log:
+        """The model itself, recording its routing (the oracle's task, if any, comes with the data: ``true_task``)."""
+        del index
+        with self.model.record_routing() as log:
             yield self.model, log
+
+    def true_task(self, index: int) -> int | None:
+        """``index`` in oracle mode (the true task), else ``None`` (the model's router picks)."""
+        return index if self.routing == "oracle" else None
 
     def learned(self) -> list[str]:
         """The model's tasks."""

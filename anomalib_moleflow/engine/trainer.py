@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from anomalib.callbacks import ModelCheckpoint
 from anomalib.data import AnomalibDataModule
 from anomalib.engine import Engine
 from anomalib.models.components import AnomalibModule
+from lightning.pytorch import Callback
 
 
 @dataclass
@@ -63,13 +65,15 @@ class TaskTrainer:
         datamodule: AnomalibDataModule,
         root_dir: Path,
         calibrate: bool = False,
+        callbacks: Sequence[Callback] = (),
     ) -> dict[str, float]:
-        """Test ``model`` with a fresh Engine; with ``calibrate``, validate first (re-fits post-processing).
+        """Test ``model`` with a fresh Engine (and ``callbacks``); with ``calibrate``, validate first (re-fits
+        post-processing).
 
         Returns:
             The test metrics of the first (only) dataloader.
         """
-        engine = self.engine(root_dir)
+        engine = self.engine(root_dir, callbacks=list(callbacks))
         if calibrate:
             engine.validate(model, datamodule=datamodule, verbose=False)
         output = engine.test(model, datamodule=datamodule, verbose=False)

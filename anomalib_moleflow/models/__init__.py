@@ -6,6 +6,6 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
-        "moleflow": ["MoleFlow", "MoleFlowModel", "TaskPostProcessor"],
+        "moleflow": ["MoleFlow", "MoleFlowModel", "OracleRouting", "TaskPostProcessor"],
     },
 )

@@ -75,10 +75,13 @@ def plot_final_bars(results: dict[str, Any], output_dir: Path) -> Path:
     return path
 
 
-def save_overlays(model: torch.nn.Module, datamodule: Any, task_name: str, output_dir: Path, count: int) -> list[Path]:
+def save_overlays(
+    model: torch.nn.Module, datamodule: Any, task_name: str, output_dir: Path, count: int, task: int | None = None
+) -> list[Path]:
     """Save scored overlays of the first ``count`` test images (defective first) as ``overlays/TASK/*.png``.
 
-    The model scores the images with routing and per-task post-processing, as at test time. Each file is named
+    The model scores the images with routing (or with ``task``, oracle mode) and per-task post-processing, as at test
+    time. Each file is named
     ``TASK_LABEL_SCORE_NAME.png`` like ``moleflow predict``'s (TASK: the routed task or ``unknown``; NAME: the defect
     type and file name) and shows the image and its map on one 0-1 scale with
     a colour bar, the ground-truth defect outlined in white.
@@ -94,7 +97,7 @@ def save_overlays(model: torch.nn.Module, datamodule: Any, task_name: str, outpu
     batch = dataset.collate_fn([dataset[int(i)] for i in order])
     model.eval()
     with torch.no_grad():
-        _, final, routed = model.score_images(batch.image)
+        _, final, routed = model.score_images(batch.image, task)
     names = model.task_names
     paths = []
     for index in range(len(order)):

@@ -6,6 +6,7 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
+        "callbacks": ["OracleRouting"],
         "lightning_model": ["MoleFlow"],
         "post_processor": ["TaskPostProcessor"],
         "torch_model": ["MoleFlowModel"],

@@ -9,6 +9,9 @@
   router prototype and (``whitening_norm="position"``) the whitening statistics.
 
 The training step itself only reads the cache and feeds the statistics; when they are fitted is decided here.
+
+One callback a caller adds itself: :class:`OracleRouting` (the study's oracle mode) gives every tested or predicted
+batch its images' true task, which the model then scores with instead of routing.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
+import torch
 from anomalib.data import Folder
 from lightning.pytorch import Callback, LightningModule, Trainer
 
@@ -58,6 +62,66 @@ class FitScope(Callback):
         """Leave the scope when the fit fails (Lightning calls no ``teardown`` then)."""
         del trainer, pl_module, exception
         self._scope.close()
+
+
+#: The batch attribute that carries each image's true task ``(b,)`` (set by :class:`OracleRouting`).
+TRUE_TASK = "true_task"
+
+
+def true_tasks(batch: object) -> torch.Tensor | None:
+    """Each image's true task ``(b,)`` if the batch carries them (:class:`OracleRouting`), else ``None`` (routed)."""
+    return getattr(batch, TRUE_TASK, None)
+
+
+class OracleRouting(Callback):
+    """The study's oracle mode: every validated, tested or predicted batch carries ``task`` as its images' true task,
+    and MoLE-Flow scores them with that task's expert, statistics and thresholds instead of routing.
+
+    The task travels with the data, as the ground-truth labels do (``Engine(callbacks=[OracleRouting(j)]).test(...)``);
+    the model itself keeps no routing state.
+
+    Args:
+        task: Index of the task every image of the run belongs to.
+    """
+
+    def __init__(self, task: int) -> None:
+        self.task = task
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        """Refuse a task the model does not have.
+
+        Raises:
+            IndexError: If ``task`` is not one of the model's tasks.
+        """
+        del trainer, stage
+        if not 0 <= self.task < pl_module.model.num_tasks:
+            msg = f"Oracle task {self.task} does not exist: the model has {pl_module.model.num_tasks} task(s)."
+            raise IndexError(msg)
+
+    def _label(self, batch: Any) -> None:
+        images = batch.image
+        setattr(batch, TRUE_TASK, torch.full((images.shape[0],), self.task, dtype=torch.long, device=images.device))
+
+    def on_validation_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Label the batch with the true task."""
+        del trainer, pl_module, batch_idx, dataloader_idx
+        self._label(batch)
+
+    def on_test_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Label the batch with the true task."""
+        del trainer, pl_module, batch_idx, dataloader_idx
+        self._label(batch)
+
+    def on_predict_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Label the batch with the true task."""
+        del trainer, pl_module, batch_idx, dataloader_idx
+        self._label(batch)
 
 
 def task_name(datamodule: object) -> str:

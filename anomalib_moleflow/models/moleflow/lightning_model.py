@@ -35,7 +35,7 @@ from anomalib_moleflow.compat import compile_cache_limit, extra_state_key, is_co
 from anomalib_moleflow.distributed import world_size
 from anomalib_moleflow.metrics import default_evaluator
 
-from .callbacks import FitScope, TaskStatisticsFitting, TrainingFeatureCache, training_cache
+from .callbacks import FitScope, TaskStatisticsFitting, TrainingFeatureCache, training_cache, true_tasks
 from .components.feature_cache import FeatureCache
 from .components.router import Routed, RoutingLog, RoutingRecorder
 from .loss import MoleFlowLoss
@@ -115,8 +115,9 @@ class MoleFlow(AnomalibModule):
 
     Tasks are added with :meth:`add_task`; each ``fit`` trains the latest task. When ``fit`` runs on a model with no
     task (e.g. ``anomalib train``), the fit's callback :class:`~.callbacks.FitScope` adds one named after the
-    datamodule's category. At test and predict time every image is routed to its task; ``with model.oracle(task):``
-    uses the true task instead.
+    datamodule's category. At test and predict time every image is routed to its task; a batch that carries its
+    images' true tasks (the :class:`~.callbacks.OracleRouting` callback, the study's oracle mode) or
+    ``score_images(images, tasks=...)`` uses those instead.
 
     The architecture arguments are those of :class:`MoleFlowModel` (documented there); this class adds training,
     loss and anomalib's components.
@@ -264,7 +265,6 @@ class MoleFlow(AnomalibModule):
         self.target_fpr = target_fpr
         self._held_out: dict[str, torch.Tensor | None] = {}  # good_fpr: held-out image path -> its patch embedding
         self._fit_task: int | None = None  # chosen by `fitting` for one fit (NEWEST_TASK: the newest)
-        self._oracle_task: int | None = None
         self._routing = RoutingRecorder()
 
     @classmethod
@@ -415,21 +415,6 @@ class MoleFlow(AnomalibModule):
             msg = f"Unknown task '{name}'. Known tasks: {self.model.task_names}."
             raise KeyError(msg)
         return self.model.task_names.index(name)
-
-    @contextmanager
-    def oracle(self, task: int) -> Iterator[None]:
-        """Inside the block, test/predict/forward score every image with ``task``'s expert instead of routing.
-
-        For ablations that need the true task (the study's oracle mode).
-        """
-        if not 0 <= task < self.model.num_tasks:
-            msg = f"Oracle task {task} does not exist: the model has {self.model.num_tasks} task(s)."
-            raise IndexError(msg)
-        previous, self._oracle_task = self._oracle_task, task
-        try:
-            yield
-        finally:
-            self._oracle_task = previous
 
     def record_routing(self) -> AbstractContextManager[RoutingLog]:
         """Inside the ``with`` block, record the task that scored each evaluated or predicted image."""
@@ -596,10 +581,24 @@ class MoleFlow(AnomalibModule):
             prototype.accumulate(self.model.router.embed(patches), [str(p) for p in paths] if paths else None)
 
     # ------------------------------------------------------------ inference
-    def _given_tasks(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
-        """Task ids to use instead of routing: the fit's task inside a fit (validation), else the oracle's task."""
-        task = self.training_task if self.is_fitting else self._oracle_task
-        return None if task is None else torch.full((batch_size,), task, device=device, dtype=torch.long)
+    def _given_tasks(
+        self, tasks: int | torch.Tensor | None, batch_size: int, device: torch.device
+    ) -> torch.Tensor | None:
+        """Task ids ``(b,)`` to use instead of routing: the fit's task inside a fit (validation), else ``tasks``.
+
+        Raises:
+            IndexError: If a given task does not exist.
+        """
+        if self.is_fitting:
+            tasks = self.training_task
+        if tasks is None:
+            return None
+        ids = torch.as_tensor(tasks, device=device, dtype=torch.long).expand(batch_size)
+        unknown = ids[(ids < 0) | (ids >= self.model.num_tasks)]
+        if unknown.numel():
+            msg = f"Task {int(unknown[0])} does not exist: the model has {self.model.num_tasks} task(s)."
+            raise IndexError(msg)
+        return ids
 
     @contextmanager
     def test_feature_cache(self, capacity: int, folder: Path | str | None = None) -> Iterator[None]:
@@ -622,14 +621,17 @@ class MoleFlow(AnomalibModule):
             self._test_cache.close()
             self._test_cache = None
 
-    def _score(self, batch: Batch | torch.Tensor) -> tuple[InferenceBatch, Routed]:
+    def _score(
+        self, batch: Batch | torch.Tensor, tasks: int | torch.Tensor | None = None
+    ) -> tuple[InferenceBatch, Routed]:
         """Raw predictions and each image's routing (recorded in every open routing log).
 
-        A batch's image paths let the test feature cache answer instead of the backbone.
+        A batch's image paths let the test feature cache answer instead of the backbone; ``tasks`` (or the fit's
+        task, inside a fit) replace the routing.
         """
         images = batch if isinstance(batch, torch.Tensor) else batch.image
         patches = self._patches(batch, self._test_cache) if self._test_cache is not None else None
-        given = self._given_tasks(images.shape[0], images.device)
+        given = self._given_tasks(tasks, images.shape[0], images.device)
         with self._compiled_calls():
             predictions, routed = self.model.predict(images, given, patches=patches)
         self._routing.append(routed)
@@ -642,7 +644,7 @@ class MoleFlow(AnomalibModule):
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Score validation images (with the training task's expert during ``fit``); gather per-task statistics."""
         del args, kwargs
-        predictions, routed = self._score(batch.image)  # validation images are not cached
+        predictions, routed = self._score(batch.image, true_tasks(batch))  # validation images are not cached
         batch.update(**predictions._asdict())
         if isinstance(self.post_processor, TaskPostProcessor):
             self.post_processor.update_statistics(batch, routed.task)
@@ -651,12 +653,12 @@ class MoleFlow(AnomalibModule):
     def test_step(self, batch: Batch, batch_idx: int, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Score test images, each routed to its task and normalised with that task's statistics."""
         del batch_idx, args, kwargs
-        return self._update(batch, self._score_and_post_process(batch))
+        return self._update(batch, self.score_images(batch, true_tasks(batch), pre_process=False))
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> STEP_OUTPUT:
         """Score images, each routed to its task and normalised with that task's statistics."""
         del batch_idx, dataloader_idx
-        return self._update(batch, self._score_and_post_process(batch))
+        return self._update(batch, self.score_images(batch, true_tasks(batch), pre_process=False))
 
     @staticmethod
     def _update(batch: Batch, scored: ScoredImages) -> Batch:
@@ -665,23 +667,38 @@ class MoleFlow(AnomalibModule):
         batch.raw_score = scored.raw.pred_score.clone()
         return batch
 
-    def _score_and_post_process(self, batch: Batch | torch.Tensor) -> ScoredImages:
-        """Route, score and post-process a batch (or pre-processed images ``(b, 3, H, W)``)."""
-        raw, routed = self._score(batch)
+    @torch.no_grad()
+    def score_images(
+        self,
+        images: Batch | torch.Tensor,
+        tasks: int | torch.Tensor | None = None,
+        *,
+        pre_process: bool = True,
+    ) -> ScoredImages:
+        """Route, score and post-process images; keeps raw scores and routing. The one scoring path: test, predict,
+        ``forward`` and the reports all call it.
+
+        Runs without gradients (scoring never trains).
+
+        Args:
+            images: ``(b, 3, H, W)`` images, or a batch (its image paths let the test feature cache answer).
+            tasks: Each image's task ``(b,)``, or one task for all, to score with instead of routing (the study's
+                oracle mode); ``None``: the router picks.
+            pre_process: Apply the model's pre-processor first (``False`` inside Lightning's steps, where anomalib's
+                ``PreProcessor`` callback already transformed the batch).
+
+        Raises:
+            IndexError: If a given task does not exist.
+        """
+        if pre_process and self.pre_processor:
+            images = self.pre_processor(images.image if isinstance(images, Batch) else images)
+        raw, routed = self._score(images, tasks)
         final = raw
         if isinstance(self.post_processor, TaskPostProcessor):
             final = self.post_processor(raw, task_ids=routed.task, unknown=self._overridden(routed))
         elif self.post_processor:
             final = self.post_processor(raw)
         return ScoredImages(raw, final, routed)
-
-    @torch.no_grad()
-    def score_images(self, images: torch.Tensor) -> ScoredImages:
-        """Pre-process, route, score and post-process ``(b, 3, H, W)`` images; keeps raw scores and routing.
-
-        Runs without gradients (scoring never trains).
-        """
-        return self._score_and_post_process(self.pre_processor(images) if self.pre_processor else images)
 
     def to_onnx(
         self,
