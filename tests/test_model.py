@@ -210,7 +210,7 @@ def test_invertible_part_reconstructs_input_for_every_task(num_coupling_layers: 
     outputs = []
     with torch.no_grad():
         for task in range(2):
-            x = model.flow_inputs(patches, task)
+            x = model.flow_inputs(patches, task)[0]
             z, log_det = model.encode(patches, task)
             assert z.shape == x.shape == (2 * model.grid[0] * model.grid[1], model.embed_dim)
             assert log_det.shape == (x.shape[0],)
@@ -354,7 +354,7 @@ def test_new_task_starts_as_base_flow(use_lora: bool) -> None:
     with torch.no_grad():
         z1, log_det1 = model.encode(patches, 1)
         z0, _ = model.encode(patches, 0)
-        tokens = model.flow_inputs(patches, 1)
+        tokens = model.flow_inputs(patches, 1)[0]
         flow = model.flow_for(1)
         base_only = copy.deepcopy(flow)
         for layer in base_only.moles():  # base only: no expert at all
@@ -425,7 +425,7 @@ def test_whitening_norm_is_checked_and_reaches_every_task() -> None:
     assert [adapter.norm for adapter in per_image.whitening] == ["image", "image"]
     patches = random_patches(per_patch)
     with torch.no_grad():
-        assert not torch.allclose(per_patch.flow_inputs(patches, 1), per_image.flow_inputs(patches, 1), atol=1e-3)
+        assert not torch.allclose(per_patch.flow_inputs(patches, 1)[0], per_image.flow_inputs(patches, 1)[0], atol=1e-3)
 
 
 def test_whitening_adapter_is_bounded() -> None:
@@ -634,14 +634,23 @@ def test_flag_lora_rank_sets_expert_shape(tiny_model_kwargs: dict[str, Any], ran
 
 
 def test_flag_use_whitening_adapter(tiny_model_kwargs: dict[str, Any]) -> None:
-    on = build(tiny_model_kwargs, use_whitening_adapter=True)
-    off = build(tiny_model_kwargs, use_whitening_adapter=False)
+    on = build(tiny_model_kwargs, use_whitening_adapter=True, use_pos_embedding=False)
+    off = build(tiny_model_kwargs, use_whitening_adapter=False, use_pos_embedding=False)
     assert isinstance(on.model.whitening[0], WhiteningAdapter)
     assert isinstance(off.model.whitening[0], nn.Identity)
-    assert not isinstance(off.model.whitening[0], WhiteningAdapter)
+    assert copy_common_tensors(on, off) > 0  # same context weights: only the adapter differs
+    adapter = on.model.whitening[0]
     patches = random_patches(on.model)
     with torch.no_grad():
-        assert not torch.allclose(on.model.flow_inputs(patches, 0), off.model.flow_inputs(patches, 0))
+        adapter.gamma_raw.normal_(generator=torch.Generator().manual_seed(4))
+        adapter.beta_raw.normal_(generator=torch.Generator().manual_seed(5))
+        tokens, log_det = on.model.flow_inputs(patches, 0)
+        # on: each image's patches normalised together (whitening_norm="image"), then the task's gamma and beta
+        whitened = torch.nn.functional.layer_norm(patches, patches.shape[-3:]) * adapter.gamma + adapter.beta
+        expected, no_log_det = off.model.flow_inputs(whitened, 0)
+    torch.testing.assert_close(tokens, expected)
+    torch.testing.assert_close(log_det, adapter.gamma.log().sum())
+    assert no_log_det is None
 
 
 def test_flag_use_pos_embedding_changes_output(tiny_model_kwargs: dict[str, Any]) -> None:
@@ -662,7 +671,7 @@ def test_flag_use_pos_embedding_changes_output(tiny_model_kwargs: dict[str, Any]
     # it is added to the patch embeddings before the task's whitening adapter
     patches = random_patches(on.model)
     with torch.no_grad():
-        torch.testing.assert_close(on.model.flow_inputs(patches, 0), off.model.flow_inputs(patches + pos, 0))
+        torch.testing.assert_close(on.model.flow_inputs(patches, 0)[0], off.model.flow_inputs(patches + pos, 0)[0])
     images = random_images(64)
     assert not torch.allclose(scores_of(on, images)[0], scores_of(off, images)[0])
 
@@ -762,17 +771,23 @@ def test_flag_anomaly_map_sigma_blurs_only_the_map(tiny_model_kwargs: dict[str, 
 
 
 @pytest.mark.parametrize(
-    ("name", "value"),
-    [("tail_weight", 0.0), ("tail_top_k_ratio", 0.5), ("lambda_logdet", 1.0)],
+    ("name", "value", "expected"),
+    [
+        (None, None, 0.3 * 99.5 + 0.7 * 148.5 + 1e-4 * 4),  # defaults: w 0.7, k = 2 % of 100 = 2, lambda 1e-4
+        ("tail_weight", 0.0, 99.5 + 1e-4 * 4),  # the plain mean NLL
+        ("tail_top_k_ratio", 0.5, 0.3 * 99.5 + 0.7 * 124.5 + 1e-4 * 4),  # k = 50: the top halves, 74.5 and 174.5
+        ("lambda_logdet", 1.0, 0.3 * 99.5 + 0.7 * 148.5 + 4.0),
+    ],
 )
-def test_flags_of_the_loss_change_the_loss(tiny_model_kwargs: dict[str, Any], name: str, value: float) -> None:
-    default = MoleFlow(**tiny_model_kwargs)
-    changed = MoleFlow(**tiny_model_kwargs, **{name: value})
-    assert getattr(changed.loss, name) == value
-    generator = torch.Generator().manual_seed(0)
-    nll = torch.randn(2, 256, generator=generator) * 5
-    log_det = torch.randn(2, 256, generator=generator) * 3
-    assert not torch.allclose(default.loss(nll, log_det), changed.loss(nll, log_det))
+def test_flags_of_the_loss_set_the_loss(
+    tiny_model_kwargs: dict[str, Any], name: str | None, value: float | None, expected: float
+) -> None:
+    model = MoleFlow(**tiny_model_kwargs, **({name: value} if name else {}))
+    if name:
+        assert getattr(model.loss, name) == value
+    nll = torch.arange(200.0).reshape(2, 100)[:, torch.randperm(100)]  # rows 0..99 and 100..199; top 2: 98.5, 198.5
+    log_det = torch.full((2, 100), -2.0)  # squared: 4
+    assert model.loss(nll, log_det).item() == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("freeze_base", [True, False])

@@ -385,41 +385,42 @@ class MoleFlowModel(nn.Module):
         Returns:
             Latent tokens ``((b h w), d)`` and per-token log-determinants ``((b h w),)``.
         """
-        if isinstance(task, torch.Tensor):
-            return self._encode_per_image(patches, task)
-        z, log_det = self.flow_for(task)(self.flow_inputs(patches, task), task)
-        if self.dia_blocks:
-            z, dia_log_det = self.dias[task](z)
-            log_det = log_det + dia_log_det
-        if self.exact_likelihood and self.use_whitening_adapter:
-            log_det = log_det + self.whitening[task].log_abs_det()
-        return z, log_det
-
-    def flow_inputs(self, patches: torch.Tensor, task: int) -> torch.Tensor:
-        """The tokens ``((b h w), d)`` that enter ``task``'s invertible part: positional code, whitening, context."""
-        x = self.flow_for(task).context(self.whitening[task](self._with_position(patches)))
-        return rearrange(x, "b h w d -> (b h w) d")
-
-    def _encode_per_image(self, patches: torch.Tensor, image_tasks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`encode` with image ``i`` through the path of task ``image_tasks[i]``, in one pass."""
-        if self.task_separated:
+        per_image = isinstance(task, torch.Tensor)
+        if per_image and self.task_separated:
             msg = "A task-separated model (one whole flow per task) runs one task at a time: pass an int task."
             raise ValueError(msg)
-        x = self._with_position(patches)
-        whitening_log_det = None
-        if self.use_whitening_adapter:
-            x, whitening_log_det = per_image_whitening(list(self.whitening), x, image_tasks)
-        flow = self.flows[0]
-        x = flow.context(x)
-        height, width = x.shape[1:3]
-        tokens = rearrange(x, "b h w d -> (b h w) d")
-        z, log_det = flow(tokens, image_tasks)
+        tokens, whitening_log_det = self.flow_inputs(patches, task)
+        z, log_det = (self.flows[0] if per_image else self.flow_for(task))(tokens, task)
         if self.dia_blocks:
-            z, dia_log_det = per_image_dia(list(self.dias), image_tasks)(z)
+            z, dia_log_det = (per_image_dia(list(self.dias), task) if per_image else self.dias[task])(z)
             log_det = log_det + dia_log_det
         if self.exact_likelihood and whitening_log_det is not None:
-            log_det = log_det + repeat(whitening_log_det, "b -> (b n)", n=height * width)
+            log_det = log_det + whitening_log_det
         return z, log_det
+
+    def flow_inputs(self, patches: torch.Tensor, task: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What enters ``task``'s invertible part: positional code, whitening, spatial context.
+
+        Args:
+            patches: Patch embeddings ``(b, h, w, d)``.
+            task: One task for the batch, or a task index per image ``(b,)`` (each image's adapter gathered).
+
+        Returns:
+            Tokens ``((b h w), d)`` and the whitening affine's log-determinant: one value for the batch (one task),
+            per token ``((b h w),)`` (a task per image), or ``None`` without whitening adapters.
+        """
+        x = self._with_position(patches)
+        log_det = None
+        if isinstance(task, torch.Tensor):
+            if self.use_whitening_adapter:
+                x, per_image = per_image_whitening(list(self.whitening), x, task)
+                log_det = repeat(per_image, "b -> (b n)", n=x.shape[1] * x.shape[2])
+            flow = self.flows[0]
+        else:
+            x = self.whitening[task](x)
+            log_det = self.whitening[task].log_abs_det() if self.use_whitening_adapter else None
+            flow = self.flow_for(task)
+        return rearrange(flow.context(x), "b h w d -> (b h w) d"), log_det
 
     @staticmethod
     def patch_nll(z: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
