@@ -1452,3 +1452,20 @@ def test_position_whitening_fits_its_statistics_in_an_epoch_of_its_own(
         name for name, p in model.model.named_parameters() if name in before and not torch.equal(p, before[name])
     ]
     assert changed, "the flow did not train after the statistics epoch"
+
+
+def test_an_unknown_expert_raises_instead_of_falling_back_to_the_base() -> None:
+    """A task index without an expert is an error, never the shared base weights alone."""
+    from anomalib_moleflow.models.moleflow.components.lora import MoLELinear
+
+    layer = MoLELinear(6, 4, rank=2, alpha=2.0)
+    layer.add_expert("0")
+    tokens = torch.randn(2 * 3, 6)  # 2 images of 3 tokens
+    assert layer(tokens, torch.tensor([0, 0])).shape == (6, 4)
+    with pytest.raises(KeyError, match=r"No expert for task 1: this layer has experts for tasks \['0'\]"):
+        layer(tokens, torch.tensor([1, 1]))  # one task for the batch
+    with pytest.raises(KeyError, match="No expert for task 1"):
+        layer.expert(1)
+    layer.add_expert("1")
+    with pytest.raises(KeyError, match="No expert for task 2"):
+        layer(tokens, torch.tensor([0, 2]))  # a batch that mixes tasks

@@ -97,6 +97,26 @@ def test_random_training_transforms_bypass_the_cache(
     assert not is_random(v2.Compose([v2.Resize(8), v2.Normalize([0.5], [0.5])]))
 
 
+class _Jitter(v2.Transform):
+    """A user's own random transform: its name says nothing."""
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        del params
+        return inpt + 0.01 * torch.randn_like(inpt)
+
+
+def test_only_transforms_known_to_be_deterministic_allow_the_cache() -> None:
+    assert is_random(v2.Compose([v2.Resize(8), _Jitter()]))  # unknown: treated as random
+    assert is_random(v2.Compose([v2.Resize(8), v2.JPEG((50, 90))]))  # draws a quality, name without "Random"
+    assert is_random(v2.Lambda(lambda image: image))
+    assert is_random(torch.nn.Sequential(v2.Resize(8), v2.RandomHorizontalFlip()))
+    assert not is_random(
+        v2.Compose([v2.Resize(8), v2.CenterCrop(6), v2.ToDtype(torch.float32), v2.Normalize([0.5], [0.5])])
+    )
+    assert not is_random(None)
+    assert not is_random(MoleFlow.configure_pre_processor((64, 64)).transform)  # anomalib's default: cached
+
+
 def test_validation_runs_once_after_the_last_epoch(uncached: tuple[MoleFlow, dict[str, int]]) -> None:
     # 12 validation images (same as test), batch 8: 2 batches, once, not once per epoch.
     assert uncached[1]["validation_steps"] == 2

@@ -1,8 +1,9 @@
-"""Size accounting shared by the baselines."""
+"""What the baselines share: size accounting, MoLE-Flow's metrics and backbone."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from anomalib.metrics import Evaluator
@@ -42,6 +43,18 @@ class BenchmarkBaseline:
     def configure_evaluator() -> Evaluator:
         """The benchmark's metrics (MoLE-Flow's)."""
         return default_evaluator()
+
+    def _init_on_extractor(
+        self, extractor: nn.Module, image_size: int, pre_processor: nn.Module | bool, **settings: Any
+    ) -> None:
+        """Run the anomalib model's own ``__init__`` (the next class in the bases) with ``settings`` but without its
+        backbone weights (``pre_trained=False``), then put ``extractor`` (MoLE-Flow's, offline weights included) in
+        place of anomalib's feature extractor. ``pre_processor=True``: resize to ``image_size`` + ImageNet
+        normalisation."""
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor((image_size, image_size))  # type: ignore[attr-defined]
+        super().__init__(pre_trained=False, pre_processor=pre_processor, **settings)  # type: ignore[call-arg]
+        self.model.feature_extractor = extractor
 
     def backbone_module(self) -> nn.Module:
         """The frozen feature extractor (shared by every task, not a per-task cost)."""

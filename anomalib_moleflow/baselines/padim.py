@@ -50,19 +50,17 @@ class TimmPadim(BenchmarkBaseline, Padim):
         if n_features is None:
             channels = sum(extractor.out_dims)
             n_features = min(padim_default_features(backbone) or channels, channels)
-        if pre_processor is True:
-            pre_processor = self.configure_pre_processor((image_size, image_size))
-        super().__init__(
+        self._init_on_extractor(
+            extractor,
+            image_size,
+            pre_processor,
             backbone=backbone,
             layers=list(layers),
-            pre_trained=False,
             n_features=n_features,
-            pre_processor=pre_processor,
             post_processor=post_processor,
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        self.model.feature_extractor = extractor
 
     def fit(self) -> None:
         """anomalib's Gaussian fit, with one CPU thread.

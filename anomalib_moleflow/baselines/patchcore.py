@@ -57,22 +57,20 @@ class TimmPatchcore(BenchmarkBaseline, Patchcore):
             msg = f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio}."
             raise ValueError(msg)
         extractor = build_feature_extractor(backbone, layers, pre_trained)  # fails early on a bad backbone/layer
-        if pre_processor is True:
-            pre_processor = self.configure_pre_processor((image_size, image_size))
-        super().__init__(
+        dtype = torch.float16 if PrecisionType(precision.lower()) == PrecisionType.FLOAT16 else torch.float32
+        self._init_on_extractor(
+            extractor.to(dtype),
+            image_size,
+            pre_processor,
             backbone=backbone,
             layers=tuple(layers),
-            pre_trained=False,
             coreset_sampling_ratio=coreset_sampling_ratio,
             num_neighbors=num_neighbors,
             precision=precision,
-            pre_processor=pre_processor,
             post_processor=post_processor,
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        dtype = torch.float16 if PrecisionType(precision.lower()) == PrecisionType.FLOAT16 else torch.float32
-        self.model.feature_extractor = extractor.to(dtype)
 
     def memory_bank_size(self) -> tuple[int, int]:
         """Elements and bytes of the memory bank."""

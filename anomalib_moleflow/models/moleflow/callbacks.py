@@ -158,7 +158,7 @@ class TrainingFeatureCache(Callback):
         elif is_random(getattr(dataset, "augmentations", None)) or is_random(
             getattr(pl_module.pre_processor, "transform", None)
         ):
-            reason = "the training transforms are random"
+            reason = "the training transforms are random (or not known to be deterministic)"
         else:
             self.cache = FeatureCache(len(dataset), self.mode, self.dtype, trainer.default_root_dir)
             return

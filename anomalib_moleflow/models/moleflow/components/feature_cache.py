@@ -25,21 +25,27 @@ logger = logging.getLogger(__name__)
 
 #: ``auto`` keeps the cache in memory up to this share of the memory available when it starts.
 MEMORY_SHARE = 0.25
-#: Name prefixes of torchvision transforms whose output changes from call to call (``Random*`` includes the
-#: ``RandomApply``/``RandomChoice``/``RandomOrder`` wrappers; ``GaussianBlur`` draws its sigma; ``Lambda`` is unknown).
-RANDOM_TRANSFORMS = (
-    "Random",
-    "ColorJitter",
-    "RandAugment",
-    "AutoAugment",
-    "TrivialAugment",
-    "AugMix",
-    "Elastic",
-    "GaussianBlur",
-    "GaussianNoise",
-    "ScaleJitter",
-    "Lambda",
-)
+#: Transforms (torchvision's v1 and v2, anomalib's) known to give the same output for the same image at every call.
+#: Any other transform makes the features uncacheable: a random one (``Random*``, ``ColorJitter``, ``GaussianBlur``,
+#: ``JPEG`` with a quality range, ...) and one we cannot know (``Lambda``, a user's own class).
+DETERMINISTIC_TRANSFORMS = frozenset({
+    "CenterCrop",
+    "ConvertImageDtype",
+    "ExportableCenterCrop",
+    "Grayscale",
+    "Identity",
+    "Normalize",
+    "Pad",
+    "PILToTensor",
+    "Resize",
+    "RGB",
+    "ToDtype",
+    "ToImage",
+    "ToPureTensor",
+    "ToTensor",
+})  # fmt: skip
+#: Containers: deterministic when every transform they hold is.
+CONTAINER_TRANSFORMS = frozenset({"Compose", "Sequential"})
 
 
 def available_memory() -> int | None:
@@ -54,13 +60,14 @@ def available_memory() -> int | None:
 
 
 def is_random(transform: object) -> bool:
-    """Whether a (composed) torchvision transform contains a random transform."""
+    """Whether a (composed) transform may change an image's features from call to call: it holds a transform not
+    known to be deterministic (:data:`DETERMINISTIC_TRANSFORMS`), random or unknown alike."""
     if transform is None:
         return False
-    if type(transform).__name__.startswith(RANDOM_TRANSFORMS):
-        return True
-    children = getattr(transform, "transforms", None)
-    return children is not None and any(is_random(child) for child in children)
+    name = type(transform).__name__
+    if name in CONTAINER_TRANSFORMS:
+        return any(is_random(child) for child in getattr(transform, "transforms", transform))
+    return name not in DETERMINISTIC_TRANSFORMS
 
 
 class FeatureCache:

@@ -84,6 +84,8 @@ class MoLELinear(nn.Module):
             present = image_tasks.unique()
             if present.numel() == 1:  # one task for the whole batch (training; a routed batch of one product)
                 return out + self.expert(int(present))(x)
+            for task in (present[0], present[-1]):  # sorted: the smallest and largest index must have experts
+                self.expert(int(task))
         # Several tasks (or an exported graph, which cannot branch on them): each image's weights gathered.
         return out + self._per_image_expert(x, image_tasks)
 
