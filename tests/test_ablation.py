@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from anomalib_moleflow.ablation import load_suite, run_suite
-from anomalib_moleflow.ablation.suite import suite_path
+from anomalib_moleflow.ablation.suite import suite_path, validate
 from anomalib_moleflow.cli.main import main
+from anomalib_moleflow.engine.runner import resolve
 from anomalib_moleflow.reports.ablation_table import write_summary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +87,9 @@ def test_summary_merges_a_component_suite_and_a_sweep(
     assert "| tail_weight | " in summary
 
 
-def test_every_suite_of_the_study_loads() -> None:
+def test_every_suite_of_the_study_loads(tmp_path: Path) -> None:
+    """Every suite resolves at both scales through the continual runner's parser, and every run's ``set:`` keys land
+    in the resolved config with their values (a key the parser did not know would have failed)."""
     names = sorted(path.stem for path in (REPO / "configs" / "ablations").glob("*.yaml"))
     assert names == sorted([
         "core", "blocks", "strategy", "lora_rank", "lambda_logdet", "scale_context_kernel",
@@ -96,3 +99,8 @@ def test_every_suite_of_the_study_loads() -> None:
         suite = load_suite(suite_path(name))
         assert suite.runs[0].reference, name  # MAIN carries the study's values
         assert all(isinstance(value, (int, float, bool)) for run in suite.runs for value in run.settings.values())
+        for scale in ("full", "smoke"):
+            for run, config in zip(suite.runs, validate(suite, scale, tmp_path), strict=True):
+                resolved = resolve(config)
+                for key, value in run.settings.items():
+                    assert resolved[key] == value, (name, scale, run.name, key)

@@ -4,13 +4,17 @@ tiny data) in ``test_continual.py::test_cli_runs_reduced_demo_config``."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from anomalib_moleflow.cli.main import parse
 
@@ -31,6 +35,18 @@ def readme_commands(program: str) -> list[list[str]]:
     return commands
 
 
+def _components(node: object) -> Iterator[tuple[str, dict]]:
+    """Every ``class_path`` of a YAML tree with its ``init_args``."""
+    if isinstance(node, dict):
+        if "class_path" in node:
+            yield node["class_path"], node.get("init_args") or {}
+        for value in node.values():
+            yield from _components(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _components(item)
+
+
 def test_readme_shows_the_commands_we_check() -> None:
     moleflow = readme_commands("moleflow")
     assert {argv[0] for argv in moleflow} >= {"continual", "benchmark", "generate-demo", "anomalib"}
@@ -41,9 +57,19 @@ def test_readme_shows_the_commands_we_check() -> None:
 @pytest.mark.parametrize("argv", readme_commands("moleflow"), ids=lambda argv: " ".join(argv)[:80])
 def test_every_moleflow_command_parses(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)  # configs are given relative to the repository
-    if argv[0] == "anomalib":  # anomalib's own CLI: its config must exist and name importable classes
+    if argv[0] == "anomalib":  # anomalib's own CLI: its config names importable classes and their own arguments
         config = REPO / argv[argv.index("--config") + 1]
-        assert config.is_file(), config
+        components = list(_components(yaml.safe_load(config.read_text())))
+        assert components, f"{config}: no class_path"
+        for path, arguments in components:
+            module, _, name = path.rpartition(".")
+            owners = [
+                importlib.import_module(m) for m in ([module] if module else ["anomalib.models", "anomalib.data"])
+            ]
+            cls = next((getattr(owner, name) for owner in owners if hasattr(owner, name)), None)
+            assert cls is not None, f"{config}: {path} does not import"
+            accepted = set(inspect.signature(cls.__init__).parameters)
+            assert set(arguments) <= accepted, f"{config}: {path} takes no {sorted(set(arguments) - accepted)}"
         return
     command, options = parse(argv)
     if command in {"continual", "benchmark"}:
