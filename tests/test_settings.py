@@ -1,4 +1,5 @@
-"""The settings dataclasses and the constructors they describe must list the same arguments with the same defaults.
+"""The settings dataclasses and the constructors they describe must list the same arguments with the same defaults
+and types.
 
 The ``--model.*`` options and a config's ``model:`` come from the dataclasses (no torch needed to build them), while
 anomalib's CLI and Python users call the constructors: a setting added to one and not the other, or a default changed
@@ -62,6 +63,11 @@ def test_constructor_and_settings_list_the_same_arguments_and_defaults(
         f"settings: {set(listed) - set(given)}"
     )
     assert differences(listed, given) == []
+    annotations = {name: str(p.annotation) for name, p in inspect.signature(constructor).parameters.items()}
+    mismatched = {
+        f.name: (annotations[f.name], str(f.type)) for f in fields(settings) if annotations[f.name] != str(f.type)
+    }
+    assert not mismatched, f"types differ (constructor, settings): {mismatched}"
 
 
 def test_training_settings_are_what_moleflow_adds_to_the_architecture() -> None:
