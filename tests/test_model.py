@@ -886,6 +886,18 @@ def test_oracle_routing_callback_gives_each_test_batch_its_true_task(
         make_engine(tmp_path).test(model, datamodule=datamodule, verbose=False)
     with pytest.raises(IndexError, match="Oracle task 2 does not exist"):
         make_engine(tmp_path, callbacks=[OracleRouting(2)]).test(model, datamodule=datamodule, verbose=False)
+    engine = make_engine(tmp_path, callbacks=[OracleRouting(0)])
+    engine.test(model, datamodule=datamodule, verbose=False)
+    engine.trainer.save_checkpoint(tmp_path / "two_tasks.ckpt")
+    fresh = MoleFlow(
+        **tiny_model_kwargs
+    )  # no task until Lightning restores the checkpoint's, after the callbacks' setup
+    with fresh.record_routing() as log:
+        make_engine(tmp_path, callbacks=[OracleRouting(1)]).test(
+            fresh, datamodule=datamodule, ckpt_path=tmp_path / "two_tasks.ckpt", verbose=False
+        )
+    assert fresh.task_names == ["t0", "t1"]
+    assert log.tasks().tolist() == [1] * len(datamodule.test_data)
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 
 from anomalib_moleflow import MoleFlow
 from anomalib_moleflow.compat import is_compiled
-from anomalib_moleflow.models.moleflow.components.feature_cache import FeatureCache, is_random
+from anomalib_moleflow.models.moleflow.components.feature_cache import FeatureCache, is_random, random_transform
 
 from conftest import TINY_CATEGORIES, TINY_MODEL_KWARGS
 
@@ -116,6 +116,7 @@ def test_only_transforms_known_to_be_deterministic_allow_the_cache() -> None:
         v2.Compose([v2.Resize(8), v2.CenterCrop(6), v2.ToDtype(torch.float32), v2.Normalize([0.5], [0.5])])
     )
     assert not is_random(None)
+    assert random_transform(v2.Compose([v2.Resize(8), v2.Compose([v2.CenterCrop(6), _Jitter()])])) == "_Jitter"
     assert not is_random(MoleFlow.configure_pre_processor((64, 64)).transform)  # anomalib's default: cached
 
 

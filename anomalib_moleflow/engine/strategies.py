@@ -69,6 +69,7 @@ class Strategy(ABC):
     def true_task(self, index: int) -> int | None:
         """The task to score task ``index``'s test images with instead of routing (oracle mode); ``None``: routed."""
         del index
+        return None
 
     @abstractmethod
     def learned(self) -> list[str]:

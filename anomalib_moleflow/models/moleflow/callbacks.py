@@ -26,7 +26,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from anomalib_moleflow.distributed import gather_objects
 
-from .components.feature_cache import FeatureCache, is_random
+from .components.feature_cache import FeatureCache, random_transform
 
 if TYPE_CHECKING:
     from .settings import CacheDtype, CacheMode
@@ -87,18 +87,15 @@ class OracleRouting(Callback):
     def __init__(self, task: int) -> None:
         self.task = task
 
-    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
-        """Refuse a task the model does not have.
+    def _label(self, batch: Any, pl_module: Any) -> None:
+        """Put the true task into the batch (checked per batch: a checkpoint's tasks are restored after ``setup``).
 
         Raises:
             IndexError: If ``task`` is not one of the model's tasks.
         """
-        del trainer, stage
         if not 0 <= self.task < pl_module.model.num_tasks:
             msg = f"Oracle task {self.task} does not exist: the model has {pl_module.model.num_tasks} task(s)."
             raise IndexError(msg)
-
-    def _label(self, batch: Any) -> None:
         images = batch.image
         setattr(batch, TRUE_TASK, torch.full((images.shape[0],), self.task, dtype=torch.long, device=images.device))
 
@@ -106,22 +103,22 @@ class OracleRouting(Callback):
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         """Label the batch with the true task."""
-        del trainer, pl_module, batch_idx, dataloader_idx
-        self._label(batch)
+        del trainer, batch_idx, dataloader_idx
+        self._label(batch, pl_module)
 
     def on_test_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         """Label the batch with the true task."""
-        del trainer, pl_module, batch_idx, dataloader_idx
-        self._label(batch)
+        del trainer, batch_idx, dataloader_idx
+        self._label(batch, pl_module)
 
     def on_predict_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         """Label the batch with the true task."""
-        del trainer, pl_module, batch_idx, dataloader_idx
-        self._label(batch)
+        del trainer, batch_idx, dataloader_idx
+        self._label(batch, pl_module)
 
 
 def task_name(datamodule: object) -> str:
@@ -155,10 +152,10 @@ class TrainingFeatureCache(Callback):
         dataset = getattr(trainer.train_dataloader, "dataset", None)
         if dataset is None or not hasattr(dataset, "samples"):
             reason = "the training data has no image paths"
-        elif is_random(getattr(dataset, "augmentations", None)) or is_random(
+        elif unsafe := random_transform(getattr(dataset, "augmentations", None)) or random_transform(
             getattr(pl_module.pre_processor, "transform", None)
         ):
-            reason = "the training transforms are random (or not known to be deterministic)"
+            reason = f"the training transform {unsafe} is random or not known to be deterministic"
         else:
             self.cache = FeatureCache(len(dataset), self.mode, self.dtype, trainer.default_root_dir)
             return

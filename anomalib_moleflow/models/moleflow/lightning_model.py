@@ -593,12 +593,16 @@ class MoleFlow(AnomalibModule):
             tasks = self.training_task
         if tasks is None:
             return None
-        ids = torch.as_tensor(tasks, device=device, dtype=torch.long).expand(batch_size)
-        unknown = ids[(ids < 0) | (ids >= self.model.num_tasks)]
-        if unknown.numel():
-            msg = f"Task {int(unknown[0])} does not exist: the model has {self.model.num_tasks} task(s)."
+        if isinstance(tasks, torch.Tensor) and tasks.ndim:
+            low, high = (int(value) for value in tasks.aminmax())  # one sync for the batch (never while exporting)
+            bad = low if low < 0 else high
+            tasks = tasks.to(device=device, dtype=torch.long)
+        else:
+            bad = tasks = int(tasks)
+        if not 0 <= bad < self.model.num_tasks:
+            msg = f"Task {bad} does not exist: the model has {self.model.num_tasks} task(s)."
             raise IndexError(msg)
-        return ids
+        return tasks if isinstance(tasks, torch.Tensor) else torch.full((batch_size,), tasks, device=device)
 
     @contextmanager
     def test_feature_cache(self, capacity: int, folder: Path | str | None = None) -> Iterator[None]:
@@ -685,7 +689,8 @@ class MoleFlow(AnomalibModule):
             tasks: Each image's task ``(b,)``, or one task for all, to score with instead of routing (the study's
                 oracle mode); ``None``: the router picks.
             pre_process: Apply the model's pre-processor first (``False`` inside Lightning's steps, where anomalib's
-                ``PreProcessor`` callback already transformed the batch).
+                ``PreProcessor`` callback already transformed the batch: passing such a batch with ``True`` would
+                resize and normalise it twice).
 
         Raises:
             IndexError: If a given task does not exist.

@@ -386,9 +386,6 @@ class MoleFlowModel(nn.Module):
             Latent tokens ``((b h w), d)`` and per-token log-determinants ``((b h w),)``.
         """
         per_image = isinstance(task, torch.Tensor)
-        if per_image and self.task_separated:
-            msg = "A task-separated model (one whole flow per task) runs one task at a time: pass an int task."
-            raise ValueError(msg)
         tokens, whitening_log_det = self.flow_inputs(patches, task)
         z, log_det = (self.flows[0] if per_image else self.flow_for(task))(tokens, task)
         if self.dia_blocks:
@@ -412,6 +409,9 @@ class MoleFlowModel(nn.Module):
         x = self._with_position(patches)
         log_det = None
         if isinstance(task, torch.Tensor):
+            if self.task_separated:
+                msg = "A task-separated model (one whole flow per task) runs one task at a time: pass an int task."
+                raise ValueError(msg)
             if self.use_whitening_adapter:
                 x, per_image = per_image_whitening(list(self.whitening), x, task)
                 log_det = repeat(per_image, "b -> (b n)", n=x.shape[1] * x.shape[2])

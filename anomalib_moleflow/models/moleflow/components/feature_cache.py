@@ -39,6 +39,7 @@ DETERMINISTIC_TRANSFORMS = frozenset({
     "PILToTensor",
     "Resize",
     "RGB",
+    "SquarePad",
     "ToDtype",
     "ToImage",
     "ToPureTensor",
@@ -59,15 +60,22 @@ def available_memory() -> int | None:
     return None
 
 
-def is_random(transform: object) -> bool:
-    """Whether a (composed) transform may change an image's features from call to call: it holds a transform not
-    known to be deterministic (:data:`DETERMINISTIC_TRANSFORMS`), random or unknown alike."""
+def random_transform(transform: object) -> str | None:
+    """The class name of the first transform in a (composed) transform that is not known to be deterministic
+    (:data:`DETERMINISTIC_TRANSFORMS`: random or unknown alike), or ``None``."""
     if transform is None:
-        return False
+        return None
     name = type(transform).__name__
     if name in CONTAINER_TRANSFORMS:
-        return any(is_random(child) for child in getattr(transform, "transforms", transform))
-    return name not in DETERMINISTIC_TRANSFORMS
+        children = (random_transform(child) for child in getattr(transform, "transforms", transform))
+        return next((child for child in children if child), None)
+    return None if name in DETERMINISTIC_TRANSFORMS else name
+
+
+def is_random(transform: object) -> bool:
+    """Whether a (composed) transform may change an image's features from call to call (see
+    :func:`random_transform`)."""
+    return random_transform(transform) is not None
 
 
 class FeatureCache:
