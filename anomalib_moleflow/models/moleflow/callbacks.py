@@ -132,7 +132,8 @@ def task_name(datamodule: object) -> str:
 class TrainingFeatureCache(Callback):
     """Each training image's patch embedding computed once per fit and reused by the later epochs.
 
-    Bypassed (with a log line) when the training data has no image paths or its transforms are random.
+    Bypassed (with a log line) when the training data has no image paths or a transform is random (or not known to be
+    deterministic).
 
     Args:
         mode: ``auto``, ``memory``, ``disk`` or ``off`` (see :class:`FeatureCache`).

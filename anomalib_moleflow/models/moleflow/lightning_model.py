@@ -164,7 +164,7 @@ class MoleFlow(AnomalibModule):
         target_fpr: With ``good_fpr``: the share of good images (and pixels) allowed above threshold.
         feature_cache: Compute each training image's patch embedding once per task and reuse it in later epochs:
             ``auto`` (in memory, or a memory-mapped file when large), ``memory``, ``disk`` or ``off``. Bypassed
-            when the training transforms are random.
+            when a training transform is random or not known to be deterministic.
         feature_cache_dtype: Storage type of the cache (``float16`` halves it).
         compile_mode: ``torch.compile`` the backbone, the shared coupling blocks and the DIAs, in place, when a
             fit/test/predict sets up (or :meth:`compile_modules` is called): ``off``, or a torch.compile mode

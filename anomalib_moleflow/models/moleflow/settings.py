@@ -125,8 +125,8 @@ class TrainingSettings:
             target_fpr of good images are flagged; no defect image needed).
         target_fpr: With threshold good_fpr: the share of good images (and of good pixels) allowed above threshold.
         feature_cache: Compute each training image's patch embedding once per task and reuse it in later epochs:
-            auto (in memory, or a memory-mapped file when large), memory, disk or off. Bypassed when the training
-            transforms are random.
+            auto (in memory, or a memory-mapped file when large), memory, disk or off. Bypassed when a training
+            transform is random or not known to be deterministic.
         feature_cache_dtype: Storage type of the cache (float16 halves it).
         compile_mode: torch.compile the backbone, the shared coupling blocks and the DIAs when a fit, test or
             predict sets up: off, or a torch.compile mode. Worth it on a GPU.
