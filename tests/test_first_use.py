@@ -154,7 +154,7 @@ def test_verbose_shows_the_traceback(tiny_mvtec_root: Path, tmp_path: Path) -> N
 # ------------------------------------------------------------------------------------------- the user's settings
 @pytest.fixture(scope="module")
 def lr_checkpoint(tiny_mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A one-task model trained with lr 1e-3 (not the default 3e-4)."""
+    """A one-task model trained with lr 1e-3 (not the default 3e-3)."""
     output = tmp_path_factory.mktemp("lr_run")
     seed_everything(0, verbose=False)
     model = MoleFlow(**{**TINY_MODEL_KWARGS, "lr": 1e-3})
@@ -165,14 +165,14 @@ def lr_checkpoint(tiny_mvtec_root: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 def test_a_typed_setting_equal_to_its_default_wins_over_the_checkpoints(lr_checkpoint: Path, tmp_path: Path) -> None:
-    argv = translate_study_flags(["--from_checkpoint", str(lr_checkpoint), "--lr", "3e-4"])
+    argv = translate_study_flags(["--from_checkpoint", str(lr_checkpoint), "--lr", "3e-3"])
     given = given_model_settings(argv)
     assert given == {"lr"}
-    config = {"from_checkpoint": str(lr_checkpoint), "model": {"lr": 3e-4}}
-    assert moleflow_strategy(config, given).model.lr == pytest.approx(3e-4)  # 3e-4 is also the parser's default
+    config = {"from_checkpoint": str(lr_checkpoint), "model": {"lr": 3e-3}}
+    assert moleflow_strategy(config, given).model.lr == pytest.approx(3e-3)  # 3e-3 is also the parser's default
     assert moleflow_strategy(config, set()).model.lr == pytest.approx(1e-3)  # not typed: the checkpoint's
     file = tmp_path / "run.yaml"
-    file.write_text(yaml.safe_dump({"model": {"lr": 3e-4, "max_epochs": 60}}))
+    file.write_text(yaml.safe_dump({"model": {"lr": 3e-3, "max_epochs": 60}}))
     assert given_model_settings(["--config", str(file)]) == {"lr", "max_epochs"}  # a config's keys count as typed
 
 

@@ -205,7 +205,7 @@ class MoleFlow(AnomalibModule):
         anomaly_map_sigma: float = 4.0,
         freeze_base: bool = True,
         task_separated: bool = False,
-        lr: float = 3e-4,
+        lr: float = 3e-3,
         max_epochs: int = 60,
         lora_alpha: float | None = None,
         router_eps: float = 0.01,

@@ -116,7 +116,7 @@ class TrainingSettings:
         tail_top_k_ratio: Fraction of each image's patches in the tail term.
         lambda_logdet: Weight of the log-determinant regulariser.
         freeze_base: Freeze the shared base after the first task (false: sequential fine-tuning, which forgets).
-        lr: Adam learning rate.
+        lr: Adam learning rate (the study's MAIN: 3e-4; 3e-3 is the best measured on real images, docs/quality.md 0b).
         max_epochs: Epochs per task (passed to the trainer).
         unknown_as_anomalous: Score unknown products as anomalous (normalised score 1, label anomalous); false: only
             flag them, scored by the nearest task's expert.
@@ -136,7 +136,7 @@ class TrainingSettings:
     tail_top_k_ratio: float = 0.02
     lambda_logdet: float = 1e-4
     freeze_base: bool = True
-    lr: float = 3e-4
+    lr: float = 3e-3
     max_epochs: int = 60
     unknown_as_anomalous: bool = True
     threshold: ThresholdMode = "f1"
