@@ -219,9 +219,18 @@ class MoleFlowModel(nn.Module):
         """Number of tasks added so far."""
         return len(self.task_names)
 
-    def flow_for(self, task: int) -> MoLEFlow:
-        """The coupling flow that serves ``task``."""
-        return self.flows[task if self.task_separated else 0]
+    def flow_for(self, task: int | torch.Tensor) -> MoLEFlow:
+        """The coupling flow that serves ``task``, or a task per image ``(b,)`` (the shared flow).
+
+        Raises:
+            ValueError: For a task per image on a task-separated model (one whole flow per task).
+        """
+        if not self.task_separated:
+            return self.flows[0]
+        if isinstance(task, torch.Tensor):
+            msg = "A task-separated model (one whole flow per task) runs one task at a time: pass an int task."
+            raise ValueError(msg)
+        return self.flows[task]
 
     def add_task(self, name: str) -> int:
         """Create the expert, whitening adapter, DIA and router prototype of a new task.
@@ -385,10 +394,10 @@ class MoleFlowModel(nn.Module):
         Returns:
             Latent tokens ``((b h w), d)`` and per-token log-determinants ``((b h w),)``.
         """
-        per_image = isinstance(task, torch.Tensor)
         tokens, whitening_log_det = self.flow_inputs(patches, task)
-        z, log_det = (self.flows[0] if per_image else self.flow_for(task))(tokens, task)
+        z, log_det = self.flow_for(task)(tokens, task)
         if self.dia_blocks:
+            per_image = isinstance(task, torch.Tensor)
             z, dia_log_det = (per_image_dia(list(self.dias), task) if per_image else self.dias[task])(z)
             log_det = log_det + dia_log_det
         if self.exact_likelihood and whitening_log_det is not None:
@@ -406,20 +415,16 @@ class MoleFlowModel(nn.Module):
             Tokens ``((b h w), d)`` and the whitening affine's log-determinant: one value for the batch (one task),
             per token ``((b h w),)`` (a task per image), or ``None`` without whitening adapters.
         """
+        flow = self.flow_for(task)  # first: refuses a task per image on a task-separated model
         x = self._with_position(patches)
         log_det = None
         if isinstance(task, torch.Tensor):
-            if self.task_separated:
-                msg = "A task-separated model (one whole flow per task) runs one task at a time: pass an int task."
-                raise ValueError(msg)
             if self.use_whitening_adapter:
                 x, per_image = per_image_whitening(list(self.whitening), x, task)
                 log_det = repeat(per_image, "b -> (b n)", n=x.shape[1] * x.shape[2])
-            flow = self.flows[0]
         else:
             x = self.whitening[task](x)
             log_det = self.whitening[task].log_abs_det() if self.use_whitening_adapter else None
-            flow = self.flow_for(task)
         return rearrange(flow.context(x), "b h w d -> (b h w) d"), log_det
 
     @staticmethod
