@@ -197,6 +197,27 @@ def _channel_standardize(model: MoleFlowModel, train_patches: torch.Tensor) -> N
     _replace_norm(model, lambda v: (v - mean) / std)
 
 
+def _image_ln(v: torch.Tensor) -> torch.Tensor:
+    """The default normalisation: a LayerNorm over each image's ``(h, w, d)``."""
+    return F.layer_norm(v, v.shape[-3:])
+
+
+def _image_chan_std(model: MoleFlowModel, train_patches: torch.Tensor) -> None:
+    """Per-image normalisation (the default), then each channel standardised with the task's training statistics of
+    the normalised features: the image's exposure is removed and every channel reaches the flow at unit scale."""
+    x = _image_ln(_whitening_input(model, train_patches))
+    mean, std = x.mean(dim=(0, 1, 2)), x.std(dim=(0, 1, 2)) + 1e-6
+    _replace_norm(model, lambda v: (_image_ln(v) - mean) / std)
+
+
+def _stage_weight(model: MoleFlowModel, weight: float, split: int = 40) -> None:
+    """Per-image normalisation, then the fine stage's channels (lite0: blocks.2 = the first 40 of D = 152) scaled by
+    ``weight`` relative to the coarse stage's."""
+    scale = torch.ones(model.embed_dim)
+    scale[:split] = weight
+    _replace_norm(model, lambda v: _image_ln(v) * scale)
+
+
 def _position_stats(model: MoleFlowModel, train_patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position, per-channel mean and standard deviation ``(h, w, d)`` of the task's training patches."""
     x = _whitening_input(model, train_patches)
@@ -269,6 +290,9 @@ VARIANTS: dict[str, dict] = {
     "robust_image_ln": {"patch": _robust_image_ln},
     "stage_ln": {"patch": _stage_ln},
     "soft_ln": {"fit": _soft_ln},
+    "image_chan_std": {"fit": _image_chan_std},
+    "stage_w2": {"fit": lambda m, _: _stage_weight(m, 2.0)},
+    "stage_w0.5": {"fit": lambda m, _: _stage_weight(m, 0.5)},
     "pos_std": {"fit": _pos_std},
     "pos_center": {"fit": _pos_center},
     "position": {"settings": {"whitening_norm": "position"}},

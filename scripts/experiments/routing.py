@@ -139,10 +139,21 @@ def gaussian_rules(
         offset = torch.linalg.slogdet(cov)[1] if rule == "gaussian" else torch.tensor(0.0, dtype=torch.float64)
         scale = held_out_distances(x, eps).median() if rule == "relative" else torch.tensor(1.0, dtype=torch.float64)
         scorers.append((mean, precision, offset, scale))
+    if rule.startswith("knn"):
+        # ``knnK_lw``: mean squared distance to the K nearest training images of each task, in the pooled metric.
+        neighbours = int(rule[3:].split("_")[0])
+        whiten = torch.linalg.cholesky(torch.linalg.inv(pooled))
+        banks = [(x @ whiten) for _, _, x in stats]
     accuracy, defects = [], []
     for task, (x, label) in enumerate(zip(test, labels, strict=True)):
         x = x.double()
-        scores = torch.stack([torch.einsum("nd,de,ne->n", x - m, p, x - m) / s + o for m, p, o, s in scorers], dim=1)
+        if rule.startswith("knn"):
+            nearest = [torch.cdist(x @ whiten, bank).square().topk(neighbours, largest=False) for bank in banks]
+            scores = torch.stack([n.values.mean(1) for n in nearest], dim=1)
+        else:
+            scores = torch.stack(
+                [torch.einsum("nd,de,ne->n", x - m, p, x - m) / s + o for m, p, o, s in scorers], dim=1
+            )
         right = scores.argmin(1) == task
         accuracy.append(float(right.float().mean()))
         defects.append(float(right[label == 1].float().mean()) if (label == 1).any() else float("nan"))
@@ -156,6 +167,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--layers", default="blocks.2,blocks.4")
     parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--embed_dim", type=int, default=152, help="D of the patch embedding the router sees.")
     parser.add_argument("--eps", default="0.01,0.1")
     parser.add_argument("--rules", default="distance,relative,gaussian,pooled")
     parser.add_argument("--candidates", default=",".join(CANDIDATES))
@@ -163,8 +175,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(pick_threads())
     layers = args.layers.split(",")
-    model = MoleFlowModel(backbone=args.backbone, layers=layers, image_size=args.image_size, embed_dim=152)
-    embedding = PatchEmbedding(152, patch_size=1)
+    model = MoleFlowModel(backbone=args.backbone, layers=layers, image_size=args.image_size, embed_dim=args.embed_dim)
+    embedding = PatchEmbedding(args.embed_dim, patch_size=1)
     names, train, test, labels = [], [], [], []
     for name in args.data.split(","):
         for category, datamodule in datasets(name, args.root).items():
