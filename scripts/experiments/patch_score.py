@@ -29,6 +29,7 @@ from einops import rearrange
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from anomalib_moleflow.models.moleflow.anomaly_map import AnomalyMapGenerator
+from anomalib_moleflow.models.moleflow.components.adapters import whiten
 from anomalib_moleflow.models.moleflow.components.embedding import PatchEmbedding
 from anomalib_moleflow.models.moleflow.loss import MoleFlowLoss
 from anomalib_moleflow.models.moleflow.torch_model import MoleFlowModel
@@ -198,8 +199,8 @@ def _channel_standardize(model: MoleFlowModel, train_patches: torch.Tensor) -> N
 
 
 def _image_ln(v: torch.Tensor) -> torch.Tensor:
-    """The default normalisation: a LayerNorm over each image's ``(h, w, d)``."""
-    return F.layer_norm(v, v.shape[-3:])
+    """The model's default normalisation (per image, over ``(h, w, d)``) without the adapter's affine."""
+    return whiten(v, torch.ones(()), torch.zeros(()), "image")
 
 
 def _image_chan_std(model: MoleFlowModel, train_patches: torch.Tensor) -> None:
@@ -291,6 +292,7 @@ VARIANTS: dict[str, dict] = {
     "stage_ln": {"patch": _stage_ln},
     "soft_ln": {"fit": _soft_ln},
     "image_chan_std": {"fit": _image_chan_std},
+    # "fit", not "patch": with --continual the base flow is trained with the weighting too
     "stage_w2": {"fit": lambda m, _: _stage_weight(m, 2.0)},
     "stage_w0.5": {"fit": lambda m, _: _stage_weight(m, 0.5)},
     "pos_std": {"fit": _pos_std},

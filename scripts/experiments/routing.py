@@ -132,28 +132,33 @@ def gaussian_rules(
             return cov
         return cov + eps * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
 
-    scorers = []
-    for mean, cov, x in stats:
-        cov = ridge(pooled if rule.startswith("pooled") else cov)
-        precision = torch.linalg.inv(cov)
-        offset = torch.linalg.slogdet(cov)[1] if rule == "gaussian" else torch.tensor(0.0, dtype=torch.float64)
-        scale = held_out_distances(x, eps).median() if rule == "relative" else torch.tensor(1.0, dtype=torch.float64)
-        scorers.append((mean, precision, offset, scale))
     if rule.startswith("knn"):
         # ``knnK_lw``: mean squared distance to the K nearest training images of each task, in the pooled metric.
         neighbours = int(rule[3:].split("_")[0])
         whiten = torch.linalg.cholesky(torch.linalg.inv(pooled))
-        banks = [(x @ whiten) for _, _, x in stats]
+        banks = [x @ whiten for _, _, x in stats]
+
+        def score(x: torch.Tensor) -> torch.Tensor:
+            nearest = [torch.cdist(x @ whiten, bank).square().topk(neighbours, largest=False) for bank in banks]
+            return torch.stack([n.values.mean(1) for n in nearest], dim=1)
+
+    else:
+        scorers = []
+        for mean, cov, x in stats:
+            cov = ridge(pooled if rule.startswith("pooled") else cov)
+            precision = torch.linalg.inv(cov)
+            offset = torch.linalg.slogdet(cov)[1] if rule == "gaussian" else torch.tensor(0.0, dtype=torch.float64)
+            scale = (
+                held_out_distances(x, eps).median() if rule == "relative" else torch.tensor(1.0, dtype=torch.float64)
+            )
+            scorers.append((mean, precision, offset, scale))
+
+        def score(x: torch.Tensor) -> torch.Tensor:
+            return torch.stack([torch.einsum("nd,de,ne->n", x - m, p, x - m) / s + o for m, p, o, s in scorers], 1)
+
     accuracy, defects = [], []
     for task, (x, label) in enumerate(zip(test, labels, strict=True)):
-        x = x.double()
-        if rule.startswith("knn"):
-            nearest = [torch.cdist(x @ whiten, bank).square().topk(neighbours, largest=False) for bank in banks]
-            scores = torch.stack([n.values.mean(1) for n in nearest], dim=1)
-        else:
-            scores = torch.stack(
-                [torch.einsum("nd,de,ne->n", x - m, p, x - m) / s + o for m, p, o, s in scorers], dim=1
-            )
+        scores = score(x.double())
         right = scores.argmin(1) == task
         accuracy.append(float(right.float().mean()))
         defects.append(float(right[label == 1].float().mean()) if (label == 1).any() else float("nan"))
