@@ -67,6 +67,22 @@ def test_own_folder_with_other_payload_is_replaced(tmp_path: Path) -> None:
     assert read_marker(target, MARKER) == PAYLOAD
 
 
+def test_folder_written_meanwhile_with_same_payload_is_kept(tmp_path: Path) -> None:
+    """Two runs generating one category at once: the one finishing second must not pull the folder from under the
+    first, which may already be reading it."""
+    target = tmp_path / "wood"
+    with atomic_folder(target, MARKER, PAYLOAD) as folder:
+        (folder / "second.png").write_bytes(b"second")
+        target.mkdir()  # the first run finishes while the second is still filling its folder
+        (target / "first.png").write_bytes(b"first")
+        write_marker(target, MARKER, PAYLOAD)
+        opened = (target / "first.png").open("rb")
+    with opened:
+        assert opened.read() == b"first"
+    assert _tree(tmp_path) == ["wood", f"wood/{MARKER}", "wood/first.png"]  # kept; no temporary folder left
+    assert read_marker(target, MARKER) == PAYLOAD
+
+
 @pytest.mark.parametrize("marker_text", [None, "not json"])
 def test_foreign_folder_is_left_untouched(tmp_path: Path, marker_text: str | None) -> None:
     target = tmp_path / "pill"

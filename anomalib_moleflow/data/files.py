@@ -105,6 +105,11 @@ def _move_into_place(tmp: Path, target: Path, marker_name: str, payload: Mapping
     old = target.parent / f".{target.name}.{uuid.uuid4().hex}.old"
     if target.exists() or target.is_symlink():
         check_owned(target, marker_name)
+        if read_marker(target, marker_name) == dict(payload):
+            # Another process (e.g. a parallel run of a suite) wrote the same folder meanwhile and may be reading
+            # it: keep it, drop ours.
+            logger.debug("'%s' was written with the same settings meanwhile; keeping it.", target)
+            return
         logger.info("Replacing '%s', which was written with other settings.", target)
         os.replace(target, old)
     try:
