@@ -29,7 +29,7 @@ import numpy as np
 from anomalib.data import Folder
 
 from .checks import DatasetError
-from .files import atomic_folder, read_marker
+from .files import atomic_folder, holds_payload
 
 __all__ = ["ELPV", "ELPV_CATEGORIES", "ElpvSplit", "elpv_data_dir", "read_labels", "write_elpv_category"]
 
@@ -155,7 +155,7 @@ def write_elpv_category(root: Path | str, category: str, split: ElpvSplit, sourc
     source = Path(source) if source is not None else elpv_data_dir()
     target = Path(root) / category
     expected = {"format_version": FORMAT_VERSION, "category": category, "split": asdict(split)}
-    if read_marker(target, MARKER_NAME) == expected:
+    if holds_payload(target, MARKER_NAME, expected):
         return target
     plan = _plan(category, split, source)
     with atomic_folder(target, MARKER_NAME, expected) as tmp:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from anomalib_moleflow.errors import DatasetError
 
-__all__ = ["ForeignFolderError", "atomic_folder", "check_owned", "read_marker", "write_marker"]
+__all__ = ["ForeignFolderError", "atomic_folder", "check_owned", "holds_payload", "read_marker", "write_marker"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,11 @@ def read_marker(folder: Path, marker_name: str) -> object | None:
         return json.loads((Path(folder) / marker_name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def holds_payload(folder: Path, marker_name: str, payload: Mapping[str, object]) -> bool:
+    """Whether ``folder`` is complete and was written with ``payload`` (its marker ``marker_name`` equals it)."""
+    return read_marker(folder, marker_name) == dict(payload)
 
 
 def write_marker(folder: Path, marker_name: str, payload: Mapping[str, object]) -> Path:
@@ -105,7 +110,7 @@ def _move_into_place(tmp: Path, target: Path, marker_name: str, payload: Mapping
     old = target.parent / f".{target.name}.{uuid.uuid4().hex}.old"
     if target.exists() or target.is_symlink():
         check_owned(target, marker_name)
-        if read_marker(target, marker_name) == dict(payload):
+        if holds_payload(target, marker_name, payload):
             # Another process (e.g. a parallel run of a suite) wrote the same folder meanwhile and may be reading
             # it: keep it, drop ours.
             logger.debug("'%s' was written with the same settings meanwhile; keeping it.", target)
@@ -117,7 +122,7 @@ def _move_into_place(tmp: Path, target: Path, marker_name: str, payload: Mapping
     except OSError:
         if not (target.exists() or target.is_symlink()) and (old.exists() or old.is_symlink()):
             os.replace(old, target)  # put the previous folder back
-        if read_marker(target, marker_name) != dict(payload):
+        if not holds_payload(target, marker_name, payload):
             raise
     finally:
         _remove(old)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..files import atomic_folder, check_owned, read_marker
+from ..files import atomic_folder, check_owned, holds_payload
 from .config import DEFAULT_CONFIG, SyntheticConfig
 from .defects import DEFECT_TYPES
 from .sample import check_category, check_config, render_sample
@@ -99,7 +99,7 @@ def generate_category(root: Path | str, category: str, config: SyntheticConfig =
     check_config(config)
     target = Path(root) / category
     expected = _marker_payload(category, config)
-    if read_marker(target, MARKER_NAME) == expected:
+    if holds_payload(target, MARKER_NAME, expected):
         logger.debug("Synthetic category '%s' is up to date.", target)
         return target
     logger.info("Generating synthetic category '%s'.", target)
