@@ -76,9 +76,7 @@ def test_folder_written_meanwhile_with_same_payload_is_kept(tmp_path: Path) -> N
         target.mkdir()  # the first run finishes while the second is still filling its folder
         (target / "first.png").write_bytes(b"first")
         write_marker(target, MARKER, PAYLOAD)
-        opened = (target / "first.png").open("rb")
-    with opened:
-        assert opened.read() == b"first"
+    assert (target / "first.png").read_bytes() == b"first"
     assert _tree(tmp_path) == ["wood", f"wood/{MARKER}", "wood/first.png"]  # kept; no temporary folder left
     assert read_marker(target, MARKER) == PAYLOAD
 
