@@ -182,7 +182,11 @@ def _robust_image_ln(model: MoleFlowModel) -> None:
     _replace_norm(model, normalise)
 
 
-def _stage_ln(model: MoleFlowModel, split: int = 40) -> None:
+#: Channels of the fine stage at the front of the patch vector (tf_efficientnet_lite0's blocks.2 of D = 152).
+FINE_CHANNELS = 40
+
+
+def _stage_ln(model: MoleFlowModel, split: int = FINE_CHANNELS) -> None:
     """Per-patch LayerNorm of each stage's channels on their own (lite0: blocks.2 = the first 40 of D = 152), so the
     fine stage's norm is not swamped by the coarse stage's (``--embed_dim`` must equal the channel count)."""
     _replace_norm(
@@ -211,7 +215,7 @@ def _image_chan_std(model: MoleFlowModel, train_patches: torch.Tensor) -> None:
     _replace_norm(model, lambda v: (_image_ln(v) - mean) / std)
 
 
-def _stage_weight(model: MoleFlowModel, weight: float, split: int = 40) -> None:
+def _stage_weight(model: MoleFlowModel, weight: float, split: int = FINE_CHANNELS) -> None:
     """Per-image normalisation, then the fine stage's channels (lite0: blocks.2 = the first 40 of D = 152) scaled by
     ``weight`` relative to the coarse stage's."""
     scale = torch.ones(model.embed_dim)
