@@ -15,9 +15,10 @@ Prints one markdown table (mean ± spread over seeds) per dataset.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ from einops import rearrange
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from anomalib_moleflow.models.moleflow.anomaly_map import AnomalyMapGenerator
+from anomalib_moleflow.models.moleflow.components import coupling
 from anomalib_moleflow.models.moleflow.components.adapters import whiten
 from anomalib_moleflow.models.moleflow.components.embedding import PatchEmbedding
 from anomalib_moleflow.models.moleflow.loss import MoleFlowLoss
@@ -264,6 +266,22 @@ def _pos_after(model: MoleFlowModel, scale: float = 1.0) -> None:
         adapter.forward = lambda v, o=original: o(v) + pos
 
 
+@contextlib.contextmanager
+def _subnet_width(factor: float) -> Iterator[None]:
+    """Build the coupling subnets with ``factor`` times their hidden width D while the block is open."""
+    original = coupling.MoLESubnet
+
+    class Wider(original):  # type: ignore[misc, valid-type]
+        def __init__(self, c_in: int, c_out: int, hidden: int, *args: object) -> None:
+            super().__init__(c_in, c_out, int(hidden * factor), *args)
+
+    coupling.MoLESubnet = Wider
+    try:
+        yield
+    finally:
+        coupling.MoLESubnet = original
+
+
 #: Modifiers of a run ``BASE[+MODIFIER...]`` (chained, see :func:`resolve`): BASE is ``study`` (exact_likelihood=False,
 #: per-patch LayerNorm) or ``exact`` (the defaults). Sections 1-8c of docs/quality.md ran before per-image
 #: normalisation became the default: add ``+patch_ln`` to their ``exact`` variants to run them as they ran.
@@ -314,6 +332,14 @@ VARIANTS: dict[str, dict] = {
     "tail_only": {"tail_weight": 1.0},
     "lr3e-4": {"lr": 3e-4},
     "lr3e-3": {"lr": 3e-3},
+    # the flow's capacity: depth of the shared stack, width of its subnets, depth of each task's DIA
+    "blocks12": {"settings": {"num_coupling_layers": 12}},
+    "hidden2": {"subnet_width": 2.0},
+    "hidden4": {"subnet_width": 4.0},
+    "dia4": {"settings": {"dia_blocks": 4}},
+    # the weights the run ends with: the average of the iterates over the last half / quarter of the steps
+    "swa0.5": {"average_from": 0.5},
+    "swa0.75": {"average_from": 0.75},
 }
 
 
@@ -433,11 +459,13 @@ def train_flow(
     on_step: Callable[[int], None] | None = None,
     loss_fn: MoleFlowLoss | None = None,
     task: int = 0,
+    average_from: float | None = None,
 ) -> list[float]:
     """Adam on task 0's parameters (base included) over cached patch embeddings; the study's loss.
 
     ``schedule="cosine"`` anneals the learning rate to 0 over the run, one step per batch. ``max_steps``: train for
-    that many optimizer steps instead of ``epochs`` epochs (``on_step`` is called after each).
+    that many optimizer steps instead of ``epochs`` epochs (``on_step`` is called after each). ``average_from``:
+    end with the equal-weight average of the iterates from that fraction of the steps on (SWA, no BN to update).
     """
     loss_fn = loss_fn or MoleFlowLoss()
     if max_steps is not None:
@@ -456,6 +484,8 @@ def train_flow(
     generator = torch.Generator().manual_seed(seed)
     model.train()
     losses = []
+    averaged: list[torch.Tensor] = []
+    averaged_count = 0
     for _ in range(epochs):
         order = torch.randperm(patches.shape[0], generator=generator)
         total = 0.0
@@ -470,6 +500,17 @@ def train_flow(
             scheduler.step()
             total += loss.item() * x.shape[0]
             step += 1
+            if average_from is not None and step > average_from * steps:
+                averaged_count += 1
+                if not averaged:
+                    averaged = [p.detach().clone() for p in params]
+                else:
+                    for mean, p in zip(averaged, params, strict=True):
+                        mean.lerp_(p.detach(), 1 / averaged_count)
+                if step == steps:  # the last step: the run ends (and is scored) with the average
+                    with torch.no_grad():
+                        for p, mean in zip(params, averaged, strict=True):
+                            p.copy_(mean)
             if on_step is not None:
                 model.eval()
                 on_step(step)
@@ -672,14 +713,15 @@ def main() -> None:
                 torch.manual_seed(seed)
                 dim = channels if spec.get("embed_dim") == "full" else args.embed_dim
                 dim = dim - dim % 4
-                model = MoleFlowModel(
-                    backbone=args.backbone,
-                    layers=layers,
-                    image_size=args.image_size,
-                    patch_size=3,
-                    embed_dim=dim,
-                    **{"lora_rank": args.lora_rank, **settings},
-                )
+                with _subnet_width(spec.get("subnet_width", 1.0)):
+                    model = MoleFlowModel(
+                        backbone=args.backbone,
+                        layers=layers,
+                        image_size=args.image_size,
+                        patch_size=3,
+                        embed_dim=dim,
+                        **{"lora_rank": args.lora_rank, **settings},
+                    )
                 model.anomaly_map_generator = type(model.anomaly_map_generator)(sigma=args.sigma)
                 if "patch_size" in spec:
                     model.patch_embedding = PatchEmbedding(dim, patch_size=spec["patch_size"])
@@ -693,7 +735,16 @@ def main() -> None:
                     if "fit" in spec:
                         spec["fit"](model, base_p)
                     _fit_whitening(model, 0, base_p)
-                    train_flow(model, base_p, args.epochs, args.lr, args.batch, seed, max_steps=args.steps)
+                    train_flow(
+                        model,
+                        base_p,
+                        args.epochs,
+                        args.lr,
+                        args.batch,
+                        seed,
+                        max_steps=args.steps,
+                        average_from=spec.get("average_from"),
+                    )
                     task = 1
                 model.add_task("t")
                 train_p, test_p = (
@@ -754,6 +805,7 @@ def main() -> None:
                         tail_weight=spec.get("tail_weight", 0.7), tail_top_k_ratio=spec.get("tail_ratio", 0.02)
                     ),
                     task=task,
+                    average_from=spec.get("average_from"),
                 )
                 print(
                     f"  {variant} seed {seed}: loss {losses[0]:.1f} -> {losses[-1]:.1f} "
