@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 from einops import rearrange
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Callback, seed_everything
 from torch import nn
 
 from anomalib_moleflow import MoleFlow, MoleFlowModel, OracleRouting
@@ -525,6 +525,50 @@ def test_without_freeze_base_the_shared_base_changes(sequential_run: ContinualRu
     assert all(same_bits(before[key], after[key]) for key in task0)
 
 
+class _Iterates(Callback):
+    """Records the trained parameters after every training batch, with the epoch it belongs to."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, list[torch.Tensor]]] = []
+        self.trained: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.trained = [p for group in trainer.optimizers[0].param_groups for p in group["params"]]
+        self.seen.append((trainer.current_epoch, [p.detach().clone() for p in self.trained]))
+
+
+def test_average_last_ends_each_task_with_the_mean_of_its_last_epochs_iterates(
+    tiny_mvtec_root: Path,
+    tiny_categories: tuple[str, ...],
+    tmp_path: Path,
+    make_datamodule: Any,
+    make_engine: Any,
+    tiny_model_kwargs: dict[str, Any],
+) -> None:
+    seed_everything(0, verbose=False)
+    model = MoleFlow(**{**tiny_model_kwargs, "max_epochs": 2, "average_last": 0.5})
+    before = None
+    for index, category in enumerate(tiny_categories[:2]):
+        model.add_task(category)
+        if index == 1:
+            before = tensor_snapshot(model)
+        spy = _Iterates()
+        make_engine(tmp_path / category, callbacks=[spy]).fit(
+            model, datamodule=make_datamodule(tiny_mvtec_root, category)
+        )
+        last_epoch = [params for epoch, params in spy.seen if epoch == 1]
+        assert len(last_epoch) == 2  # 8 training images in batches of 4
+        mean = [torch.stack(step).mean(0) for step in zip(*last_epoch, strict=True)]
+        for param, expected in zip(spy.trained, mean, strict=True):
+            torch.testing.assert_close(param.detach(), expected)
+        assert any(not same_bits(p.detach(), last) for p, last in zip(spy.trained, last_epoch[-1], strict=True))
+    after = tensor_snapshot(model)
+    changed = [key for key, value in before.items() if task_of_key(key) == 0 and not same_bits(value, after[key])]
+    assert changed == [], f"averaging task 1 changed task 0's tensors: {changed}"
+    shared = [f"model.{name}" for name, p in model.model.named_parameters() if task_of_key(f"model.{name}") is None]
+    assert all(same_bits(before[key], after[key]) for key in shared)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 5. loss, patch NLL and image score against hand-computed values
 # ----------------------------------------------------------------------------------------------------------------------
@@ -919,6 +963,7 @@ def test_oracle_routing_callback_gives_each_test_batch_its_true_task(
         ({"anomaly_map_sigma": -1.0}, r"anomaly_map_sigma must be >= 0 \(0: no blur\), got -1.0"),
         ({"lr": 0.0}, "lr must be > 0"),
         ({"max_epochs": 0}, "max_epochs"),
+        ({"average_last": 1.5}, r"average_last must be in \[0, 1\] \(0: off\), got 1.5"),
         ({"layers": ()}, "layers"),
         ({"backbone": "no_such_backbone"}, "Unknown timm backbone 'no_such_backbone'"),
         ({"layers": ("layer1", "layer9")}, r"Invalid layers \('layer1', 'layer9'\) for backbone 'resnet18'"),

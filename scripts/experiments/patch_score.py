@@ -556,6 +556,7 @@ def multiscale_scores(
     for index, layer in enumerate(layers):
         channels = stage_feats["train"][0][index].shape[1]
         torch.manual_seed(seed)
+        np.random.seed(seed)  # FrEIA draws each coupling block's channel permutation from numpy
         model = MoleFlowModel(
             backbone=args.backbone,
             layers=[layer],
@@ -711,6 +712,7 @@ def main() -> None:
                     )
                     continue
                 torch.manual_seed(seed)
+                np.random.seed(seed)  # FrEIA draws each coupling block's channel permutation from numpy
                 dim = channels if spec.get("embed_dim") == "full" else args.embed_dim
                 dim = dim - dim % 4
                 with _subnet_width(spec.get("subnet_width", 1.0)):

@@ -7,6 +7,8 @@
   transforms allow one, open it, close it when the fit ends or fails).
 * :class:`TaskStatisticsFitting`: after each training epoch, fit what the training task's first epoch collected, the
   router prototype and (``whitening_norm="position"``) the whitening statistics.
+* :class:`TaskWeightAveraging` (``average_last > 0``): the task ends with the mean of its weights over the last part
+  of its training steps.
 
 The training step itself only reads the cache and feeds the statistics; when they are fitted is decided here.
 
@@ -199,6 +201,61 @@ class TaskStatisticsFitting(Callback):
         if not model.router.prototypes[task].ready:
             model.router.prototypes[task].share(gather_objects)
             model.router.finalize(task)
+
+
+class TaskWeightAveraging(Callback):
+    """End the fit with the equal-weight mean of the trained parameters over the last ``share`` of its steps (SWA).
+
+    Adam at a constant rate leaves the last iterate wherever its last steps took it; the mean of the iterates over
+    the end of training is a flatter, less seed-dependent point (docs/quality.md 0h). Only the parameters the
+    optimizer trains are averaged, so every earlier task's expert (and a frozen base) stays bit-identical. The mean
+    is installed after the last training batch, before the validation that fits the task's thresholds.
+
+    Lightning's ``WeightAveraging`` is not used: it copies the whole module when the fit sets up (the backbone, every
+    expert, the feature statistics), pairs parameters and buffers with that copy by position, and copies every buffer
+    back at the end, which would overwrite the router and whitening statistics fitted during the fit.
+
+    Args:
+        share: Fraction of the fit's training progress (in epochs, after any statistics epoch) at the end whose
+            iterates are averaged; in ``(0, 1]``.
+    """
+
+    def __init__(self, share: float) -> None:
+        self.share = share
+        self._mean: list[torch.Tensor] = []
+        self._count = 0
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Forget any earlier fit's mean."""
+        del trainer, pl_module
+        self._mean, self._count = [], 0
+
+    @staticmethod
+    def _trained(trainer: Trainer) -> list[torch.Tensor]:
+        return [p for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]]
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Add this step's weights to the mean once the averaged share is reached; install the mean after the last."""
+        del batch
+        if not trainer.max_epochs or trainer.max_epochs < 1:  # a fit bounded by steps or time: no known end
+            return
+        first = pl_module.statistics_epochs
+        epochs = trainer.max_epochs - first
+        done = trainer.current_epoch - first + (batch_idx + 1) / max(1, trainer.num_training_batches)
+        if outputs is not None and done > (1 - self.share) * epochs:  # ``None``: a batch that stepped nothing
+            params = self._trained(trainer)
+            self._count += 1
+            if not self._mean:
+                self._mean = [p.detach().clone() for p in params]
+            else:
+                with torch.no_grad():
+                    for mean, p in zip(self._mean, params, strict=True):
+                        mean.lerp_(p.detach(), 1 / self._count)
+        if self._mean and trainer.current_epoch == trainer.max_epochs - 1 and trainer.is_last_batch:
+            with torch.no_grad():
+                for p, mean in zip(self._trained(trainer), self._mean, strict=True):
+                    p.copy_(mean)
+            self._mean, self._count = [], 0
 
 
 def training_cache(pl_module: LightningModule) -> FeatureCache | None:

@@ -35,7 +35,14 @@ from anomalib_moleflow.compat import compile_cache_limit, extra_state_key, is_co
 from anomalib_moleflow.distributed import world_size
 from anomalib_moleflow.metrics import default_evaluator
 
-from .callbacks import FitScope, TaskStatisticsFitting, TrainingFeatureCache, training_cache, true_tasks
+from .callbacks import (
+    FitScope,
+    TaskStatisticsFitting,
+    TaskWeightAveraging,
+    TrainingFeatureCache,
+    training_cache,
+    true_tasks,
+)
 from .components.feature_cache import FeatureCache
 from .components.router import Routed, RoutingLog, RoutingRecorder
 from .loss import MoleFlowLoss
@@ -148,6 +155,8 @@ class MoleFlow(AnomalibModule):
         task_separated: A whole flow per task (the parameter-hungry upper bound).
         lr: Adam learning rate.
         max_epochs: Epochs per task (passed to the trainer).
+        average_last: End each task with the mean of its trained weights over this last share of its epochs
+            (:class:`~.callbacks.TaskWeightAveraging`; 0: the last step's weights).
         lora_alpha: LoRA alpha; defaults to ``lora_rank`` (scale 1).
         router_eps: Relative ridge of each task's own router covariance.
         router_embedding: The router's image embedding: ``mean`` or ``max`` of the patch embeddings.
@@ -207,6 +216,7 @@ class MoleFlow(AnomalibModule):
         task_separated: bool = False,
         lr: float = 3e-3,
         max_epochs: int = 60,
+        average_last: float = 0.0,
         lora_alpha: float | None = None,
         router_eps: float = 0.01,
         router_embedding: RouterEmbedding = "max",
@@ -227,6 +237,7 @@ class MoleFlow(AnomalibModule):
     ) -> None:
         _check(lr > 0, f"lr must be > 0, got {lr}.")
         _check(max_epochs >= 1, f"max_epochs must be >= 1, got {max_epochs}.")
+        _check(0.0 <= average_last <= 1.0, f"average_last must be in [0, 1] (0: off), got {average_last}.")
         _check(feature_cache in get_args(CacheMode), f"Unknown feature_cache {feature_cache!r}.")
         _check(feature_cache_dtype in get_args(CacheDtype), f"Unknown feature_cache_dtype {feature_cache_dtype!r}.")
         _check(compile_mode in get_args(CompileMode), f"compile_mode must be one of {get_args(CompileMode)}.")
@@ -261,6 +272,7 @@ class MoleFlow(AnomalibModule):
         self._test_cache: FeatureCache | None = None
         self.lr = lr
         self.max_epochs = max_epochs
+        self.average_last = average_last
         self.threshold = threshold
         self.target_fpr = target_fpr
         self._held_out: dict[str, torch.Tensor | None] = {}  # good_fpr: held-out image path -> its patch embedding
@@ -475,11 +487,13 @@ class MoleFlow(AnomalibModule):
     # ------------------------------------------------------------- training
     def configure_callbacks(self) -> list[Callback]:
         """The fit's task for a plain ``Engine.fit``, anomalib's (the components that are callbacks), then the
-        training feature cache's life cycle and the fitting of the training task's statistics."""
+        training feature cache's life cycle, the fitting of the training task's statistics and (``average_last``) the
+        averaging of its weights."""
         inherited = super().configure_callbacks()
         inherited = [inherited] if isinstance(inherited, Callback) else list(inherited)
         cache = TrainingFeatureCache(self.feature_cache, self.feature_cache_dtype)
-        return [FitScope(), *inherited, cache, TaskStatisticsFitting()]
+        averaging = [TaskWeightAveraging(self.average_last)] if self.average_last > 0 else []
+        return [FitScope(), *inherited, cache, TaskStatisticsFitting(), *averaging]
 
     def on_train_start(self) -> None:
         """With ``threshold="good_fpr"``, choose the held-out good images (every k-th training image by path,

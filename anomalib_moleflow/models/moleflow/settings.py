@@ -118,6 +118,8 @@ class TrainingSettings:
         freeze_base: Freeze the shared base after the first task (false: sequential fine-tuning, which forgets).
         lr: Adam learning rate (the study's MAIN: 3e-4; 3e-3 is the best measured on real images, docs/quality.md 0b).
         max_epochs: Epochs per task (passed to the trainer).
+        average_last: End each task with the mean of its trained weights over this last share of its epochs (0: the
+            last step's weights; docs/quality.md 0h).
         unknown_as_anomalous: Score unknown products as anomalous (normalised score 1, label anomalous); false: only
             flag them, scored by the nearest task's expert.
         threshold: How each task's thresholds are chosen: f1 (anomalib's F1-optimal threshold on the validation
@@ -138,6 +140,7 @@ class TrainingSettings:
     freeze_base: bool = True
     lr: float = 3e-3
     max_epochs: int = 60
+    average_last: float = 0.0
     unknown_as_anomalous: bool = True
     threshold: ThresholdMode = "f1"
     target_fpr: float = 0.01
