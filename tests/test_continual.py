@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -165,6 +166,21 @@ def test_resume_with_other_config_is_refused(frozen_run: tuple[dict, Path], tiny
     with pytest.raises(ValueError, match=r"engine.seed: run 42, now 7"):
         _engine(output, resume=True, seed=7).run(_model(), _tasks(tiny_mvtec_root))
     assert (output / "model.ckpt").read_bytes() == before
+
+
+def test_run_recorded_before_a_setting_existed_resumes_with_the_value_it_ran_with(
+    frozen_run: tuple[dict, Path], tiny_mvtec_root: Path, tmp_path: Path
+) -> None:
+    _, output = frozen_run
+    old_run = tmp_path / "old_run"
+    shutil.copytree(output, old_run)
+    state = json.loads((old_run / "state.json").read_text())
+    assert state["config"]["model"].pop("average_last") == 0.0
+    (old_run / "state.json").write_text(json.dumps(state))
+    resumed = _engine(old_run, resume=True).run(_model(), _tasks(tiny_mvtec_root))
+    assert resumed["tasks"] == list(TINY_CATEGORIES)
+    with pytest.raises(ValueError, match=r"other settings \(model.average_last: run 0.0, now 0.5\)"):
+        _engine(old_run, resume=True).run(_model(average_last=0.5), _tasks(tiny_mvtec_root))
 
 
 def test_missing_dataset_fails_fast(tmp_path: Path) -> None:

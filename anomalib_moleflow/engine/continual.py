@@ -29,7 +29,7 @@ from anomalib_moleflow.io import atomic_write, atomic_write_text, claim_output_d
 from anomalib_moleflow.metrics import GOOD_FLAGGED, METRICS
 from anomalib_moleflow.models import MoleFlow, OracleRouting
 from anomalib_moleflow.models.moleflow.components.router import Routed, RoutingLog
-from anomalib_moleflow.models.moleflow.settings import differences
+from anomalib_moleflow.models.moleflow.settings import INTRODUCED_SETTINGS, differences
 from anomalib_moleflow.reports import (
     clean,
     plot_final_bars,
@@ -161,6 +161,8 @@ class ContinualEngine:
         # The CLI's own options (output, resume ...), library versions and speed-only settings (caches) may differ.
         ignored = {"cli", "versions", "speed"}
         saved = {key: value for key, value in state["config"].items() if key not in ignored}
+        if isinstance(saved.get("model"), dict):  # a run recorded before a setting existed did what its value says
+            saved["model"] = {**INTRODUCED_SETTINGS, **saved["model"]}
         current = {key: value for key, value in config.items() if key not in ignored}
         differing = [f"{key}: run {old!r}, now {new!r}" for key, old, new in differences(saved, current)]
         if differing:

@@ -161,6 +161,9 @@ class MoleFlowSettings(TrainingSettings, ArchitectureSettings):
 RUNTIME_SETTINGS: frozenset[str] = frozenset(
     {"score_aggregation_top_k", "anomaly_map_sigma", "router_eps", "router_covariance", "unknown_factor"}
 )
+#: Settings added after runs were already recorded, each with the value that reproduces what such a run did: a
+#: recorded configuration without the key is read with this value (so those runs still resume).
+INTRODUCED_SETTINGS: dict[str, Any] = {"average_last": 0.0}
 #: Settings that change only speed and memory, never a result (a resumed run may change them).
 SPEED_SETTINGS: tuple[str, ...] = ("feature_cache", "feature_cache_dtype", "compile_mode")
 
@@ -210,6 +213,7 @@ def differences(saved: Any, current: Any, path: str = "") -> list[tuple[str, Any
 
 
 __all__ = [
+    "INTRODUCED_SETTINGS",
     "RUNTIME_SETTINGS",
     "SPEED_SETTINGS",
     "ArchitectureSettings",
