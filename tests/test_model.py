@@ -531,10 +531,14 @@ class _Iterates(Callback):
     def __init__(self) -> None:
         self.seen: list[tuple[int, list[torch.Tensor]]] = []
         self.trained: list[torch.Tensor] = []
+        self.validated: list[torch.Tensor] = []  # the weights the validation (the task's thresholds) scored with
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.trained = [p for group in trainer.optimizers[0].param_groups for p in group["params"]]
         self.seen.append((trainer.current_epoch, [p.detach().clone() for p in self.trained]))
+
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self.validated = [p.detach().clone() for p in self.trained]
 
 
 def test_average_last_ends_each_task_with_the_mean_of_its_last_epochs_iterates(
@@ -559,8 +563,9 @@ def test_average_last_ends_each_task_with_the_mean_of_its_last_epochs_iterates(
         last_epoch = [params for epoch, params in spy.seen if epoch == 1]
         assert len(last_epoch) == 2  # 8 training images in batches of 4
         mean = [torch.stack(step).mean(0) for step in zip(*last_epoch, strict=True)]
-        for param, expected in zip(spy.trained, mean, strict=True):
+        for param, expected, validated in zip(spy.trained, mean, spy.validated, strict=True):
             torch.testing.assert_close(param.detach(), expected)
+            assert same_bits(validated, param.detach())
         assert any(not same_bits(p.detach(), last) for p, last in zip(spy.trained, last_epoch[-1], strict=True))
     after = tensor_snapshot(model)
     changed = [key for key, value in before.items() if task_of_key(key) == 0 and not same_bits(value, after[key])]
