@@ -216,7 +216,7 @@ class MoleFlow(AnomalibModule):
         task_separated: bool = False,
         lr: float = 3e-3,
         max_epochs: int = 60,
-        average_last: float = 0.0,
+        average_last: float = 0.5,
         lora_alpha: float | None = None,
         router_eps: float = 0.01,
         router_embedding: RouterEmbedding = "max",

@@ -140,7 +140,7 @@ class TrainingSettings:
     freeze_base: bool = True
     lr: float = 3e-3
     max_epochs: int = 60
-    average_last: float = 0.0
+    average_last: float = 0.5
     unknown_as_anomalous: bool = True
     threshold: ThresholdMode = "f1"
     target_fpr: float = 0.01
