@@ -257,6 +257,33 @@ def _soft_ln(model: MoleFlowModel, train_patches: torch.Tensor, c: float = 1.0) 
     _replace_norm(model, normalise)
 
 
+def _polar(model: MoleFlowModel, train_patches: torch.Tensor) -> None:
+    """Each patch as its pattern and its level: the per-patch LayerNorm (direction, what marks rust's colour) with the
+    patch's channel mean and log standard deviation (brightness and contrast, what marks a dark pit) given back as
+    the last two channels, relative to the image's own and at unit scale over the task's training patches.
+
+    The LayerNorm's output obeys two constraints (zero mean, fixed norm), so the two channels it gives up are the
+    ones its constraints determine: the patch is recoverable, nothing is lost, only the coordinates change.
+    """
+
+    def parts(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = v.mean(dim=-1, keepdim=True)
+        log_std = (v - mean).pow(2).mean(dim=-1, keepdim=True).add(1e-5).log() / 2
+        pattern = (v - mean) / log_std.exp()
+        # the image's exposure removed, as the per-image normalisation does: b h w 1 relative to the image's mean
+        level = torch.cat([mean, log_std], dim=-1)
+        return pattern, level - level.mean(dim=(1, 2), keepdim=True)
+
+    _, train_level = parts(_whitening_input(model, train_patches))
+    scale = train_level.flatten(0, 2).std(dim=0) + 1e-6
+
+    def normalise(v: torch.Tensor) -> torch.Tensor:
+        pattern, level = parts(v)
+        return torch.cat([pattern[..., :-2], level / scale], dim=-1)
+
+    _replace_norm(model, normalise)
+
+
 def _pos_after(model: MoleFlowModel, scale: float = 1.0) -> None:
     """Positional code added after whitening (and scaled), instead of before it."""
     pos = model.pos_embedding * scale
@@ -314,6 +341,7 @@ VARIANTS: dict[str, dict] = {
     "stage_ln": {"patch": _stage_ln},
     "soft_ln": {"fit": _soft_ln},
     "image_chan_std": {"fit": _image_chan_std},
+    "polar": {"fit": _polar},
     # "fit", not "patch": with --continual the base flow is trained with the weighting too
     "stage_w2": {"fit": lambda m, _: _stage_weight(m, 2.0)},
     "stage_w0.5": {"fit": lambda m, _: _stage_weight(m, 0.5)},
@@ -615,6 +643,11 @@ def main() -> None:
         help="Score each category as a second task: the base trained on the previous category (cyclic), then frozen.",
     )
     parser.add_argument("--steps", type=int, default=None, help="Train this many optimizer steps, not --epochs.")
+    parser.add_argument(
+        "--ensemble",
+        default="",
+        help="Also score the sum of these variants' NLL (comma-separated; each standardised by its training patches).",
+    )
     parser.add_argument("--kinds", default="nll,quad", help="Patch scores to report: nll, quad, prob, nll_prob.")
     args = parser.parse_args()
     eval_epochs = {int(e) for e in args.eval_epochs.split(",") if e}
@@ -624,6 +657,8 @@ def main() -> None:
     layers = args.layers.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     rows: dict[str, list[dict[str, float]]] = {}
+    ensemble = [v for v in args.ensemble.split(",") if v]
+    standardised: dict[tuple[str, int], torch.Tensor] = {}  # (variant, seed) -> the final test NLL, standardised
 
     def add(name: str, values: dict[str, float]) -> None:
         rows.setdefault(name, []).append(values)
@@ -813,6 +848,15 @@ def main() -> None:
                     f"  {variant} seed {seed}: loss {losses[0]:.1f} -> {losses[-1]:.1f} "
                     f"({time.perf_counter() - start:.0f} s) {rows[f'{category}|{variant}:nll'][-1]}"
                 )
+                if variant in ensemble:
+                    train_nll = flow_scores(model, train_p, task)["nll"]
+                    test_nll = flow_scores(model, test_p, task)["nll"]
+                    standardised[variant, seed] = (test_nll - train_nll.mean()) / train_nll.std()
+        for seed in seeds if ensemble else []:
+            s = sum(standardised.pop((variant, seed)) for variant in ensemble)
+            result = metrics(to_map(model, s, args.image_size), top_k(s), split)
+            add(f"{category}|ensemble({' & '.join(ensemble)}):nll", result)
+            print(f"  ensemble seed {seed}: {result}")
 
     # mean over categories per method, mean ± spread over seeds
     methods = sorted({key.split("|")[1] for key in rows})
