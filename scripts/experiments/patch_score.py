@@ -257,19 +257,23 @@ def _soft_ln(model: MoleFlowModel, train_patches: torch.Tensor, c: float = 1.0) 
     _replace_norm(model, normalise)
 
 
-def _polar(model: MoleFlowModel, train_patches: torch.Tensor) -> None:
+def _polar(model: MoleFlowModel, train_patches: torch.Tensor, floor: float = 0.0) -> None:
     """Each patch as its pattern and its level: the per-patch LayerNorm (direction, what marks rust's colour) with the
     patch's channel mean and log standard deviation (brightness and contrast, what marks a dark pit) given back as
     the last two channels, relative to the image's own and at unit scale over the task's training patches.
 
     The LayerNorm's output obeys two constraints (zero mean, fixed norm), so the two channels it gives up are the
     ones its constraints determine: the patch is recoverable, nothing is lost, only the coordinates change.
+    ``floor`` > 0 divides the pattern by ``sqrt(variance + floor * the task's mean patch variance)`` instead (as
+    ``soft_ln``), so a flat patch's pattern is not its noise blown up to unit scale.
     """
+    variance_floor = floor * _whitening_input(model, train_patches).var(dim=-1, unbiased=False).mean()
 
     def parts(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean = v.mean(dim=-1, keepdim=True)
-        log_std = (v - mean).pow(2).mean(dim=-1, keepdim=True).add(1e-5).log() / 2
-        pattern = (v - mean) / log_std.exp()
+        variance = (v - mean).pow(2).mean(dim=-1, keepdim=True)
+        log_std = variance.add(1e-5).log() / 2
+        pattern = (v - mean) / (variance + variance_floor + 1e-5).sqrt()
         # the image's exposure removed, as the per-image normalisation does: b h w 1 relative to the image's mean
         level = torch.cat([mean, log_std], dim=-1)
         return pattern, level - level.mean(dim=(1, 2), keepdim=True)
@@ -342,6 +346,7 @@ VARIANTS: dict[str, dict] = {
     "soft_ln": {"fit": _soft_ln},
     "image_chan_std": {"fit": _image_chan_std},
     "polar": {"fit": _polar},
+    "soft_polar": {"fit": lambda m, p: _polar(m, p, floor=1.0)},
     # "fit", not "patch": with --continual the base flow is trained with the weighting too
     "stage_w2": {"fit": lambda m, _: _stage_weight(m, 2.0)},
     "stage_w0.5": {"fit": lambda m, _: _stage_weight(m, 0.5)},
@@ -663,6 +668,9 @@ def main() -> None:
     def add(name: str, values: dict[str, float]) -> None:
         rows.setdefault(name, []).append(values)
 
+    # the datamodules' shuffled train loaders set the order of the cached training patches, and with it every batch a
+    # seed draws: without this a seed's figures changed from one process to the next
+    torch.manual_seed(0)
     families = {c: dm for name in args.data.split(",") for c, dm in datasets(name, args.root).items()}
     if args.categories:
         families = {c: dm for c, dm in families.items() if c in args.categories.split(",")}
@@ -853,7 +861,7 @@ def main() -> None:
                     test_nll = flow_scores(model, test_p, task)["nll"]
                     standardised[variant, seed] = (test_nll - train_nll.mean()) / train_nll.std()
         for seed in seeds if ensemble else []:
-            s = sum(standardised.pop((variant, seed)) for variant in ensemble)
+            s = sum(standardised[variant, seed] for variant in ensemble)
             result = metrics(to_map(model, s, args.image_size), top_k(s), split)
             add(f"{category}|ensemble({' & '.join(ensemble)}):nll", result)
             print(f"  ensemble seed {seed}: {result}")
