@@ -245,10 +245,15 @@ def _pos_center(model: MoleFlowModel, train_patches: torch.Tensor) -> None:
     _replace_norm(model, lambda v: F.layer_norm(v - mean, v.shape[-3:] if norm == "image" else v.shape[-1:]))
 
 
+def _mean_patch_variance(x: torch.Tensor) -> torch.Tensor:
+    """The mean over ``(b, h, w, d)`` patches of each patch's variance over its channels."""
+    return x.var(dim=-1, unbiased=False).mean()
+
+
 def _soft_ln(model: MoleFlowModel, train_patches: torch.Tensor, c: float = 1.0) -> None:
     """Per-patch LayerNorm whose variance floor is ``c`` times the task's mean patch variance: patches far below the
     typical variance (flat background) are not blown up to unit scale, typical and larger ones are normalised."""
-    floor = c * _whitening_input(model, train_patches).var(dim=-1, unbiased=False).mean()
+    floor = c * _mean_patch_variance(_whitening_input(model, train_patches))
 
     def normalise(v: torch.Tensor) -> torch.Tensor:
         centred = v - v.mean(dim=-1, keepdim=True)
@@ -267,7 +272,8 @@ def _polar(model: MoleFlowModel, train_patches: torch.Tensor, floor: float = 0.0
     ``floor`` > 0 divides the pattern by ``sqrt(variance + floor * the task's mean patch variance)`` instead (as
     ``soft_ln``), so a flat patch's pattern is not its noise blown up to unit scale.
     """
-    variance_floor = floor * _whitening_input(model, train_patches).var(dim=-1, unbiased=False).mean()
+    train = _whitening_input(model, train_patches)
+    variance_floor = floor * _mean_patch_variance(train)
 
     def parts(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean = v.mean(dim=-1, keepdim=True)
@@ -278,7 +284,7 @@ def _polar(model: MoleFlowModel, train_patches: torch.Tensor, floor: float = 0.0
         level = torch.cat([mean, log_std], dim=-1)
         return pattern, level - level.mean(dim=(1, 2), keepdim=True)
 
-    _, train_level = parts(_whitening_input(model, train_patches))
+    _, train_level = parts(train)
     scale = train_level.flatten(0, 2).std(dim=0) + 1e-6
 
     def normalise(v: torch.Tensor) -> torch.Tensor:
@@ -813,14 +819,20 @@ def main() -> None:
                     model: MoleFlowModel = model,
                     variant: str = variant,
                     test_p: torch.Tensor = test_p,
+                    train_p: torch.Tensor = train_p,
                     category: str = category,
                     split: dict = split,
+                    seed: int = seed,
                 ) -> None:
                     final = args.steps or args.epochs
                     if epoch != final and epoch not in eval_epochs:
                         return
                     tag = variant if epoch == final else f"{variant}@{epoch}"
-                    for kind, s in flow_scores(model, test_p, task).items():
+                    scores = flow_scores(model, test_p, task)
+                    if epoch == final and variant in ensemble:
+                        train_nll = flow_scores(model, train_p, task)["nll"]
+                        standardised[variant, seed] = (scores["nll"] - train_nll.mean()) / train_nll.std()
+                    for kind, s in scores.items():
                         if kind not in kinds:
                             continue
                         for sigma in sigmas:
@@ -856,10 +868,6 @@ def main() -> None:
                     f"  {variant} seed {seed}: loss {losses[0]:.1f} -> {losses[-1]:.1f} "
                     f"({time.perf_counter() - start:.0f} s) {rows[f'{category}|{variant}:nll'][-1]}"
                 )
-                if variant in ensemble:
-                    train_nll = flow_scores(model, train_p, task)["nll"]
-                    test_nll = flow_scores(model, test_p, task)["nll"]
-                    standardised[variant, seed] = (test_nll - train_nll.mean()) / train_nll.std()
         for seed in seeds if ensemble else []:
             s = sum(standardised[variant, seed] for variant in ensemble)
             result = metrics(to_map(model, s, args.image_size), top_k(s), split)
