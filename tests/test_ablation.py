@@ -48,6 +48,22 @@ def test_rerun_skips_finished_runs(core_smoke: Path, caplog: pytest.LogCaptureFi
     assert caplog.text.count("finished earlier, skipped") == 9
 
 
+def test_suite_json_is_written_after_the_tables_it_indexes(
+    core_smoke: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from anomalib_moleflow.reports import ablation_table
+
+    report = json.loads((core_smoke / "core" / "suite.json").read_text())
+    written = []
+    write = ablation_table.atomic_write_text
+    monkeypatch.setattr(
+        ablation_table, "atomic_write_text", lambda path, text: written.append(path.name) or write(path, text)
+    )
+    ablation_table.write_suite_report("core", None, report["records"], tmp_path)
+    assert written[-1] == "suite.json"  # a reader who finds the JSON finds the table and the CSV too
+    assert set(written) == {"suite.md", "suite.csv", "suite.json"}
+
+
 def test_diverging_run_is_a_failed_row_and_the_suite_goes_on(tmp_path: Path) -> None:
     suite = {
         "name": "diverge",

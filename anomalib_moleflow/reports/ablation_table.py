@@ -92,10 +92,13 @@ def _plot_sweep(name: str, sweep_key: str, rows: list[dict[str, Any]], path: Pat
 
 
 def write_suite_report(name: str, sweep_key: str | None, records: list[dict[str, Any]], folder: Path) -> dict[str, Any]:
-    """Write ``suite.md``, ``suite.csv``, ``suite.json`` (and ``suite.png`` for a sweep) into ``folder``."""
+    """Write ``suite.md``, ``suite.csv`` (and ``suite.png`` for a sweep), then ``suite.json`` into ``folder``.
+
+    ``suite.json`` comes last: once it exists, so do the others (a reader polling a running suite never finds the
+    JSON without its table).
+    """
     rows = suite_rows(records)
     report = {"name": name, "sweep_key": sweep_key, "rows": rows, "records": records}
-    atomic_write_text(folder / "suite.json", json.dumps(report, indent=2, default=str))
     atomic_write_text(folder / "suite.md", suite_markdown(name, rows))
     buffer = io.StringIO()
     fields = [key for key in rows[0] if key != "depth"] if rows else []
@@ -105,6 +108,7 @@ def write_suite_report(name: str, sweep_key: str | None, records: list[dict[str,
     atomic_write_text(folder / "suite.csv", buffer.getvalue())
     if sweep_key and sum(r["status"] == "ok" for r in rows) >= 2:
         _plot_sweep(name, sweep_key, rows, folder / "suite.png")
+    atomic_write_text(folder / "suite.json", json.dumps(report, indent=2, default=str))
     return report
 
 
