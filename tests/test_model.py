@@ -99,7 +99,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def task_of_key(key: str) -> int | None:
     """Task owning a state-dict key of a (non task-separated) MoleFlow, ``None`` for shared tensors."""
-    for marker in (".whitening.", ".dias.", ".experts.", ".router.prototypes."):
+    for marker in (".whitening.", ".dias.", ".experts.", ".router.prototypes.", ".calibrations."):
         if marker in key:
             return int(key.split(marker)[1].split(".")[0])
     return None
@@ -572,6 +572,91 @@ def test_average_last_ends_each_task_with_the_mean_of_its_last_epochs_iterates(
     assert changed == [], f"averaging task 1 changed task 0's tensors: {changed}"
     shared = [f"model.{name}" for name, p in model.model.named_parameters() if task_of_key(f"model.{name}") is None]
     assert all(same_bits(before[key], after[key]) for key in shared)
+
+
+class _ValidatedCalibration(Callback):
+    """Records the training task's score statistics when the fit's validation (its thresholds) starts."""
+
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor] = []
+
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        calibration = pl_module.model.calibrations[pl_module.training_task]
+        self.seen.append(torch.stack([calibration.mean, calibration.std]).clone())
+
+
+def test_score_calibration_standardises_each_position_by_the_tasks_training_images(
+    tiny_mvtec_root: Path,
+    tiny_categories: tuple[str, ...],
+    tmp_path: Path,
+    make_datamodule: Any,
+    make_engine: Any,
+    tiny_model_kwargs: dict[str, Any],
+) -> None:
+    seed_everything(0, verbose=False)
+    model = MoleFlow(**{**tiny_model_kwargs, "max_epochs": 2, "average_last": 0.5})
+    assert model.model.score_calibration == "position"
+    first = None
+    for index, category in enumerate(tiny_categories[:2]):
+        model.add_task(category)
+        spy = _ValidatedCalibration()
+        datamodule = make_datamodule(tiny_mvtec_root, category)
+        make_engine(tmp_path / category, callbacks=[spy]).fit(model, datamodule=datamodule)
+        inner = model.model.eval()
+        train = torch.cat([model.pre_processor.transform(batch.image) for batch in datamodule.train_dataloader()])
+        with torch.no_grad():
+            nll, _ = inner.train_patches(inner.embed(train)[0], index)  # the final (averaged) weights
+        nll = rearrange(nll, "b (h w) -> b h w", h=inner.grid[0])
+        calibration = inner.calibrations[index]
+        torch.testing.assert_close(calibration.mean, nll.mean(0), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(calibration.std, nll.std(0), rtol=1e-4, atol=1e-4)
+        assert len(spy.seen) == 1  # fitted before the validation that sets the task's thresholds
+        assert same_bits(spy.seen[0], torch.stack([calibration.mean, calibration.std]))
+        if index == 0:
+            first = {key: value.clone() for key, value in calibration.state_dict().items()}
+        # the task's scores are its NLLs standardised at each position; "none" gives the NLLs back
+        images = random_images(64)
+        task = torch.full((2,), index)
+        with torch.no_grad():
+            calibrated, _ = inner.predict(images, task)
+            raw_nll = rearrange(
+                inner.train_patches(inner.embed(images)[0], index)[0], "b (h w) -> b h w", h=inner.grid[0]
+            )
+            inner.score_calibration = "none"
+            raw, _ = inner.predict(images, task)
+            inner.score_calibration = "position"
+        expected = (raw_nll - calibration.mean) / calibration.std
+        torch.testing.assert_close(calibrated.pred_score, top_k_image_score(expected, inner.score_aggregation_top_k))
+        torch.testing.assert_close(raw.pred_score, top_k_image_score(raw_nll, inner.score_aggregation_top_k))
+        assert not torch.allclose(calibrated.pred_score, raw.pred_score)
+    for key, value in first.items():  # learning task 1 left task 0's statistics alone
+        assert same_bits(value, inner.calibrations[0].state_dict()[key])
+
+
+def test_score_calibration_is_a_scoring_setting_and_old_checkpoints_score_raw(tmp_path: Path) -> None:
+    model = small_model()
+    model.add_task("a")
+    grid = model.grid
+    model.fit_calibration(
+        0, torch.full(grid, 20.0, dtype=torch.float64), torch.full(grid, 202.0, dtype=torch.float64), 2
+    )
+    torch.testing.assert_close(model.calibrations[0].mean, torch.full(grid, 10.0))
+    torch.testing.assert_close(model.calibrations[0].std, torch.full(grid, math.sqrt(2.0)))  # (202 - 200) / (2 - 1)
+    state = model.state_dict()
+    other = small_model(score_calibration="none")  # loads: a runtime setting
+    other.load_state_dict(state)
+    assert same_bits(other.calibrations[0].std, model.calibrations[0].std)
+    old = {key: value for key, value in state.items() if not key.startswith("calibrations.")}  # as written before
+    fresh = small_model()
+    fresh.load_state_dict(old)
+    patches = random_patches(fresh)
+    nll = rearrange(fresh.patch_nll(*fresh.encode(patches, 0)), "(b h w) -> b h w", h=grid[0], w=grid[1])
+    assert same_bits(fresh.calibrate(nll, 0), nll)  # unfitted: the identity
+    assert same_bits(fresh.calibrate(nll, torch.zeros(2, dtype=torch.long)), nll)
+    with pytest.raises(ValueError, match="at least 2 training images, got 1"):
+        model.fit_calibration(0, torch.zeros(grid, dtype=torch.float64), torch.zeros(grid, dtype=torch.float64), 1)
+    with pytest.raises(ValueError, match="score_calibration must be 'none' or 'position', got 'pixel'"):
+        small_model(score_calibration="pixel")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -41,3 +41,46 @@ def top_k_image_score(patch_scores: torch.Tensor, k: int) -> torch.Tensor:
     """Mean of the ``k`` highest patch scores of each image: ``(b, h, w) -> (b,)``."""
     flat = patch_scores.flatten(1)
     return flat.topk(min(k, flat.shape[1]), dim=1).values.mean(dim=1)
+
+
+class PositionCalibration(nn.Module):
+    """One task's per-position standardisation of its patch scores, from the task's own good training images.
+
+    A density scores a patch by how rare it is among all of the task's patches, wherever they lie; on an aligned
+    product some places (a part's rim, a fold, the image border) hold rare patches in every good image, and those are
+    its false positives. ``(score - mean) / std`` at each grid position, both over the task's training images (Padim's
+    per-position principle, applied to the flow's score), removes them; where a product is not aligned the
+    statistics are the same at every position and the map only shifts and scales. Unfitted, it is the identity.
+
+    Args:
+        grid: The patch grid ``(h, w)``.
+    """
+
+    def __init__(self, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(grid))
+        self.register_buffer("std", torch.ones(grid))
+        self.register_load_state_dict_pre_hook(_identity_when_missing)
+
+    def fit(self, total: torch.Tensor, total_squares: torch.Tensor, count: int) -> None:
+        """Set the statistics from sums over ``count`` ≥ 2 images' ``(h, w)`` patch scores (float64 sums)."""
+        if count < 2:
+            msg = f"Per-position score statistics need at least 2 training images, got {count}."
+            raise ValueError(msg)
+        mean = total / count
+        variance = ((total_squares - count * mean.square()) / (count - 1)).clamp_min(0)
+        std = variance.sqrt()
+        floor = 1e-3 * float(std.mean()) + 1e-12  # a position whose score never varied must not blow up
+        self.mean.copy_(mean.to(self.mean))
+        self.std.copy_(std.clamp_min(floor).to(self.std))
+
+    def forward(self, patch_scores: torch.Tensor) -> torch.Tensor:
+        """Standardise ``(b, h, w)`` patch scores position by position."""
+        return (patch_scores - self.mean) / self.std
+
+
+def _identity_when_missing(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """A checkpoint written before the calibration existed loads it unfitted (its task scores as it did)."""
+    del args
+    for name in ("mean", "std"):
+        state_dict.setdefault(f"{prefix}{name}", getattr(module, name).clone())

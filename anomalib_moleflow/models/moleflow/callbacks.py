@@ -9,6 +9,8 @@
   router prototype and (``whitening_norm="position"``) the whitening statistics.
 * :class:`TaskWeightAveraging` (``average_last > 0``): the task ends with the mean of its weights over the last part
   of its training steps.
+* :class:`TaskScoreCalibration`: before the fit's validation (or at its end), fit the training task's per-position
+  score statistics with the weights it ends with.
 
 The training step itself only reads the cache and feeds the statistics; when they are fitted is decided here.
 
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from anomalib.data import Folder
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 
 from anomalib_moleflow.distributed import gather_objects
 
@@ -256,6 +259,42 @@ class TaskWeightAveraging(Callback):
                 for p, mean in zip(self._trained(trainer), self._mean, strict=True):
                     p.copy_(mean)
             self._mean, self._count = [], 0
+
+
+class TaskScoreCalibration(Callback):
+    """Fit the training task's per-position score statistics (``MoleFlow.fit_score_calibration``) from its training
+    images once its weights are final: before the fit's validation, which sets the task's thresholds from its scores,
+    and at the end of the fit if a step came after (a fit without validation, e.g. ``threshold="good_fpr"``, whose
+    thresholds ``on_train_end`` sets from held-out images after this callback's ``on_train_end``). Every task keeps
+    its statistics; ``score_calibration`` only decides whether scoring uses them.
+    """
+
+    def __init__(self) -> None:
+        self._stale = False
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A fit always ends with statistics of its own weights."""
+        del trainer, pl_module
+        self._stale = True
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """A step changed the weights (``None``: a batch that stepped nothing)."""
+        del trainer, pl_module, batch, batch_idx
+        self._stale = self._stale or outputs is not None
+
+    def _fit(self, trainer: Trainer, pl_module: Any) -> None:
+        if self._stale and pl_module.is_fitting:
+            pl_module.fit_score_calibration(pl_module.training_task, trainer.train_dataloader)
+            self._stale = False
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Before a validation inside the fit."""
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._fit(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """At the end of the fit, if the weights changed since the last fit of the statistics."""
+        self._fit(trainer, pl_module)
 
 
 def training_cache(pl_module: LightningModule) -> FeatureCache | None:

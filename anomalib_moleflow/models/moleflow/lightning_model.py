@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple, get_args
@@ -26,17 +26,20 @@ from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.visualization import Visualizer
+from einops import rearrange
 from lightning.pytorch import Callback
+from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn, optim
 
 from anomalib_moleflow.checkpoint import check_finite_state, read_checkpoint
 from anomalib_moleflow.compat import compile_cache_limit, extra_state_key, is_compiled
-from anomalib_moleflow.distributed import world_size
+from anomalib_moleflow.distributed import gather_objects, world_size
 from anomalib_moleflow.metrics import default_evaluator
 
 from .callbacks import (
     FitScope,
+    TaskScoreCalibration,
     TaskStatisticsFitting,
     TaskWeightAveraging,
     TrainingFeatureCache,
@@ -56,6 +59,7 @@ from .settings import (
     CompileMode,
     RouterCovariance,
     RouterEmbedding,
+    ScoreCalibration,
     ThresholdMode,
     WhiteningNorm,
     differences,
@@ -151,6 +155,9 @@ class MoleFlow(AnomalibModule):
         lambda_logdet: Weight of the log-determinant regulariser.
         score_aggregation_top_k: Image score = mean of the k highest patch scores.
         anomaly_map_sigma: Standard deviation of the anomaly map's Gaussian blur in pixels (0: no blur).
+        score_calibration: ``position``: each task's patch scores standardised at every grid position by its good
+            training images' statistics there (fitted after the task trains, :class:`~.callbacks.TaskScoreCalibration`);
+            ``none``: the flow's NLL (the study's). A scoring setting: any checkpoint loads with either.
         freeze_base: Freeze the shared base after the first task (``False``: sequential fine-tuning).
         task_separated: A whole flow per task (the parameter-hungry upper bound).
         lr: Adam learning rate.
@@ -212,6 +219,7 @@ class MoleFlow(AnomalibModule):
         lambda_logdet: float = 1e-4,
         score_aggregation_top_k: int = 3,
         anomaly_map_sigma: float = 4.0,
+        score_calibration: ScoreCalibration = "position",
         freeze_base: bool = True,
         task_separated: bool = False,
         lr: float = 3e-3,
@@ -487,13 +495,14 @@ class MoleFlow(AnomalibModule):
     # ------------------------------------------------------------- training
     def configure_callbacks(self) -> list[Callback]:
         """The fit's task for a plain ``Engine.fit``, anomalib's (the components that are callbacks), then the
-        training feature cache's life cycle, the fitting of the training task's statistics and (``average_last``) the
-        averaging of its weights."""
+        training feature cache's life cycle, the fitting of the training task's statistics, (``average_last``) the
+        averaging of its weights and the fitting of its score statistics with the weights it ends with."""
         inherited = super().configure_callbacks()
         inherited = [inherited] if isinstance(inherited, Callback) else list(inherited)
         cache = TrainingFeatureCache(self.feature_cache, self.feature_cache_dtype)
         averaging = [TaskWeightAveraging(self.average_last)] if self.average_last > 0 else []
-        return [FitScope(), *inherited, cache, TaskStatisticsFitting(), *averaging]
+        # The calibration's on_train_end runs before the cache's, which closes the cache it reads.
+        return [FitScope(), *inherited, TaskScoreCalibration(), cache, TaskStatisticsFitting(), *averaging]
 
     def on_train_start(self) -> None:
         """With ``threshold="good_fpr"``, choose the held-out good images (every k-th training image by path,
@@ -546,6 +555,48 @@ class MoleFlow(AnomalibModule):
                 100 * self.target_fpr,
             )
         self._held_out = {}
+
+    def fit_score_calibration(self, task: int, batches: Iterable[Batch]) -> None:
+        """Fit ``task``'s per-position score statistics from the patch NLLs of its good training images (every image of
+        ``batches`` but those held out for ``threshold="good_fpr"``), with the weights the task has now.
+
+        Under DDP every rank scores its share and the sums are combined. The task's training feature cache serves the
+        embeddings while its fit runs.
+        """
+        cache = training_cache(self)
+        height, width = self.model.grid
+        total = torch.zeros(height, width, dtype=torch.float64)
+        total_squares = torch.zeros_like(total)
+        count = 0
+        training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    patches = self._patches(move_data_to_device(batch, self.device), cache)
+                    paths = getattr(batch, "image_path", None) or [None] * len(patches)
+                    kept = torch.tensor([str(path) not in self._held_out for path in paths], device=patches.device)
+                    if not bool(kept.any()):
+                        continue
+                    nll, _ = self.model.train_patches(patches[kept], task)
+                    scores = rearrange(nll.double().cpu(), "b (h w) -> b h w", h=height, w=width)
+                    total += scores.sum(0)
+                    total_squares += scores.square().sum(0)
+                    count += len(scores)
+        finally:
+            self.train(training)
+        shares = gather_objects((total, total_squares, count))
+        total, total_squares = sum(s[0] for s in shares), sum(s[1] for s in shares)
+        count = sum(s[2] for s in shares)
+        if count < 2:
+            logger.warning(
+                "Task %d '%s': %d training image(s), too few for per-position score statistics; it scores raw NLL.",
+                task,
+                self.model.task_names[task],
+                count,
+            )
+            return
+        self.model.fit_calibration(task, total, total_squares, count)
 
     def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """One step of the training task: tail-aware NLL + log-det regularisation; feeds the router."""

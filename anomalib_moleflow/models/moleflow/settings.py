@@ -35,6 +35,9 @@ RouterEmbedding = Literal["mean", "max"]
 #: The covariance that decides the route: each ``task``'s own (ridged, the study's) or one ``pooled`` over the tasks
 #: (the mean of their Ledoit-Wolf estimates: linear discriminant analysis).
 RouterCovariance = Literal["task", "pooled"]
+#: How each task's patch scores are calibrated before the map and the image score: ``none`` (the flow's NLL) or
+#: ``position`` (standardised at each grid position by the task's good training images' mean and spread there).
+ScoreCalibration = Literal["none", "position"]
 
 
 @dataclass
@@ -65,6 +68,10 @@ class ArchitectureSettings:
         score_aggregation_top_k: Image score = mean of the k highest patch scores.
         anomaly_map_sigma: Standard deviation in pixels of the Gaussian blur of the anomaly map (after the bilinear
             upsampling; 0: no blur). 4 is anomalib's (Patchcore, Padim); a blur wider than the defect erases it.
+        score_calibration: How each task's patch scores are calibrated before the map and the image score: none
+            (the flow's NLL, the study's) or position (standardised at each grid position by the mean and standard
+            deviation of the task's good training images' scores there, fitted after the task trains;
+            docs/quality.md 0i).
         task_separated: One whole flow per task instead of a shared base (the parameter-hungry upper bound).
         router_eps: Relative ridge of each task's own router covariance (its unknown-product threshold; its route with
             router_covariance task).
@@ -98,6 +105,7 @@ class ArchitectureSettings:
     scale_context_kernel: int = 5
     score_aggregation_top_k: int = 3
     anomaly_map_sigma: float = 4.0
+    score_calibration: ScoreCalibration = "position"
     task_separated: bool = False
     router_eps: float = 0.01
     router_embedding: RouterEmbedding = "max"
@@ -159,11 +167,18 @@ class MoleFlowSettings(TrainingSettings, ArchitectureSettings):
 
 #: Architecture settings that do not change what a saved state dict means (free to differ from a checkpoint's).
 RUNTIME_SETTINGS: frozenset[str] = frozenset(
-    {"score_aggregation_top_k", "anomaly_map_sigma", "router_eps", "router_covariance", "unknown_factor"}
+    {
+        "score_aggregation_top_k",
+        "anomaly_map_sigma",
+        "score_calibration",
+        "router_eps",
+        "router_covariance",
+        "unknown_factor",
+    }
 )
 #: Settings added after runs were already recorded, each with the value that reproduces what such a run did: a
 #: recorded configuration without the key is read with this value (so those runs still resume).
-INTRODUCED_SETTINGS: dict[str, Any] = {"average_last": 0.0}
+INTRODUCED_SETTINGS: dict[str, Any] = {"average_last": 0.0, "score_calibration": "none"}
 #: Settings that change only speed and memory, never a result (a resumed run may change them).
 SPEED_SETTINGS: tuple[str, ...] = ("feature_cache", "feature_cache_dtype", "compile_mode")
 
@@ -223,6 +238,7 @@ __all__ = [
     "MoleFlowSettings",
     "RouterCovariance",
     "RouterEmbedding",
+    "ScoreCalibration",
     "ThresholdMode",
     "TrainingSettings",
     "WhiteningNorm",

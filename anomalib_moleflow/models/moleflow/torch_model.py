@@ -11,7 +11,7 @@ from anomalib.data import InferenceBatch
 from einops import rearrange, repeat
 from torch import nn
 
-from .anomaly_map import AnomalyMapGenerator, top_k_image_score
+from .anomaly_map import AnomalyMapGenerator, PositionCalibration, top_k_image_score
 from .components.adapters import WhiteningAdapter, check_whitening_norm, per_image_whitening
 from .components.backbone import build_feature_extractor
 from .components.coupling import MoLEFlow
@@ -23,6 +23,7 @@ from .settings import (
     ArchitectureSettings,
     RouterCovariance,
     RouterEmbedding,
+    ScoreCalibration,
     WhiteningNorm,
     differences,
     select,
@@ -72,6 +73,9 @@ class MoleFlowModel(nn.Module):
         scale_context_kernel: Kernel of the scale context in each coupling subnet (0: off, else odd).
         score_aggregation_top_k: Image score = mean of the top-k patch scores.
         anomaly_map_sigma: Standard deviation of the anomaly map's Gaussian blur in pixels (0: no blur).
+        score_calibration: ``position``: each task's patch scores standardised at every grid position by its good
+            training images' statistics there (:meth:`fit_calibration`; an unfitted task scores raw); ``none``: the
+            flow's NLL. A scoring setting: every task keeps its statistics either way.
         task_separated: One whole flow per task instead of a shared base.
         router_eps: Relative ridge of each task's own router covariance.
         router_embedding: The router's image embedding: ``mean`` or ``max`` of the patch embeddings over the grid.
@@ -107,6 +111,7 @@ class MoleFlowModel(nn.Module):
         scale_context_kernel: int = 5,
         score_aggregation_top_k: int = 3,
         anomaly_map_sigma: float = 4.0,
+        score_calibration: ScoreCalibration = "position",
         task_separated: bool = False,
         router_eps: float = 0.01,
         router_embedding: RouterEmbedding = "max",
@@ -152,6 +157,10 @@ class MoleFlowModel(nn.Module):
             _check(kernel == 0 or (kernel > 0 and kernel % 2 == 1), f"{name} must be 0 (off) or odd, got {kernel}.")
         _check(score_aggregation_top_k >= 1, f"score_aggregation_top_k must be >= 1, got {score_aggregation_top_k}.")
         _check(anomaly_map_sigma >= 0, f"anomaly_map_sigma must be >= 0 (0: no blur), got {anomaly_map_sigma}.")
+        _check(
+            score_calibration in ("none", "position"),
+            f"score_calibration must be 'none' or 'position', got {score_calibration!r}.",
+        )
         _check(router_eps > 0, f"router_eps must be > 0, got {router_eps}.")
         _check(unknown_factor is None or unknown_factor > 0, f"unknown_factor must be > 0, got {unknown_factor}.")
         #: Every constructor argument (``embed_dim`` and ``lora_alpha`` resolved): the checkpoint fingerprint's source.
@@ -173,6 +182,7 @@ class MoleFlowModel(nn.Module):
         self.spatial_context_kernel = spatial_context_kernel
         self.scale_context_kernel = scale_context_kernel
         self.score_aggregation_top_k = score_aggregation_top_k
+        self.score_calibration = score_calibration
         self.unknown_factor = unknown_factor
         self.task_separated = task_separated
         self.exact_likelihood = exact_likelihood
@@ -195,6 +205,7 @@ class MoleFlowModel(nn.Module):
         self.task_names: list[str] = []
         self.whitening = nn.ModuleList()
         self.dias = nn.ModuleList()
+        self.calibrations = nn.ModuleList()
         self.flows = nn.ModuleList()
         if not task_separated:
             self.flows.append(self._new_flow())
@@ -252,6 +263,7 @@ class MoleFlowModel(nn.Module):
             else nn.Identity()
         )
         self.dias.append(DeepInvertibleAdapter(self.embed_dim, self.dia_blocks) if self.dia_blocks else nn.Identity())
+        self.calibrations.append(PositionCalibration(self.grid))
         self.router.add_task()
         if self.task_separated:
             self.flows.append(self._new_flow())
@@ -271,6 +283,26 @@ class MoleFlowModel(nn.Module):
     def finalize_whitening(self, task: int) -> None:
         """Fit ``task``'s whitening statistics from what :meth:`accumulate_whitening` collected."""
         self.whitening[task].finalize()
+
+    def fit_calibration(self, task: int, total: torch.Tensor, total_squares: torch.Tensor, count: int) -> None:
+        """Fit ``task``'s per-position score statistics from float64 sums of its ``count`` good training images'
+        ``(h, w)`` patch NLLs (:meth:`train_patches` with the task's final weights)."""
+        self.calibrations[task].fit(total, total_squares, count)
+
+    def calibrate(self, scores: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
+        """``(b, h, w)`` patch NLLs as the task's patch scores (calibrated with ``score_calibration="position"``).
+
+        Args:
+            scores: Patch NLLs of one task's images, or of images with a task each.
+            task: The task, or a task index per image ``(b,)`` (each image's statistics gathered).
+        """
+        if self.score_calibration == "none":
+            return scores
+        if isinstance(task, torch.Tensor):
+            mean = torch.stack([c.mean for c in self.calibrations])[task]
+            std = torch.stack([c.std for c in self.calibrations])[task]
+            return (scores - mean) / std
+        return self.calibrations[task](scores)
 
     def _with_position(self, patches: torch.Tensor) -> torch.Tensor:
         """The whitening adapters' input: patch embeddings plus the positional code."""
@@ -311,7 +343,7 @@ class MoleFlowModel(nn.Module):
         return trainable
 
     def parameter_report(self) -> dict[str, Any]:
-        """Parameter and byte counts: backbone, shared, and added per task (router statistics included in bytes)."""
+        """Parameter and byte counts: backbone, shared, and added per task (router and score statistics in bytes)."""
 
         def size(tensors: list[torch.Tensor]) -> tuple[int, int]:
             unique = {id(t): t for t in tensors}.values()
@@ -320,8 +352,9 @@ class MoleFlowModel(nn.Module):
         per_task = []
         for task, name in enumerate(self.task_names):
             params, param_bytes = size(self.task_parameters(task, trained_only=False))
-            _, router_bytes = size(list(self.router.prototypes[task].state_dict().values()))
-            per_task.append({"task": name, "params": params, "bytes": param_bytes + router_bytes})
+            statistics = [*self.router.prototypes[task].state_dict().values(), *self.calibrations[task].buffers()]
+            _, statistics_bytes = size(statistics)
+            per_task.append({"task": name, "params": params, "bytes": param_bytes + statistics_bytes})
         backbone_params, backbone_bytes = size(list(self.feature_extractor.parameters()))
         shared_params, shared_bytes = size(self.shared_parameters(trained_only=False))
         return {
@@ -482,12 +515,13 @@ class MoleFlowModel(nn.Module):
             for task in routed.task.unique().tolist():
                 selected = routed.task == task
                 z, log_det = self.encode(patches[selected], task)
-                nll = self.patch_nll(z, log_det)
-                scores[selected] = rearrange(nll.float(), "(b h w) -> b h w", h=height, w=width)
+                nll = rearrange(self.patch_nll(z, log_det).float(), "(b h w) -> b h w", h=height, w=width)
+                scores[selected] = self.calibrate(nll, task)
         else:
             # An exported graph cannot branch on the routed tasks: one pass, each image's expert weights gathered.
             z, log_det = self.encode(patches, routed.task)
-            scores = rearrange(self.patch_nll(z, log_det).float(), "(b h w) -> b h w", h=height, w=width)
+            nll = rearrange(self.patch_nll(z, log_det).float(), "(b h w) -> b h w", h=height, w=width)
+            scores = self.calibrate(nll, routed.task)
         anomaly_map = self.anomaly_map_generator(scores, output_size)
         pred_score = top_k_image_score(scores, self.score_aggregation_top_k)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map), routed

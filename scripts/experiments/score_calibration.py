@@ -1,0 +1,63 @@
+"""Does calibrating each position's score on the task's own training images help localisation? (issue 20, step 3)
+
+A research script, not a test. A density scores a patch by how rare it is among *all* the task's patches, wherever
+they lie; on an aligned product the same places (the part's rim, a bright fold) are rare in every image, normal ones
+included, and they are the false positives that cost pixel AP. Padim's per-position Gaussian removes exactly that;
+MoLE-Flow's positional code only shifts the features. This scores a trained continual checkpoint (routed) on each
+product of the benchmark (pixel metrics where it has masks), then subtracts each grid position's mean patch NLL over
+the task's training images (``shift``) or standardises by its mean and standard deviation (``z``) before the map and
+the image score are made. On a product whose images are not aligned the position's mean is flat and the shift
+changes nothing, so the calibration would be general, not fitted to one product.
+Image score: the mean of the top-k patch scores, as the model's.
+
+    python scripts/experiments/score_calibration.py --checkpoint results/quality/seed_2/rows/moleflow/model.ckpt
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from map_upsampling import moleflow_patch_scores, to_map
+from patch_score import auroc_ap, checkpoint_parser, datasets, load_checkpoint, load_split
+
+from anomalib_moleflow.models.moleflow.anomaly_map import top_k_image_score
+
+
+def calibrations(train: torch.Tensor, test: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The test patch scores ``(b, h, w)`` raw and calibrated by the training images' per-position statistics."""
+    mean, std = train.mean(0), train.std(0)
+    return {
+        "raw (the model's)": test,
+        "minus the position's training mean (shift)": test - mean,
+        "standardised by the position's training mean and std (z)": (test - mean) / std.clamp_min(1e-6),
+    }
+
+
+def main() -> None:
+    parser = checkpoint_parser(__doc__.splitlines()[0], data="real,elpv_bench")
+    args = parser.parse_args()
+    model = load_checkpoint(args.checkpoint)
+    k = model.model.score_aggregation_top_k
+    print("| product | score | img AUROC | pix AUROC | pix AP | spread of the training mean over positions |")
+    print("|---|---|---|---|---|---|")
+    products = {name: dm for family in args.data.split(",") for name, dm in datasets(family, args.root).items()}
+    for name, datamodule in products.items():
+        split = load_split(datamodule, args.image_size)
+        train = moleflow_patch_scores(model, split["train"])
+        test = moleflow_patch_scores(model, split["test"])
+        spread = train.mean(0)
+        for label, scores in calibrations(train, test).items():
+            image = auroc_ap(split["label"], top_k_image_score(scores, k))[0]
+            cells = f"{100 * image:.2f} | - | -"
+            if "mask" in split:
+                pixel = auroc_ap(split["mask"], to_map(scores, args.image_size, "bilinear", 4.0))
+                cells = f"{100 * image:.2f} | {100 * pixel[0]:.2f} | {100 * pixel[1]:.2f}"
+            print(f"| {name} | {label} | {cells} | {float(spread.max() - spread.min()):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
