@@ -572,8 +572,12 @@ class MoleFlow(AnomalibModule):
         self.eval()
         try:
             with torch.no_grad():
-                for batch in batches:
-                    patches = self._patches(move_data_to_device(batch, self.device), cache)
+                for index, raw in enumerate(batches):
+                    batch = move_data_to_device(raw, self.device)
+                    pre_process = getattr(self.pre_processor, "on_train_batch_start", None)
+                    if pre_process is not None:  # as the training loop does (anomalib's PreProcessor is a callback)
+                        pre_process(self.trainer, self, batch, index)
+                    patches = self._patches(batch, cache)
                     paths = getattr(batch, "image_path", None) or [None] * len(patches)
                     kept = torch.tensor([str(path) not in self._held_out for path in paths], device=patches.device)
                     if not bool(kept.any()):
