@@ -289,12 +289,22 @@ def test_good_fpr_holds_images_out_of_training_and_sets_the_threshold_from_them(
         return set_stats(task, scores, maps, fpr)
 
     model.post_processor.set_good_statistics = record
+    calibrated: list[int] = []
+    fit_calibration = model.model.fit_calibration
+
+    def count(task, total, squares, images):
+        calibrated.append(images)
+        assert not held_scores  # the score statistics come before the thresholds that use them
+        return fit_calibration(task, total, squares, images)
+
+    model.model.fit_calibration = count
     Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu").fit(
         model, datamodule=_tasks(tiny_mvtec_root)[0]
     )
     (scores,) = held_scores
     assert len(scores) == 2  # every 4th of the 8 training images (at least 2 held out)
     assert len(set(trained)) == 6  # the held-out ones never trained the flow
+    assert calibrated == [6]  # nor the score statistics, fitted once (no validation in this mode: at the fit's end)
     threshold = model.post_processor.stats_of(0)["image_threshold"]
     expected = (
         scores.double().mean() + torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.8)) * scores.double().std()
