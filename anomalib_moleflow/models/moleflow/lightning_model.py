@@ -556,6 +556,11 @@ class MoleFlow(AnomalibModule):
             )
         self._held_out = {}
 
+    def _held_out_mask(self, batch: Batch, device: torch.device) -> torch.Tensor:
+        """``(b,)``: which of the batch's images ``threshold="good_fpr"`` holds out (none without paths)."""
+        paths = getattr(batch, "image_path", None) or [None] * len(batch.image)
+        return torch.tensor([str(path) in self._held_out for path in paths], dtype=torch.bool, device=device)
+
     def fit_score_calibration(self, task: int, batches: Iterable[Batch]) -> None:
         """Fit ``task``'s per-position score statistics from the patch NLLs of its good training images (every image of
         ``batches`` but those held out for ``threshold="good_fpr"``), with the weights the task has now.
@@ -568,18 +573,17 @@ class MoleFlow(AnomalibModule):
         total = torch.zeros(height, width, dtype=torch.float64)
         total_squares = torch.zeros_like(total)
         count = 0
+        pre_process = getattr(self.pre_processor, "on_train_batch_start", None)
         training = self.training
         self.eval()
         try:
             with torch.no_grad():
                 for index, raw in enumerate(batches):
                     batch = move_data_to_device(raw, self.device)
-                    pre_process = getattr(self.pre_processor, "on_train_batch_start", None)
                     if pre_process is not None:  # as the training loop does (anomalib's PreProcessor is a callback)
                         pre_process(self.trainer, self, batch, index)
                     patches = self._patches(batch, cache)
-                    paths = getattr(batch, "image_path", None) or [None] * len(patches)
-                    kept = torch.tensor([str(path) not in self._held_out for path in paths], device=patches.device)
+                    kept = ~self._held_out_mask(batch, patches.device)
                     if not bool(kept.any()):
                         continue
                     nll, _ = self.model.train_patches(patches[kept], task)
@@ -608,7 +612,7 @@ class MoleFlow(AnomalibModule):
         task = self.training_task
         patches = every_image = self._patches(batch, training_cache(self))
         if self._held_out:
-            held = torch.tensor([str(path) in self._held_out for path in batch.image_path], device=patches.device)
+            held = self._held_out_mask(batch, patches.device)
             for index in held.nonzero().flatten().tolist():
                 self._held_out[str(batch.image_path[index])] = patches[index].detach().cpu()
             if bool(held.all()):  # nothing to train on in this batch: Lightning skips the step
