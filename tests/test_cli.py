@@ -51,3 +51,21 @@ def test_continual_without_tasks_fails_clearly(tmp_path, capsys: pytest.CaptureF
         main(["continual", "--output", str(tmp_path)])
     assert exit_info.value.code == 1
     assert "No tasks" in capsys.readouterr().err
+
+
+def test_every_model_option_has_its_help_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each ``--model.*`` option says what it does, architecture settings included (not only its type)."""
+    from anomalib_moleflow.models.moleflow.settings import MoleFlowSettings
+
+    with pytest.raises(SystemExit):
+        main(["continual", "--help"])
+    options = capsys.readouterr().out.split("Every setting of ``MoleFlow``")[1]
+    entries = {
+        block.split()[0]: " ".join(block.split()[1:])
+        for block in ("\n" + options).split("\n  --model.")[1:]  # one block per option
+    }
+    assert set(entries) == set(MoleFlowSettings.__dataclass_fields__)
+    undocumented = [name for name, text in entries.items() if text.split("(type:")[0].strip() in ("", name.upper())]
+    assert not undocumented, undocumented
+    assert "timm backbone name" in entries["backbone"]
+    assert "Adam learning rate" in entries["lr"]

@@ -157,12 +157,17 @@ class TrainingSettings:
     compile_mode: CompileMode = "off"
 
 
+def _attributes(settings: type) -> str:
+    """The ``Attributes:`` entries of a settings class's docstring, as written there."""
+    return settings.__doc__.split("Attributes:\n", 1)[1].rstrip() + "\n"
+
+
 @dataclass
 class MoleFlowSettings(TrainingSettings, ArchitectureSettings):
-    """Every setting of ``MoleFlow`` but its anomalib components: the ``--model.*`` options and a config's ``model:``.
-
-    Attributes are those of :class:`ArchitectureSettings` and :class:`TrainingSettings`.
-    """
+    __doc__ = (  # jsonargparse reads the help of one dataclass base only: both lists, so every option has its help
+        "Every setting of ``MoleFlow`` but its anomalib components: the ``--model.*`` options and a config's "
+        "``model:``.\n\n    Attributes:\n" + _attributes(ArchitectureSettings) + _attributes(TrainingSettings)
+    )
 
 
 #: Architecture settings that do not change what a saved state dict means (free to differ from a checkpoint's).
