@@ -312,6 +312,54 @@ def test_good_fpr_holds_images_out_of_training_and_sets_the_threshold_from_them(
     assert threshold == pytest.approx(float(expected), rel=1e-4)  # 2 scores < 1 / 0.2: the Gaussian tail
 
 
+def test_held_out_calibration_fits_the_statistics_on_images_the_flow_never_trained_on(
+    tiny_mvtec_root: Path, tmp_path: Path
+) -> None:
+    from anomalib.engine import Engine
+    from einops import rearrange
+
+    seed_everything(0, verbose=False)
+    model = MoleFlow(**{**TINY_MODEL_KWARGS, "score_calibration": "held_out", "average_last": 0.5})
+    model.add_task(TINY_CATEGORIES[0])
+    trained: set[str] = set()
+    held: set[str] = set()
+    step = model.training_step
+
+    def spy(batch, *args, **kwargs):
+        held.update(model._held_out)
+        trained.update(str(path) for path in batch.image_path if str(path) not in model._held_out)
+        return step(batch, *args, **kwargs)
+
+    model.training_step = spy
+    calibrated: list[int] = []
+    fit_calibration = model.model.fit_calibration
+
+    def count(task, total, squares, images):
+        calibrated.append(images)
+        return fit_calibration(task, total, squares, images)
+
+    model.model.fit_calibration = count
+    datamodule = _tasks(tiny_mvtec_root)[0]
+    Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu").fit(
+        model, datamodule=datamodule
+    )
+    assert (len(held), len(trained)) == (2, 6)  # every 4th of the 8 training images (a fifth, at least 2)
+    assert not held & trained  # the held-out ones never trained the flow
+    assert calibrated  # the statistics come from the held-out images only
+    assert set(calibrated) == {2}
+    assert model.post_processor.stats_of(0)["image_threshold"] is not None  # f1 thresholds still from validation
+    inner = model.model.eval()
+    images = [
+        model.pre_processor.transform(batch.image[[str(p) in held for p in batch.image_path]])
+        for batch in datamodule.train_dataloader()
+    ]
+    with torch.no_grad():
+        nll, _ = inner.train_patches(inner.embed(torch.cat(images))[0], 0)  # the task's final weights
+    nll = rearrange(nll, "b (h w) -> b h w", h=inner.grid[0])
+    torch.testing.assert_close(inner.calibrations[0].mean, nll.mean(0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(inner.calibrations[0].std, nll.std(0), rtol=1e-4, atol=1e-4)
+
+
 def test_f1_threshold_stays_anomalibs(tiny_mvtec_root: Path) -> None:
     model = MoleFlow(**TINY_MODEL_KWARGS)
     assert model.threshold == "f1"

@@ -655,7 +655,7 @@ def test_score_calibration_is_a_scoring_setting_and_old_checkpoints_score_raw(tm
     assert same_bits(fresh.calibrate(nll, torch.zeros(2, dtype=torch.long)), nll)
     with pytest.raises(ValueError, match="at least 2 training images, got 1"):
         model.fit_calibration(0, torch.zeros(grid, dtype=torch.float64), torch.zeros(grid, dtype=torch.float64), 1)
-    with pytest.raises(ValueError, match="score_calibration must be 'none' or 'position', got 'pixel'"):
+    with pytest.raises(ValueError, match="score_calibration must be 'none', 'position' or 'held_out', got 'pixel'"):
         small_model(score_calibration="pixel")
 
 

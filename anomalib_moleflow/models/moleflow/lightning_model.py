@@ -105,6 +105,9 @@ _quiet_what_moleflow_causes()
 
 #: Share of a task's good training images held out of training to set its thresholds (``threshold="good_fpr"``).
 HELD_OUT_SHARE = 0.1
+#: Share held out with ``score_calibration="held_out"``: enough images for a standard deviation at every position
+#: (11 of MPDD's 54), most of them still training the flow. With ``good_fpr`` too, the same images serve both.
+CALIBRATION_SHARE = 0.2
 
 
 class ScoredImages(NamedTuple):
@@ -157,7 +160,9 @@ class MoleFlow(AnomalibModule):
         anomaly_map_sigma: Standard deviation of the anomaly map's Gaussian blur in pixels (0: no blur).
         score_calibration: ``position``: each task's patch scores standardised at every grid position by its good
             training images' statistics there (fitted after the task trains, :class:`~.callbacks.TaskScoreCalibration`);
-            ``none``: the flow's NLL (the study's). A scoring setting: any checkpoint loads with either.
+            ``held_out``: the same, with statistics from :data:`CALIBRATION_SHARE` of the task's good training images
+            held out of its training (unseen images, as the test's); ``none``: the flow's NLL (the study's). Any
+            checkpoint loads with any of them.
         freeze_base: Freeze the shared base after the first task (``False``: sequential fine-tuning).
         task_separated: A whole flow per task (the parameter-hungry upper bound).
         lr: Adam learning rate.
@@ -283,7 +288,7 @@ class MoleFlow(AnomalibModule):
         self.average_last = average_last
         self.threshold = threshold
         self.target_fpr = target_fpr
-        self._held_out: dict[str, torch.Tensor | None] = {}  # good_fpr: held-out image path -> its patch embedding
+        self._held_out: dict[str, torch.Tensor | None] = {}  # held-out image path -> its patch embedding
         self._fit_task: int | None = None  # chosen by `fitting` for one fit (NEWEST_TASK: the newest)
         self._routing = RoutingRecorder()
 
@@ -505,21 +510,31 @@ class MoleFlow(AnomalibModule):
         return [FitScope(), *inherited, TaskScoreCalibration(), cache, TaskStatisticsFitting(), *averaging]
 
     def on_train_start(self) -> None:
-        """With ``threshold="good_fpr"``, choose the held-out good images (every k-th training image by path,
-        :data:`HELD_OUT_SHARE` of them, at least 2): they never train the flow and set the task's thresholds."""
+        """With ``threshold="good_fpr"`` or ``score_calibration="held_out"``, choose the held-out good images (every
+        k-th training image by path, :data:`HELD_OUT_SHARE` or :data:`CALIBRATION_SHARE` of them, at least 2): they
+        never train the flow; they set the task's thresholds or its score statistics."""
         self._held_out = {}
-        if self.threshold != "good_fpr":
+        users = [f"{name}={value!r}" for name, value in self._held_out_users().items() if value]
+        if not users:
             return
         dataset = getattr(self.trainer.train_dataloader, "dataset", None)
         paths = sorted(str(p) for p in getattr(getattr(dataset, "samples", None), "image_path", []))
         if len(paths) < 4:
             msg = (
-                f"threshold='good_fpr' holds out some good training images to set the thresholds and needs at "
-                f"least 4 training images with paths, got {len(paths)}. Add images, or use threshold='f1'."
+                f"{' and '.join(users)} hold(s) out some good training images and need(s) at least 4 training images "
+                f"with paths, got {len(paths)}. Add images, or use threshold='f1' and score_calibration='position'."
             )
             raise ValueError(msg)
-        step = max(2, min(round(1 / HELD_OUT_SHARE), len(paths) // 2))
+        share = CALIBRATION_SHARE if self.model.score_calibration == "held_out" else HELD_OUT_SHARE
+        step = max(2, min(round(1 / share), len(paths) // 2))
         self._held_out = dict.fromkeys(paths[::step])
+
+    def _held_out_users(self) -> dict[str, str | None]:
+        """The settings that hold out good training images, with their values (``None``: this one does not)."""
+        return {
+            "threshold": self.threshold if self.threshold == "good_fpr" else None,
+            "score_calibration": "held_out" if self.model.score_calibration == "held_out" else None,
+        }
 
     def _patches(self, batch: Batch | torch.Tensor, cache: FeatureCache | None) -> torch.Tensor:
         """Patch embeddings ``(b, h, w, d)`` of a batch's images, from ``cache`` when it holds every one of them.
@@ -539,7 +554,7 @@ class MoleFlow(AnomalibModule):
 
     def on_train_end(self) -> None:
         """Set the task's thresholds from its held-out good images (``threshold="good_fpr"``)."""
-        if self._held_out and isinstance(self.post_processor, TaskPostProcessor):
+        if self._held_out and self.threshold == "good_fpr" and isinstance(self.post_processor, TaskPostProcessor):
             held = [patches for patches in self._held_out.values() if patches is not None]
             task = self.training_task
             with torch.no_grad():
@@ -557,13 +572,14 @@ class MoleFlow(AnomalibModule):
         self._held_out = {}
 
     def _held_out_mask(self, batch: Batch, device: torch.device) -> torch.Tensor:
-        """``(b,)``: which of the batch's images ``threshold="good_fpr"`` holds out (none without paths)."""
+        """``(b,)``: which of the batch's images are held out of training (none without paths)."""
         paths = getattr(batch, "image_path", None) or [None] * len(batch.image)
         return torch.tensor([str(path) in self._held_out for path in paths], dtype=torch.bool, device=device)
 
     def fit_score_calibration(self, task: int, batches: Iterable[Batch]) -> None:
-        """Fit ``task``'s per-position score statistics from the patch NLLs of its good training images (every image of
-        ``batches`` but those held out for ``threshold="good_fpr"``), with the weights the task has now.
+        """Fit ``task``'s per-position score statistics from the patch NLLs of its good training images (with
+        ``score_calibration="held_out"`` the images of ``batches`` held out of training, else all but those held out
+        for ``threshold="good_fpr"``), with the weights the task has now.
 
         Under DDP every rank scores its share and the sums are combined. The task's training feature cache serves the
         embeddings while its fit runs.
@@ -583,7 +599,8 @@ class MoleFlow(AnomalibModule):
                     if pre_process is not None:  # as the training loop does (anomalib's PreProcessor is a callback)
                         pre_process(self.trainer, self, batch, index)
                     patches = self._patches(batch, cache)
-                    kept = ~self._held_out_mask(batch, patches.device)
+                    held = self._held_out_mask(batch, patches.device)
+                    kept = held if self.model.score_calibration == "held_out" else ~held
                     if not bool(kept.any()):
                         continue
                     nll, _ = self.model.train_patches(patches[kept], task)

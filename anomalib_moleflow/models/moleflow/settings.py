@@ -35,9 +35,10 @@ RouterEmbedding = Literal["mean", "max"]
 #: The covariance that decides the route: each ``task``'s own (ridged, the study's) or one ``pooled`` over the tasks
 #: (the mean of their Ledoit-Wolf estimates: linear discriminant analysis).
 RouterCovariance = Literal["task", "pooled"]
-#: How each task's patch scores are calibrated before the map and the image score: ``none`` (the flow's NLL) or
-#: ``position`` (standardised at each grid position by the task's good training images' mean and spread there).
-ScoreCalibration = Literal["none", "position"]
+#: How each task's patch scores are calibrated before the map and the image score: ``none`` (the flow's NLL),
+#: ``position`` (standardised at each grid position by the task's good training images' mean and spread there) or
+#: ``held_out`` (the same, with the statistics of a share of the good training images the flow is not trained on).
+ScoreCalibration = Literal["none", "position", "held_out"]
 
 
 @dataclass
@@ -71,7 +72,8 @@ class ArchitectureSettings:
         score_calibration: How each task's patch scores are calibrated before the map and the image score: none
             (the flow's NLL, the study's) or position (standardised at each grid position by the mean and standard
             deviation of the task's good training images' scores there, fitted after the task trains;
-            docs/quality.md 0i).
+            docs/quality.md 0i), or held_out (the same statistics from a fifth of the good training images, held
+            out of the flow's training so that they score like unseen good images).
         task_separated: One whole flow per task instead of a shared base (the parameter-hungry upper bound).
         router_eps: Relative ridge of each task's own router covariance (its unknown-product threshold; its route with
             router_covariance task).

@@ -74,8 +74,9 @@ class MoleFlowModel(nn.Module):
         score_aggregation_top_k: Image score = mean of the top-k patch scores.
         anomaly_map_sigma: Standard deviation of the anomaly map's Gaussian blur in pixels (0: no blur).
         score_calibration: ``position``: each task's patch scores standardised at every grid position by its good
-            training images' statistics there (:meth:`fit_calibration`; an unfitted task scores raw); ``none``: the
-            flow's NLL. A scoring setting: every task keeps its statistics either way.
+            training images' statistics there (:meth:`fit_calibration`; an unfitted task scores raw); ``held_out``:
+            the same (which images the statistics come from is the training's business); ``none``: the flow's NLL.
+            A scoring setting: every task keeps its statistics either way.
         task_separated: One whole flow per task instead of a shared base.
         router_eps: Relative ridge of each task's own router covariance.
         router_embedding: The router's image embedding: ``mean`` or ``max`` of the patch embeddings over the grid.
@@ -158,8 +159,8 @@ class MoleFlowModel(nn.Module):
         _check(score_aggregation_top_k >= 1, f"score_aggregation_top_k must be >= 1, got {score_aggregation_top_k}.")
         _check(anomaly_map_sigma >= 0, f"anomaly_map_sigma must be >= 0 (0: no blur), got {anomaly_map_sigma}.")
         _check(
-            score_calibration in ("none", "position"),
-            f"score_calibration must be 'none' or 'position', got {score_calibration!r}.",
+            score_calibration in ("none", "position", "held_out"),
+            f"score_calibration must be 'none', 'position' or 'held_out', got {score_calibration!r}.",
         )
         _check(router_eps > 0, f"router_eps must be > 0, got {router_eps}.")
         _check(unknown_factor is None or unknown_factor > 0, f"unknown_factor must be > 0, got {unknown_factor}.")
@@ -290,7 +291,7 @@ class MoleFlowModel(nn.Module):
         self.calibrations[task].fit(total, total_squares, count)
 
     def calibrate(self, scores: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
-        """``(b, h, w)`` patch NLLs as the task's patch scores (calibrated with ``score_calibration="position"``).
+        """``(b, h, w)`` patch NLLs as the task's patch scores (calibrated unless ``score_calibration="none"``).
 
         Args:
             scores: Patch NLLs of one task's images, or of images with a task each.
