@@ -360,6 +360,27 @@ def test_held_out_calibration_fits_the_statistics_on_images_the_flow_never_train
     torch.testing.assert_close(inner.calibrations[0].std, nll.std(0), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"score_calibration": "held_out"}, "score_calibration='held_out' holds out"),
+        ({"score_calibration": "held_out", "threshold": "good_fpr"}, "threshold='good_fpr' and score_calibration="),
+    ],
+)
+def test_holding_images_out_of_too_few_says_which_setting_and_what_to_do(
+    settings: dict[str, str], named: str, tmp_path: Path
+) -> None:
+    from types import SimpleNamespace
+
+    model = MoleFlow(**{**TINY_MODEL_KWARGS, **settings})
+    samples = SimpleNamespace(image_path=[str(tmp_path / f"{i}.png") for i in range(3)])
+    model._trainer = SimpleNamespace(train_dataloader=SimpleNamespace(dataset=SimpleNamespace(samples=samples)))
+    with pytest.raises(ValueError, match="at least 4 training images with paths, got 3") as error:
+        model.on_train_start()
+    assert named in str(error.value)
+    assert "score_calibration='position'" in str(error.value)
+
+
 def test_f1_threshold_stays_anomalibs(tiny_mvtec_root: Path) -> None:
     model = MoleFlow(**TINY_MODEL_KWARGS)
     assert model.threshold == "f1"

@@ -520,9 +520,11 @@ class MoleFlow(AnomalibModule):
         dataset = getattr(self.trainer.train_dataloader, "dataset", None)
         paths = sorted(str(p) for p in getattr(getattr(dataset, "samples", None), "image_path", []))
         if len(paths) < 4:
+            verbs = ("holds", "needs") if len(users) == 1 else ("hold", "need")
             msg = (
-                f"{' and '.join(users)} hold(s) out some good training images and need(s) at least 4 training images "
-                f"with paths, got {len(paths)}. Add images, or use threshold='f1' and score_calibration='position'."
+                f"{' and '.join(users)} {verbs[0]} out some good training images and {verbs[1]} at least 4 training "
+                f"images with paths, got {len(paths)}. Add images, or use threshold='f1' and "
+                "score_calibration='position'."
             )
             raise ValueError(msg)
         share = CALIBRATION_SHARE if self.model.score_calibration == "held_out" else HELD_OUT_SHARE
