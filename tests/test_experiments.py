@@ -105,3 +105,30 @@ def test_a_seed_gives_the_same_figures_in_another_process(two_seeds: tuple[Path,
     """The training patches' order comes from a shuffled loader: unseeded, a seed's figures changed between runs."""
     root, out = two_seeds
     assert _results(_run(root, "1"), VARIANT) == _results(out, VARIANT)[1:]
+
+
+_EVERY_HELP = """
+import contextlib, io, runpy, sys
+for path in sys.argv[1:]:
+    sys.argv = [path, "--help"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        runpy.run_path(path, run_name="__main__")
+    print(path, out.getvalue().startswith("usage:"))
+"""
+
+
+def test_every_research_script_imports_and_parses_its_help() -> None:
+    """A helper renamed in one script must not silently break another that the docs still run (one interpreter for
+    all of them: the imports are shared)."""
+    scripts = sorted(str(path) for path in HARNESS.parent.glob("*.py"))
+    result = subprocess.run(
+        [sys.executable, "-c", _EVERY_HELP, *scripts],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == [word for path in scripts for word in (path, "True")], result.stdout

@@ -15,8 +15,11 @@ Image score: the mean of the top-k patch scores, as the model's.
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -51,26 +54,45 @@ def calibrations(train: torch.Tensor, test: torch.Tensor) -> dict[str, torch.Ten
     return rows
 
 
-def main() -> None:
-    parser = checkpoint_parser(__doc__.splitlines()[0], data="real,elpv_bench")
-    args = parser.parse_args()
+class Scored(NamedTuple):
+    """One product's split and a checkpoint's raw routed patch NLLs ``(b, h, w)`` of its training and test images."""
+
+    name: str
+    split: dict[str, torch.Tensor]
+    train: torch.Tensor
+    test: torch.Tensor
+    top_k: int  # the checkpoint's image score: the mean of its top-k patch scores
+
+
+def raw_scores(args: argparse.Namespace) -> Iterator[Scored]:
+    """Each product of ``args.data``, scored raw by ``args.checkpoint``."""
     model = load_checkpoint(args.checkpoint)
     model.model.score_calibration = "none"  # raw NLLs (a checkpoint of the default would calibrate them already)
-    k = model.model.score_aggregation_top_k
-    print("| product | score | img AUROC | pix AUROC | pix AP | spread of the training mean over positions |")
-    print("|---|---|---|---|---|---|")
     products = {name: dm for family in args.data.split(",") for name, dm in datasets(family, args.root).items()}
     for name, datamodule in products.items():
         split = load_split(datamodule, args.image_size)
-        train = moleflow_patch_scores(model, split["train"])
-        test = moleflow_patch_scores(model, split["test"])
+        train, test = (moleflow_patch_scores(model, split[part]) for part in ("train", "test"))
+        yield Scored(name, split, train, test, model.model.score_aggregation_top_k)
+
+
+def metrics(split: dict[str, torch.Tensor], scores: torch.Tensor, k: int, image_size: int) -> tuple[float, ...]:
+    """Image AUROC (top-``k`` image score), then pixel AUROC and AP where ``split`` has masks, in %."""
+    values = (auroc_ap(split["label"], top_k_image_score(scores, k))[0],)
+    if "mask" in split:
+        values += auroc_ap(split["mask"], to_map(scores, image_size, "bilinear", 4.0))
+    return tuple(100 * value for value in values)
+
+
+def main() -> None:
+    parser = checkpoint_parser(__doc__.splitlines()[0], data="real,elpv_bench")
+    args = parser.parse_args()
+    print("| product | score | img AUROC | pix AUROC | pix AP | spread of the training mean over positions |")
+    print("|---|---|---|---|---|---|")
+    for name, split, train, test, top_k in raw_scores(args):
         spread = train.mean(0)
         for label, scores in calibrations(train, test).items():
-            image = auroc_ap(split["label"], top_k_image_score(scores, k))[0]
-            cells = f"{100 * image:.2f} | - | -"
-            if "mask" in split:
-                pixel = auroc_ap(split["mask"], to_map(scores, args.image_size, "bilinear", 4.0))
-                cells = f"{100 * image:.2f} | {100 * pixel[0]:.2f} | {100 * pixel[1]:.2f}"
+            values = metrics(split, scores, top_k, args.image_size)
+            cells = " | ".join(f"{v:.2f}" for v in values) + " | - | -" * (len(values) == 1)
             print(f"| {name} | {label} | {cells} | {float(spread.max() - spread.min()):.2f} |", flush=True)
 
 

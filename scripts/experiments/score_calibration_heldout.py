@@ -19,10 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from map_upsampling import moleflow_patch_scores, to_map
-from patch_score import auroc_ap, checkpoint_parser, datasets, load_checkpoint, load_split
-
-from anomalib_moleflow.models.moleflow.anomaly_map import top_k_image_score
+from patch_score import checkpoint_parser
+from score_calibration import metrics, raw_scores
 
 
 def standardise(scores: torch.Tensor, fit: torch.Tensor) -> torch.Tensor:
@@ -33,16 +31,9 @@ def standardise(scores: torch.Tensor, fit: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     parser = checkpoint_parser(__doc__.splitlines()[0], data="real")
     args = parser.parse_args()
-    model = load_checkpoint(args.checkpoint)
-    model.model.score_calibration = "none"  # raw NLLs: every row calibrates them itself
-    k = model.model.score_aggregation_top_k
     print("| product | statistics from | img AUROC | pix AUROC | pix AP |")
     print("|---|---|---|---|---|")
-    products = {name: dm for family in args.data.split(",") for name, dm in datasets(family, args.root).items()}
-    for name, datamodule in products.items():
-        split = load_split(datamodule, args.image_size)
-        train = moleflow_patch_scores(model, split["train"])
-        test = moleflow_patch_scores(model, split["test"])
+    for name, split, train, test, top_k in raw_scores(args):
         good = torch.nonzero(split["label"] == 0).flatten()
         rows: dict[str, list[tuple[float, ...]]] = {}
         for fold in (0, 1):
@@ -55,16 +46,13 @@ def main() -> None:
                 "held-out good test images": standardise(test, test[held]),
                 "both": standardise(test, torch.cat([train, test[held]])),
             }
+            kept = {key: split[key][keep] for key in ("label", "mask") if key in split}
             for label, scores in variants.items():
-                image = auroc_ap(split["label"][keep], top_k_image_score(scores[keep], k))[0]
-                cells: tuple[float, ...] = (image,)
-                if "mask" in split:
-                    cells += auroc_ap(split["mask"][keep], to_map(scores[keep], args.image_size, "bilinear", 4.0))
-                rows.setdefault(label, []).append(cells)
+                rows.setdefault(label, []).append(metrics(kept, scores[keep], top_k, args.image_size))
         for label, folds in rows.items():
-            mean = [100 * sum(v) / len(v) for v in zip(*folds, strict=True)]
-            cells_text = " | ".join(f"{v:.2f}" for v in mean) + (" | - | -" if len(mean) == 1 else "")
-            print(f"| {name} ({len(good)} good test images) | {label} | {cells_text} |", flush=True)
+            mean = [sum(v) / len(v) for v in zip(*folds, strict=True)]
+            cells = " | ".join(f"{v:.2f}" for v in mean) + " | - | -" * (len(mean) == 1)
+            print(f"| {name} ({len(good)} good test images) | {label} | {cells} |", flush=True)
 
 
 if __name__ == "__main__":
