@@ -514,7 +514,7 @@ class MoleFlow(AnomalibModule):
         k-th training image by path, :data:`HELD_OUT_SHARE` or :data:`CALIBRATION_SHARE` of them, at least 2): they
         never train the flow; they set the task's thresholds or its score statistics."""
         self._held_out = {}
-        users = [f"{name}={value!r}" for name, value in self._held_out_users().items() if value]
+        users = self._held_out_users()
         if not users:
             return
         dataset = getattr(self.trainer.train_dataloader, "dataset", None)
@@ -531,12 +531,12 @@ class MoleFlow(AnomalibModule):
         step = max(2, min(round(1 / share), len(paths) // 2))
         self._held_out = dict.fromkeys(paths[::step])
 
-    def _held_out_users(self) -> dict[str, str | None]:
-        """The settings that hold out good training images, with their values (``None``: this one does not)."""
-        return {
-            "threshold": self.threshold if self.threshold == "good_fpr" else None,
-            "score_calibration": "held_out" if self.model.score_calibration == "held_out" else None,
-        }
+    def _held_out_users(self) -> list[str]:
+        """The settings that hold out good training images, as ``name='value'`` (empty: none does)."""
+        users = ["threshold='good_fpr'"] if self.threshold == "good_fpr" else []
+        if self.model.score_calibration == "held_out":
+            users.append("score_calibration='held_out'")
+        return users
 
     def _patches(self, batch: Batch | torch.Tensor, cache: FeatureCache | None) -> torch.Tensor:
         """Patch embeddings ``(b, h, w, d)`` of a batch's images, from ``cache`` when it holds every one of them.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from anomalib.data import InferenceBatch
@@ -158,9 +158,11 @@ class MoleFlowModel(nn.Module):
             _check(kernel == 0 or (kernel > 0 and kernel % 2 == 1), f"{name} must be 0 (off) or odd, got {kernel}.")
         _check(score_aggregation_top_k >= 1, f"score_aggregation_top_k must be >= 1, got {score_aggregation_top_k}.")
         _check(anomaly_map_sigma >= 0, f"anomaly_map_sigma must be >= 0 (0: no blur), got {anomaly_map_sigma}.")
+        calibrations = get_args(ScoreCalibration)
         _check(
-            score_calibration in ("none", "position", "held_out"),
-            f"score_calibration must be 'none', 'position' or 'held_out', got {score_calibration!r}.",
+            score_calibration in calibrations,
+            f"score_calibration must be {', '.join(map(repr, calibrations[:-1]))} or {calibrations[-1]!r}, "
+            f"got {score_calibration!r}.",
         )
         _check(router_eps > 0, f"router_eps must be > 0, got {router_eps}.")
         _check(unknown_factor is None or unknown_factor > 0, f"unknown_factor must be > 0, got {unknown_factor}.")
