@@ -36,14 +36,19 @@ def neighbourhood(statistic: torch.Tensor, size: int) -> torch.Tensor:
     return pool(statistic[None, None])[0, 0]
 
 
+def standardise(scores: torch.Tensor, fit: torch.Tensor) -> torch.Tensor:
+    """``scores`` ``(b, h, w)`` standardised by ``fit``'s per-position mean and std."""
+    return (scores - fit.mean(0)) / fit.std(0).clamp_min(1e-6)
+
+
 def calibrations(train: torch.Tensor, test: torch.Tensor) -> dict[str, torch.Tensor]:
     """The test patch scores ``(b, h, w)`` raw and calibrated by the training images' per-position statistics; the
     last rows pool each position's mean and variance with its neighbours' (more images per estimate, less noise)."""
-    mean, std = train.mean(0), train.std(0)
+    mean = train.mean(0)
     rows = {
         "raw (the model's)": test,
         "minus the position's training mean (shift)": test - mean,
-        "standardised by the position's training mean and std (z)": (test - mean) / std.clamp_min(1e-6),
+        "standardised by the position's training mean and std (z)": standardise(test, train),
     }
     for size in (3, 5):
         pooled_mean = neighbourhood(mean, size)

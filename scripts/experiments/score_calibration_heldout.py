@@ -20,12 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from patch_score import checkpoint_parser
-from score_calibration import metrics, raw_scores
-
-
-def standardise(scores: torch.Tensor, fit: torch.Tensor) -> torch.Tensor:
-    """``scores`` ``(b, h, w)`` standardised by ``fit``'s per-position mean and std."""
-    return (scores - fit.mean(0)) / fit.std(0).clamp_min(1e-6)
+from score_calibration import metrics, raw_scores, standardise
 
 
 def main() -> None:
