@@ -19,7 +19,7 @@ import argparse
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -28,6 +28,9 @@ from map_upsampling import moleflow_patch_scores, to_map
 from patch_score import auroc_ap, checkpoint_parser, datasets, load_checkpoint, load_split
 
 from anomalib_moleflow.models.moleflow.anomaly_map import top_k_image_score
+
+if TYPE_CHECKING:
+    from anomalib_moleflow.models.moleflow.lightning_model import MoleFlow
 
 
 def neighbourhood(statistic: torch.Tensor, size: int) -> torch.Tensor:
@@ -69,9 +72,9 @@ class Scored(NamedTuple):
     top_k: int  # the checkpoint's image score: the mean of its top-k patch scores
 
 
-def raw_scores(args: argparse.Namespace) -> Iterator[Scored]:
-    """Each product of ``args.data``, scored raw by ``args.checkpoint``."""
-    model = load_checkpoint(args.checkpoint)
+def raw_scores(args: argparse.Namespace, model: MoleFlow | None = None) -> Iterator[Scored]:
+    """Each product of ``args.data``, scored raw by ``model`` (default: ``args.checkpoint`` loaded)."""
+    model = model or load_checkpoint(args.checkpoint)
     model.model.score_calibration = "none"  # raw NLLs (a checkpoint of the default would calibrate them already)
     products = {name: dm for family in args.data.split(",") for name, dm in datasets(family, args.root).items()}
     for name, datamodule in products.items():

@@ -1,0 +1,108 @@
+"""Unbiased calibration statistics without holding images out of the flow: cross-fitting (issue 20; quality.md 0i).
+
+A research script, not a test. ``score_calibration: position`` fits each position's mean and std of the patch NLL on
+the task's training images, which its expert has fitted (biased low and narrow); ``held_out`` removes the bias but
+trains the expert on 80 % of the images and lost more than it gained. Cross-fitting keeps every image in the expert:
+two *fold experts* are trained on the frozen base, each on one half of the task's training images with the task's
+own recipe (lr, epochs, batch, loss, the averaging of the last weights), and each scores the half it did not see;
+the statistics are fitted on those out-of-fold NLLs and applied to the checkpoint's own expert. It costs one more
+training of the task (two halves). Each fold expert is a new task of the loaded checkpoint (its base is frozen, so
+it is trained exactly as the product's own expert was); the checkpoint on disk is not written.
+
+Evaluated as ``score_calibration_heldout.py`` evaluates (its rows reproduce): the good test images split into two
+folds, every score evaluated on the test images outside the fold, the mean of the two folds; the unseen-test-images
+row is the diagnostic bound (the test images are not a calibration set).
+
+    python scripts/experiments/score_calibration_crossfit.py --checkpoint <seed S's moleflow/model.ckpt>
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from patch_score import checkpoint_parser, flow_scores, load_checkpoint, train_flow
+from score_calibration import metrics, raw_scores, standardise
+
+
+@torch.no_grad()
+def embed(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Patch embeddings ``(b, h, w, d)`` of pre-processed images, 32 at a time."""
+    return torch.cat([model.embed(chunk)[0] for chunk in images.split(32)])
+
+
+def out_of_fold_scores(
+    module: object, train_images: torch.Tensor, name: str, seed: int, batch: int, epochs: int
+) -> torch.Tensor:
+    """Each training image's patch NLLs ``(b, h, w)`` under a fold expert trained on the other half of the images."""
+    model = module.model
+    patches = embed(model, train_images)
+    scores = torch.empty(patches.shape[:3])
+    for fold in (0, 1):
+        held = torch.zeros(len(patches), dtype=torch.bool)
+        held[fold::2] = True
+        torch.manual_seed(seed + fold)
+        np.random.seed(seed + fold)
+        task = model.add_task(f"{name}#fold{fold}")
+        started = time.perf_counter()
+        losses = train_flow(
+            model,
+            patches[~held],
+            epochs,
+            module.lr,
+            batch,
+            seed + fold,
+            loss_fn=module.loss,
+            task=task,
+            average_from=1 - module.average_last if module.average_last > 0 else None,
+        )
+        scores[held] = flow_scores(model, patches[held], task)["nll"]
+        print(
+            f"{name}: fold expert {fold} trained on {int((~held).sum())} images, {epochs} epochs, "
+            f"final loss {losses[-1]:.2f}, {time.perf_counter() - started:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    return scores
+
+
+def main() -> None:
+    parser = checkpoint_parser(__doc__.splitlines()[0], data="real")
+    parser.add_argument("--seed", type=int, default=0, help="the fold experts' seed (fold k uses seed + k)")
+    parser.add_argument("--batch", type=int, default=8, help="the task's training batch (the benchmark's: 8)")
+    parser.add_argument("--epochs", type=int, default=None, help="the fold experts' epochs (default: the task's)")
+    args = parser.parse_args()
+    module = load_checkpoint(args.checkpoint)
+    print("| product | statistics from | img AUROC | pix AUROC | pix AP |")
+    print("|---|---|---|---|---|")
+    for name, split, train, test, top_k in raw_scores(args, module):
+        epochs = args.epochs or module.max_epochs
+        cross = out_of_fold_scores(module, split["train"], name, args.seed, args.batch, epochs)
+        good = torch.nonzero(split["label"] == 0).flatten()
+        rows: dict[str, list[tuple[float, ...]]] = {}
+        for fold in (0, 1):
+            held = good[fold::2]
+            keep = torch.ones(len(test), dtype=torch.bool)
+            keep[held] = False
+            variants = {
+                "none (raw)": test,
+                "training images, the expert's own NLLs (`position`)": standardise(test, train),
+                "training images, out-of-fold NLLs (cross-fitted)": standardise(test, cross),
+                "unseen good test images (the bound)": standardise(test, test[held]),
+            }
+            kept = {key: split[key][keep] for key in ("label", "mask") if key in split}
+            for label, scores in variants.items():
+                rows.setdefault(label, []).append(metrics(kept, scores[keep], top_k, args.image_size))
+        for label, folds in rows.items():
+            mean = [sum(v) / len(v) for v in zip(*folds, strict=True)]
+            cells = " | ".join(f"{v:.2f}" for v in mean) + " | - | -" * (len(mean) == 1)
+            print(f"| {name} | {label} | {cells} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
