@@ -1,13 +1,14 @@
 """Unbiased calibration statistics without holding images out of the flow: cross-fitting (issue 20; quality.md 0i).
 
-A research script, not a test. ``score_calibration: position`` fits each position's mean and std of the patch NLL on
-the task's training images, which its expert has fitted (biased low and narrow); ``held_out`` removes the bias but
-trains the expert on 80 % of the images and lost more than it gained. Cross-fitting keeps every image in the expert:
-two *fold experts* are trained on the frozen base, each on one half of the task's training images with the task's
-own recipe (lr, epochs, batch, loss, the averaging of the last weights), and each scores the half it did not see;
-the statistics are fitted on those out-of-fold NLLs and applied to the checkpoint's own expert. It costs one more
-training of the task (two halves). Each fold expert is a new task of the loaded checkpoint (its base is frozen, so
-it is trained exactly as the product's own expert was); the checkpoint on disk is not written.
+A research script, not a test. ``score_calibration: position`` fits each position's mean and std of the patch NLL on the
+task's training images, which its expert has fitted (biased low and narrow); ``held_out`` removes the bias but trains
+the expert on 80 % of the images and lost more than it gained. Cross-fitting keeps every image in the expert: *fold
+experts* are trained on the frozen base (``--folds``, 2 by default: each on one half of the task's training images) with
+the task's own recipe (lr, epochs, batch, loss, the averaging of the last weights), each scoring the images it did not
+see; the statistics are fitted on those out-of-fold NLLs and applied to the checkpoint's own expert. With two folds it
+costs one more training of the task (two halves), with k folds k - 1 more. Each fold expert is a new task of the loaded
+checkpoint (its base is frozen, so it is trained exactly as the product's own expert was); the checkpoint on disk is not
+written.
 
 Evaluated as ``score_calibration_heldout.py`` evaluates (its rows reproduce): the good test images split into two
 folds, every score evaluated on the test images outside the fold, the mean of the two folds; the unseen-test-images
@@ -37,15 +38,16 @@ def embed(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def out_of_fold_scores(
-    module: object, train_images: torch.Tensor, name: str, seed: int, batch: int, epochs: int
+    module: object, train_images: torch.Tensor, name: str, seed: int, batch: int, epochs: int, folds: int
 ) -> torch.Tensor:
-    """Each training image's patch NLLs ``(b, h, w)`` under a fold expert trained on the other half of the images."""
+    """Each training image's patch NLLs ``(b, h, w)`` under the fold expert trained without its fold (every
+    ``folds``-th image)."""
     model = module.model
     patches = embed(model, train_images)
     scores = torch.empty(patches.shape[:3])
-    for fold in (0, 1):
+    for fold in range(folds):
         held = torch.zeros(len(patches), dtype=torch.bool)
-        held[fold::2] = True
+        held[fold::folds] = True
         torch.manual_seed(seed + fold)
         np.random.seed(seed + fold)
         task = model.add_task(f"{name}#fold{fold}")
@@ -76,13 +78,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the fold experts' seed (fold k uses seed + k)")
     parser.add_argument("--batch", type=int, default=8, help="the task's training batch (the benchmark's: 8)")
     parser.add_argument("--epochs", type=int, default=None, help="the fold experts' epochs (default: the task's)")
+    parser.add_argument("--folds", type=int, default=2, help="fold experts per product, each without 1/folds")
+    parser.add_argument("--categories", default="", help="only these products, comma-separated (default: all)")
     args = parser.parse_args()
     module = load_checkpoint(args.checkpoint)
     print("| product | statistics from | img AUROC | pix AUROC | pix AP |")
     print("|---|---|---|---|---|")
     for name, split, train, test, top_k in raw_scores(args, module):
+        if args.categories and name not in args.categories.split(","):
+            continue
         epochs = args.epochs or module.max_epochs
-        cross = out_of_fold_scores(module, split["train"], name, args.seed, args.batch, epochs)
+        cross = out_of_fold_scores(module, split["train"], name, args.seed, args.batch, epochs, args.folds)
         good = torch.nonzero(split["label"] == 0).flatten()
         rows: dict[str, list[tuple[float, ...]]] = {}
         for fold in (0, 1):
@@ -92,7 +98,7 @@ def main() -> None:
             variants = {
                 "none (raw)": test,
                 "training images, the expert's own NLLs (`position`)": standardise(test, train),
-                "training images, out-of-fold NLLs (cross-fitted)": standardise(test, cross),
+                f"training images, out-of-fold NLLs ({args.folds} folds)": standardise(test, cross),
                 "unseen good test images (the bound)": standardise(test, test[held]),
             }
             kept = {key: split[key][keep] for key in ("label", "mask") if key in split}
