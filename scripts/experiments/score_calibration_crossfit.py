@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from patch_score import checkpoint_parser, flow_scores, load_checkpoint, train_flow
-from score_calibration import metrics, raw_scores, standardise
+from score_calibration import raw_scores, standardise
+from score_calibration_heldout import fold_rows
 
 
 @torch.no_grad()
@@ -84,30 +85,24 @@ def main() -> None:
     module = load_checkpoint(args.checkpoint)
     print("| product | statistics from | img AUROC | pix AUROC | pix AP |")
     print("|---|---|---|---|---|")
-    for name, split, train, test, top_k in raw_scores(args, module):
-        if args.categories and name not in args.categories.split(","):
+    for scored in raw_scores(args, module):
+        if args.categories and scored.name not in args.categories.split(","):
             continue
         epochs = args.epochs or module.max_epochs
-        cross = out_of_fold_scores(module, split["train"], name, args.seed, args.batch, epochs, args.folds)
-        good = torch.nonzero(split["label"] == 0).flatten()
-        rows: dict[str, list[tuple[float, ...]]] = {}
-        for fold in (0, 1):
-            held = good[fold::2]
-            keep = torch.ones(len(test), dtype=torch.bool)
-            keep[held] = False
-            variants = {
+        images = scored.split["train"]
+        cross = out_of_fold_scores(module, images, scored.name, args.seed, args.batch, epochs, args.folds)
+        train, test = scored.train, scored.test
+        for row in fold_rows(
+            scored,
+            args.image_size,
+            lambda held, train=train, test=test, cross=cross: {
                 "none (raw)": test,
                 "training images, the expert's own NLLs (`position`)": standardise(test, train),
                 f"training images, out-of-fold NLLs ({args.folds} folds)": standardise(test, cross),
                 "unseen good test images (the bound)": standardise(test, test[held]),
-            }
-            kept = {key: split[key][keep] for key in ("label", "mask") if key in split}
-            for label, scores in variants.items():
-                rows.setdefault(label, []).append(metrics(kept, scores[keep], top_k, args.image_size))
-        for label, folds in rows.items():
-            mean = [sum(v) / len(v) for v in zip(*folds, strict=True)]
-            cells = " | ".join(f"{v:.2f}" for v in mean) + " | - | -" * (len(mean) == 1)
-            print(f"| {name} | {label} | {cells} |", flush=True)
+            },
+        ):
+            print(row, flush=True)
 
 
 if __name__ == "__main__":
