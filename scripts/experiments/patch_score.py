@@ -581,7 +581,12 @@ def flow_scores(model: MoleFlowModel, patches: torch.Tensor, task: int = 0) -> d
 
 
 def multiscale_scores(
-    args: argparse.Namespace, layers: list[str], stage_feats: dict, settings: dict, seed: int
+    args: argparse.Namespace,
+    layers: list[str],
+    stage_feats: dict,
+    settings: dict,
+    seed: int,
+    average_from: float | None = None,
 ) -> tuple[dict[str, torch.Tensor], MoleFlowModel, list[float]]:
     """Fastflow's layout with MoLE-Flow's flow: one flow per backbone stage, on that stage's own grid and channels.
 
@@ -612,7 +617,17 @@ def multiscale_scores(
                 torch.cat([model.patch_embedding([stages[index]]) for stages in stage_feats[key]])
                 for key in ("train", "test")
             )
-        losses = train_flow(model, train_p, args.epochs, args.lr, args.batch, seed, schedule=args.schedule)
+        losses = train_flow(
+            model,
+            train_p,
+            args.epochs,
+            args.lr,
+            args.batch,
+            seed,
+            schedule=args.schedule,
+            max_steps=args.steps,
+            average_from=average_from,
+        )
         first_losses = first_losses or losses
         finest = finest or model
         train_s, test_s = flow_scores(model, train_p), flow_scores(model, test_p)
@@ -752,7 +767,9 @@ def main() -> None:
             for seed in seeds:
                 if spec.get("multiscale"):
                     start = time.perf_counter()
-                    scores, model, losses = multiscale_scores(args, layers, stage_feats, settings, seed)
+                    scores, model, losses = multiscale_scores(
+                        args, layers, stage_feats, settings, seed, spec.get("average_from")
+                    )
                     for kind, s in scores.items():
                         add(f"{category}|{variant}:{kind}", metrics(to_map(model, s, args.image_size), top_k(s), split))
                     print(
