@@ -44,7 +44,7 @@ def standardise(scores: torch.Tensor, fit: torch.Tensor) -> torch.Tensor:
     return (scores - fit.mean(0)) / fit.std(0).clamp_min(1e-6)
 
 
-def calibrations(train: torch.Tensor, test: torch.Tensor) -> dict[str, torch.Tensor]:
+def calibrations(train: torch.Tensor, test: torch.Tensor, dim: int) -> dict[str, torch.Tensor]:
     """The test patch scores ``(b, h, w)`` raw and calibrated by the training images' per-position statistics; the
     last rows pool each position's mean and variance with its neighbours' (more images per estimate, less noise)."""
     mean = train.mean(0)
@@ -59,6 +59,11 @@ def calibrations(train: torch.Tensor, test: torch.Tensor) -> dict[str, torch.Ten
         pooled_var = neighbourhood(train.var(0), size) + neighbourhood(mean.square(), size) - pooled_mean.square()
         pooled_std = pooled_var.clamp_min(1e-12).sqrt()
         rows[f"z, mean and variance pooled over {size} x {size} positions"] = (test - pooled_mean) / pooled_std
+    # Fastflow's map value: the likelihood per dimension, -exp(-NLL / D), a concave map of the NLL that caps a few
+    # patches' extreme scores before the map's upsampling and blur mix neighbouring patches
+    saturated_train, saturated_test = -torch.exp(-train / dim), -torch.exp(-test / dim)
+    rows["saturated, -exp(-NLL / D)"] = saturated_test
+    rows["saturated, then standardised per position"] = standardise(saturated_test, saturated_train)
     return rows
 
 
@@ -70,6 +75,7 @@ class Scored(NamedTuple):
     train: torch.Tensor
     test: torch.Tensor
     top_k: int  # the checkpoint's image score: the mean of its top-k patch scores
+    dim: int  # the checkpoint's patch embedding width D
 
 
 def raw_scores(args: argparse.Namespace, model: MoleFlow | None = None) -> Iterator[Scored]:
@@ -80,7 +86,7 @@ def raw_scores(args: argparse.Namespace, model: MoleFlow | None = None) -> Itera
     for name, datamodule in products.items():
         split = load_split(datamodule, args.image_size)
         train, test = (moleflow_patch_scores(model, split[part]) for part in ("train", "test"))
-        yield Scored(name, split, train, test, model.model.score_aggregation_top_k)
+        yield Scored(name, split, train, test, model.model.score_aggregation_top_k, model.model.embed_dim)
 
 
 def metrics(split: dict[str, torch.Tensor], scores: torch.Tensor, k: int, image_size: int) -> tuple[float, ...]:
@@ -96,9 +102,9 @@ def main() -> None:
     args = parser.parse_args()
     print("| product | score | img AUROC | pix AUROC | pix AP | spread of the training mean over positions |")
     print("|---|---|---|---|---|---|")
-    for name, split, train, test, top_k in raw_scores(args):
+    for name, split, train, test, top_k, dim in raw_scores(args):
         spread = train.mean(0)
-        for label, scores in calibrations(train, test).items():
+        for label, scores in calibrations(train, test, dim).items():
             values = metrics(split, scores, top_k, args.image_size)
             cells = " | ".join(f"{v:.2f}" for v in values) + " | - | -" * (len(values) == 1)
             print(f"| {name} | {label} | {cells} | {float(spread.max() - spread.min()):.2f} |", flush=True)

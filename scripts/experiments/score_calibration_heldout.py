@@ -30,7 +30,7 @@ def fold_rows(
     """One markdown row per variant: ``variants(held)`` gives the test scores ``(b, h, w)`` of each variant for the
     good test images ``held`` (one of two folds by index); each is evaluated on the test images outside the fold,
     and the row is the mean of the two folds."""
-    name, split, _, test, top_k = scored
+    name, split, test, top_k = scored.name, scored.split, scored.test, scored.top_k
     good = torch.nonzero(split["label"] == 0).flatten()
     rows: dict[str, list[tuple[float, ...]]] = {}
     for fold in (0, 1):
