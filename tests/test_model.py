@@ -904,6 +904,24 @@ def test_flag_anomaly_map_sigma_blurs_only_the_map(tiny_model_kwargs: dict[str, 
     assert (map4.amax(dim=(1, 2, 3)) < map0.amax(dim=(1, 2, 3))).all()  # the blur lowers every peak
 
 
+def test_flag_anomaly_map_value_likelihood_maps_each_patchs_likelihood(tiny_model_kwargs: dict[str, Any]) -> None:
+    scored = build(tiny_model_kwargs, anomaly_map_sigma=0.0)
+    likelihood = build(tiny_model_kwargs, anomaly_map_sigma=0.0, anomaly_map_value="likelihood")
+    likelihood.load_state_dict(scored.state_dict())  # a scoring setting: the same weights load with either value
+    images = random_images(64)
+    score_s, map_s = scores_of(scored, images)
+    score_l, map_l = scores_of(likelihood, images)
+    torch.testing.assert_close(score_l, score_s)  # the image score stays the patch scores'
+    with torch.no_grad():
+        patches, _ = likelihood.model.embed(images)
+        nll = likelihood.model.patch_nll(*likelihood.model.encode(patches, 0))
+    dim = likelihood.model.embed_dim
+    values = rearrange(-torch.exp(-nll / dim), "(b h w) -> b 1 h w", b=2, h=16)
+    torch.testing.assert_close(map_l, torch.nn.functional.interpolate(values, size=(64, 64), mode="bilinear"))
+    assert (map_l < 0).all()
+    assert not torch.allclose(map_l, map_s)
+
+
 @pytest.mark.parametrize(
     ("name", "value", "expected"),
     [
@@ -1051,6 +1069,7 @@ def test_oracle_routing_callback_gives_each_test_batch_its_true_task(
         ({"image_size": 16}, "image_size"),
         ({"score_aggregation_top_k": 0}, "score_aggregation_top_k"),
         ({"anomaly_map_sigma": -1.0}, r"anomaly_map_sigma must be >= 0 \(0: no blur\), got -1.0"),
+        ({"anomaly_map_value": "nll"}, "anomaly_map_value must be 'score' or 'likelihood', got 'nll'"),
         ({"lr": 0.0}, "lr must be > 0"),
         ({"max_epochs": 0}, "max_epochs"),
         ({"average_last": 1.5}, r"average_last must be in \[0, 1\] \(0: off\), got 1.5"),

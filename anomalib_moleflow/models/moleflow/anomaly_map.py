@@ -37,6 +37,16 @@ def _drop_saved_kernel(module: nn.Module, state_dict: dict, prefix: str, *args: 
     state_dict.pop(f"{prefix}blur.kernel", None)
 
 
+def likelihood_map_value(nll: torch.Tensor, dim: int) -> torch.Tensor:
+    """Each patch's likelihood per dimension, negated so that higher is more anomalous: ``-exp(-NLL / D)``.
+
+    anomalib's Fastflow maps this value, not the NLL. It is a concave, increasing function of the NLL: a few patches
+    with extreme NLLs (rare normal patches) are capped near 0, so the map's upsampling and blur, which average
+    neighbouring patches, favour a region of raised NLLs over an isolated spike (docs/quality.md 0j).
+    """
+    return -torch.exp(-(nll / dim).clamp_min(-80.0))  # the clamp keeps exp finite for very likely patches
+
+
 def top_k_image_score(patch_scores: torch.Tensor, k: int) -> torch.Tensor:
     """Mean of the ``k`` highest patch scores of each image: ``(b, h, w) -> (b,)``."""
     flat = patch_scores.flatten(1)

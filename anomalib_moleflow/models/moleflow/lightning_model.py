@@ -53,6 +53,7 @@ from .post_processor import TaskPostProcessor
 from .settings import (
     RUNTIME_SETTINGS,
     SPEED_SETTINGS,
+    AnomalyMapValue,
     ArchitectureSettings,
     CacheDtype,
     CacheMode,
@@ -163,6 +164,9 @@ class MoleFlow(AnomalibModule):
             ``held_out``: the same, with statistics from :data:`CALIBRATION_SHARE` of the task's good training images
             held out of its training (unseen images, as the test's); ``none``: the flow's NLL (the study's). Any
             checkpoint loads with any of them.
+        anomaly_map_value: ``score``: the anomaly map upsamples and blurs the patch scores; ``likelihood``: each
+            patch's likelihood per dimension, ``-exp(-NLL / D)`` (anomalib's Fastflow's map value). The image score is
+            the patch scores' either way; any checkpoint loads with either.
         freeze_base: Freeze the shared base after the first task (``False``: sequential fine-tuning).
         task_separated: A whole flow per task (the parameter-hungry upper bound).
         lr: Adam learning rate.
@@ -225,6 +229,7 @@ class MoleFlow(AnomalibModule):
         score_aggregation_top_k: int = 3,
         anomaly_map_sigma: float = 4.0,
         score_calibration: ScoreCalibration = "position",
+        anomaly_map_value: AnomalyMapValue = "score",
         freeze_base: bool = True,
         task_separated: bool = False,
         lr: float = 3e-3,

@@ -39,6 +39,9 @@ RouterCovariance = Literal["task", "pooled"]
 #: ``position`` (standardised at each grid position by the task's good training images' mean and spread there) or
 #: ``held_out`` (the same, with the statistics of a share of the good training images the flow is not trained on).
 ScoreCalibration = Literal["none", "position", "held_out"]
+#: What the anomaly map upsamples and blurs: ``score`` (each patch's score, calibrated as ``score_calibration`` says)
+#: or ``likelihood`` (each patch's likelihood per dimension, ``-exp(-NLL / D)``: anomalib's Fastflow's map value).
+AnomalyMapValue = Literal["score", "likelihood"]
 
 
 @dataclass
@@ -74,6 +77,10 @@ class ArchitectureSettings:
             deviation of the task's good training images' scores there, fitted after the task trains;
             docs/quality.md 0i), or held_out (the same statistics from a fifth of the good training images, held
             out of the flow's training so that they score like unseen good images).
+        anomaly_map_value: What the anomaly map upsamples and blurs: score (each patch's score, as score_calibration
+            makes it) or likelihood (each patch's likelihood per dimension, -exp(-NLL / D), anomalib's Fastflow's map
+            value: it caps a few patches' extreme NLLs before the blur mixes neighbours; docs/quality.md 0j). The image
+            score stays the patch scores' top-k mean either way.
         task_separated: One whole flow per task instead of a shared base (the parameter-hungry upper bound).
         router_eps: Relative ridge of each task's own router covariance (its unknown-product threshold; its route with
             router_covariance task).
@@ -108,6 +115,7 @@ class ArchitectureSettings:
     score_aggregation_top_k: int = 3
     anomaly_map_sigma: float = 4.0
     score_calibration: ScoreCalibration = "position"
+    anomaly_map_value: AnomalyMapValue = "score"
     task_separated: bool = False
     router_eps: float = 0.01
     router_embedding: RouterEmbedding = "max"
@@ -178,6 +186,7 @@ RUNTIME_SETTINGS: frozenset[str] = frozenset(
         "score_aggregation_top_k",
         "anomaly_map_sigma",
         "score_calibration",
+        "anomaly_map_value",
         "router_eps",
         "router_covariance",
         "unknown_factor",
@@ -238,6 +247,7 @@ __all__ = [
     "INTRODUCED_SETTINGS",
     "RUNTIME_SETTINGS",
     "SPEED_SETTINGS",
+    "AnomalyMapValue",
     "ArchitectureSettings",
     "CacheDtype",
     "CacheMode",

@@ -11,7 +11,7 @@ from anomalib.data import InferenceBatch
 from einops import rearrange, repeat
 from torch import nn
 
-from .anomaly_map import AnomalyMapGenerator, PositionCalibration, top_k_image_score
+from .anomaly_map import AnomalyMapGenerator, PositionCalibration, likelihood_map_value, top_k_image_score
 from .components.adapters import WhiteningAdapter, check_whitening_norm, per_image_whitening
 from .components.backbone import build_feature_extractor
 from .components.coupling import MoLEFlow
@@ -20,6 +20,7 @@ from .components.embedding import PatchEmbedding, default_embed_dim, sinusoidal_
 from .components.router import MahalanobisRouter, Routed
 from .settings import (
     RUNTIME_SETTINGS,
+    AnomalyMapValue,
     ArchitectureSettings,
     RouterCovariance,
     RouterEmbedding,
@@ -77,6 +78,9 @@ class MoleFlowModel(nn.Module):
             training images' statistics there (:meth:`fit_calibration`; an unfitted task scores raw); ``held_out``:
             the same (which images the statistics come from is the training's business); ``none``: the flow's NLL.
             A scoring setting: every task keeps its statistics either way.
+        anomaly_map_value: ``score``: the map upsamples and blurs the patch scores; ``likelihood``: each patch's
+            likelihood per dimension, ``-exp(-NLL / D)`` (anomalib's Fastflow's map value; the image score is the
+            patch scores' either way). A scoring setting.
         task_separated: One whole flow per task instead of a shared base.
         router_eps: Relative ridge of each task's own router covariance.
         router_embedding: The router's image embedding: ``mean`` or ``max`` of the patch embeddings over the grid.
@@ -113,6 +117,7 @@ class MoleFlowModel(nn.Module):
         score_aggregation_top_k: int = 3,
         anomaly_map_sigma: float = 4.0,
         score_calibration: ScoreCalibration = "position",
+        anomaly_map_value: AnomalyMapValue = "score",
         task_separated: bool = False,
         router_eps: float = 0.01,
         router_embedding: RouterEmbedding = "max",
@@ -164,6 +169,10 @@ class MoleFlowModel(nn.Module):
             f"score_calibration must be {', '.join(map(repr, calibrations[:-1]))} or {calibrations[-1]!r}, "
             f"got {score_calibration!r}.",
         )
+        _check(
+            anomaly_map_value in get_args(AnomalyMapValue),
+            f"anomaly_map_value must be 'score' or 'likelihood', got {anomaly_map_value!r}.",
+        )
         _check(router_eps > 0, f"router_eps must be > 0, got {router_eps}.")
         _check(unknown_factor is None or unknown_factor > 0, f"unknown_factor must be > 0, got {unknown_factor}.")
         #: Every constructor argument (``embed_dim`` and ``lora_alpha`` resolved): the checkpoint fingerprint's source.
@@ -186,6 +195,7 @@ class MoleFlowModel(nn.Module):
         self.scale_context_kernel = scale_context_kernel
         self.score_aggregation_top_k = score_aggregation_top_k
         self.score_calibration = score_calibration
+        self.anomaly_map_value = anomaly_map_value
         self.unknown_factor = unknown_factor
         self.task_separated = task_separated
         self.exact_likelihood = exact_likelihood
@@ -515,17 +525,19 @@ class MoleFlowModel(nn.Module):
         if self.task_separated or not torch.compiler.is_exporting():
             # Eager: one pass per task present, with plain linears (gathering per-image weights was slower on CPU).
             scores = patches.new_zeros(patches.shape[:3], dtype=torch.float32)  # float32 also under mixed precision
+            nll = torch.zeros_like(scores)
             for task in routed.task.unique().tolist():
                 selected = routed.task == task
                 z, log_det = self.encode(patches[selected], task)
-                nll = rearrange(self.patch_nll(z, log_det).float(), "(b h w) -> b h w", h=height, w=width)
-                scores[selected] = self.calibrate(nll, task)
+                nll[selected] = rearrange(self.patch_nll(z, log_det).float(), "(b h w) -> b h w", h=height, w=width)
+                scores[selected] = self.calibrate(nll[selected], task)
         else:
             # An exported graph cannot branch on the routed tasks: one pass, each image's expert weights gathered.
             z, log_det = self.encode(patches, routed.task)
             nll = rearrange(self.patch_nll(z, log_det).float(), "(b h w) -> b h w", h=height, w=width)
             scores = self.calibrate(nll, routed.task)
-        anomaly_map = self.anomaly_map_generator(scores, output_size)
+        map_values = likelihood_map_value(nll, self.embed_dim) if self.anomaly_map_value == "likelihood" else scores
+        anomaly_map = self.anomaly_map_generator(map_values, output_size)
         pred_score = top_k_image_score(scores, self.score_aggregation_top_k)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map), routed
 
