@@ -43,6 +43,13 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _check_choice(name: str, value: object, choices: Any) -> None:
+    """``value`` must be one of the ``Literal`` ``choices``: "name must be 'a', 'b' or 'c', got ..."."""
+    allowed = get_args(choices)
+    listed = f"{', '.join(map(repr, allowed[:-1]))} or {allowed[-1]!r}"
+    _check(value in allowed, f"{name} must be {listed}, got {value!r}.")
+
+
 def model_settings(arguments: Mapping[str, Any]) -> dict[str, Any]:
     """The entries of ``arguments`` that :class:`MoleFlowModel` takes (:class:`ArchitectureSettings`)."""
     return select(ArchitectureSettings, arguments)
@@ -163,16 +170,8 @@ class MoleFlowModel(nn.Module):
             _check(kernel == 0 or (kernel > 0 and kernel % 2 == 1), f"{name} must be 0 (off) or odd, got {kernel}.")
         _check(score_aggregation_top_k >= 1, f"score_aggregation_top_k must be >= 1, got {score_aggregation_top_k}.")
         _check(anomaly_map_sigma >= 0, f"anomaly_map_sigma must be >= 0 (0: no blur), got {anomaly_map_sigma}.")
-        calibrations = get_args(ScoreCalibration)
-        _check(
-            score_calibration in calibrations,
-            f"score_calibration must be {', '.join(map(repr, calibrations[:-1]))} or {calibrations[-1]!r}, "
-            f"got {score_calibration!r}.",
-        )
-        _check(
-            anomaly_map_value in get_args(AnomalyMapValue),
-            f"anomaly_map_value must be 'score' or 'likelihood', got {anomaly_map_value!r}.",
-        )
+        _check_choice("score_calibration", score_calibration, ScoreCalibration)
+        _check_choice("anomaly_map_value", anomaly_map_value, AnomalyMapValue)
         _check(router_eps > 0, f"router_eps must be > 0, got {router_eps}.")
         _check(unknown_factor is None or unknown_factor > 0, f"unknown_factor must be > 0, got {unknown_factor}.")
         #: Every constructor argument (``embed_dim`` and ``lora_alpha`` resolved): the checkpoint fingerprint's source.
