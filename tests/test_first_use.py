@@ -262,6 +262,12 @@ def test_good_fpr_thresholds_need_no_defect_image(good_only_root: Path, tmp_path
     assert stats["image_min"] <= stats["image_threshold"]
     assert 0.0 <= results["good_flagged"]["bottle_line"] <= 1.0  # reported per task
     assert "Good test images labelled anomalous" in (tmp_path / "run" / "results.md").read_text()
+    # thresholds from held-out good images cannot be fitted again for other scoring settings: refused at once
+    blurred = MoleFlow.continue_from(tmp_path / "run" / "model.ckpt", anomaly_map_sigma=2.0)
+    again = ContinualEngine(output_dir=tmp_path / "again", enable_progress_bar=False, overlays_per_task=0)
+    with pytest.raises(ValueError, match=r"'bottle_line' has thresholds from held-out good images, fitted with"):
+        again.run(blurred, [datamodule])
+    assert not (tmp_path / "again").exists()
 
 
 def test_good_fpr_holds_images_out_of_training_and_sets_the_threshold_from_them(
@@ -284,9 +290,9 @@ def test_good_fpr_holds_images_out_of_training_and_sets_the_threshold_from_them(
     held_scores: list[torch.Tensor] = []
     set_stats = model.post_processor.set_good_statistics
 
-    def record(task, scores, maps, fpr):
+    def record(task, scores, maps, fpr, *rest):
         held_scores.append(scores.detach().clone())
-        return set_stats(task, scores, maps, fpr)
+        return set_stats(task, scores, maps, fpr, *rest)
 
     model.post_processor.set_good_statistics = record
     calibrated: list[int] = []

@@ -1283,6 +1283,72 @@ def test_checkpoint_loads_with_another_map_blur(continual_run: ContinualRun) -> 
     assert (after.anomaly_map.amax(dim=(1, 2, 3)) > before.anomaly_map.amax(dim=(1, 2, 3))).all()  # no blur
 
 
+def test_statistics_fitted_with_other_scoring_settings_are_refused_until_validated_again(
+    continual_run: ContinualRun, tmp_path: Path, make_datamodule: Any, make_engine: Any
+) -> None:
+    saved = continual_run.checkpoint.read_bytes()
+    fitted = continual_run.model.post_processor.task_stats.clone()
+    model = MoleFlow.load_from_checkpoint(continual_run.checkpoint, map_location="cpu", anomaly_map_value="likelihood")
+    model.eval()
+    assert model.stale_statistics() == {task: [("anomaly_map_value", "score")] for task in range(3)}
+    images = random_images(model.model.image_size[0])
+    # the checkpoint's pixel statistics are those of the NLL maps: normalising likelihood maps with them is wrong
+    with pytest.raises(ValueError, match=r"task 1 '[^']+' with anomaly_map_value='score' \(now 'likelihood'\)"):
+        model.score_images(images, tasks=1)
+    first = continual_run.categories[0]
+    make_engine(tmp_path, callbacks=[OracleRouting(0)]).validate(model, make_datamodule(continual_run.root, first))
+    assert sorted(model.stale_statistics()) == [1, 2]  # only the validated task was fitted again
+    refitted = model.post_processor.stats_of(0)
+    assert refitted["pixel_max"] < 0 < fitted[0, STAT_COLUMNS.index("pixel_max")]  # -exp(-NLL/D) < 0 < max NLL
+    torch.testing.assert_close(model.post_processor.task_stats[1:], fitted[1:])  # the other tasks untouched
+    scored = model.score_images(images, tasks=0).final
+    assert ((scored.anomaly_map > 0) & (scored.anomaly_map < 1)).any()  # inside the refitted range, not clamped
+    with pytest.raises(ValueError, match="task 2 "):
+        model.score_images(images, tasks=2)
+    assert continual_run.checkpoint.read_bytes() == saved
+    model.post_processor.enable_normalization = model.post_processor.enable_thresholding = False  # unused now
+    model.score_images(images, tasks=2)
+    assert MoleFlow.load_from_checkpoint(continual_run.checkpoint, map_location="cpu").stale_statistics() == {}
+
+
+def test_continual_run_from_a_checkpoint_with_new_scoring_settings_fits_the_old_tasks_statistics_again(
+    continual_run: ContinualRun, tmp_path: Path, make_datamodule: Any
+) -> None:
+    from anomalib_moleflow.engine.continual import ContinualEngine
+
+    model = MoleFlow.continue_from(continual_run.checkpoint, anomaly_map_value="likelihood", visualizer=False)
+    tasks = [make_datamodule(continual_run.root, category) for category in continual_run.categories]
+    results = ContinualEngine(output_dir=tmp_path / "run", enable_progress_bar=False, overlays_per_task=0).run(
+        model, tasks
+    )
+    assert model.stale_statistics() == {}
+    assert all(model.post_processor.stats_of(task)["pixel_max"] < 0 for task in range(3))  # likelihood maps' own
+    assert all(value is not None for value in results["matrix"]["pixel_AUROC"][-1])
+    saved = MoleFlow.load_from_checkpoint(tmp_path / "run" / "model.ckpt", map_location="cpu")
+    assert saved.model.anomaly_map_value == "likelihood"
+    assert saved.stale_statistics() == {}
+
+
+def test_checkpoint_of_an_earlier_version_keeps_the_scoring_its_statistics_were_fitted_with(
+    continual_run: ContinualRun, tmp_path: Path
+) -> None:
+    checkpoint = torch.load(continual_run.checkpoint, map_location="cpu", weights_only=False)
+    assert checkpoint["state_dict"]["post_processor._extra_state"]["fitted_with"][0]["score_calibration"] == "position"
+    # as written before the records and score_calibration existed (its statistics then came from raw NLLs)
+    del checkpoint["state_dict"]["post_processor._extra_state"]
+    del checkpoint["hyper_parameters"]["score_calibration"]
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    continued = MoleFlow.continue_from(old)
+    assert continued.model.score_calibration == "none"
+    assert continued.stale_statistics() == {}
+    assert continued.post_processor.fitted_with[2]["score_calibration"] == "none"
+    defaulted = MoleFlow.load_from_checkpoint(old, map_location="cpu")  # the default now: position
+    assert defaulted.stale_statistics() == {task: [("score_calibration", "none")] for task in range(3)}
+    with pytest.raises(ValueError, match="score_calibration='none'"):
+        defaulted.eval().score_images(random_images(defaulted.model.image_size[0]), tasks=0)
+
+
 def test_checkpoint_round_trip_in_new_process(
     continual_run: ContinualRun, tmp_path: Path, make_datamodule: Any
 ) -> None:

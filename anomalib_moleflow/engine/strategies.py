@@ -36,6 +36,7 @@ from anomalib_moleflow.data import Task, joint_datamodule
 from anomalib_moleflow.models import MoleFlow
 from anomalib_moleflow.models.moleflow.components.feature_cache import is_random
 from anomalib_moleflow.models.moleflow.components.router import RoutingLog
+from anomalib_moleflow.models.moleflow.post_processor import GOOD_IMAGES
 
 from .trainer import TaskTrainer
 
@@ -65,6 +66,12 @@ class Strategy(ABC):
     @contextmanager
     def testing(self, index: int) -> Iterator[tuple[AnomalibModule, RoutingLog | None]]:
         """The module that scores task ``index``'s test images, and the log of its routing (``None``: no routing)."""
+
+    def stale_statistics(self, index: int) -> AnomalibModule | None:
+        """The module to validate on task ``index`` before any test, when its statistics for that task were fitted
+        with other scoring settings than it scores with now (default: ``None``, nothing to refit)."""
+        del index
+        return None
 
     def true_task(self, index: int) -> int | None:
         """The task to score task ``index``'s test images with instead of routing (oracle mode); ``None``: routed."""
@@ -147,6 +154,27 @@ class MoleFlowStrategy(Strategy):
         del index
         with self.model.record_routing() as log:
             yield self.model, log
+
+    def stale_statistics(self, index: int) -> AnomalibModule | None:
+        """The model, when task ``index``'s thresholds and normalisation were fitted with other scoring settings (it
+        was loaded with new ones): validating it on the task's data fits them again.
+
+        Raises:
+            ValueError: If the task's thresholds came from held-out good training images (``threshold="good_fpr"``),
+                which validation cannot reproduce.
+        """
+        stale = self.model.stale_statistics()
+        if index not in stale:
+            return None
+        if (self.model.post_processor.fitted_with[index] or {}).get(GOOD_IMAGES):
+            settings = ", ".join(f"{name}={value!r}" for name, value in stale[index])
+            msg = (
+                f"Task '{self.model.task_names[index]}' has thresholds from held-out good images, fitted with "
+                f"{settings}; they cannot be fitted again with other scoring settings. Keep those settings for this "
+                "checkpoint."
+            )
+            raise ValueError(msg)
+        return self.model
 
     def true_task(self, index: int) -> int | None:
         """``index`` in oracle mode (the true task), else ``None`` (the model's router picks)."""

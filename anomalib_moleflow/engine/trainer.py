@@ -59,6 +59,12 @@ class TaskTrainer:
         """Train ``model`` on ``datamodule`` with a fresh Engine."""
         self.engine(root_dir).fit(model, datamodule=datamodule)
 
+    def validate(
+        self, model: AnomalibModule, datamodule: AnomalibDataModule, root_dir: Path, callbacks: Sequence[Callback] = ()
+    ) -> None:
+        """Validate ``model`` with a fresh Engine (and ``callbacks``): re-fits its post-processing statistics."""
+        self.engine(root_dir, callbacks=list(callbacks)).validate(model, datamodule=datamodule, verbose=False)
+
     def test(
         self,
         model: AnomalibModule,
@@ -73,8 +79,7 @@ class TaskTrainer:
         Returns:
             The test metrics of the first (only) dataloader.
         """
-        engine = self.engine(root_dir, callbacks=list(callbacks))
         if calibrate:
-            engine.validate(model, datamodule=datamodule, verbose=False)
-        output = engine.test(model, datamodule=datamodule, verbose=False)
+            self.validate(model, datamodule, root_dir, callbacks)
+        output = self.engine(root_dir, callbacks=list(callbacks)).test(model, datamodule=datamodule, verbose=False)
         return dict(output[0]) if output else {}

@@ -51,7 +51,9 @@ from .components.router import Routed, RoutingLog, RoutingRecorder
 from .loss import MoleFlowLoss
 from .post_processor import TaskPostProcessor
 from .settings import (
+    INTRODUCED_SETTINGS,
     RUNTIME_SETTINGS,
+    SCORING_SETTINGS,
     SPEED_SETTINGS,
     AnomalyMapValue,
     ArchitectureSettings,
@@ -63,6 +65,7 @@ from .settings import (
     ScoreCalibration,
     ThresholdMode,
     WhiteningNorm,
+    defaults,
     differences,
     select,
 )
@@ -331,7 +334,13 @@ class MoleFlow(AnomalibModule):
             raise ValueError(msg)
         fixed = set(select(ArchitectureSettings, settings)) - RUNTIME_SETTINGS  # taken from the checkpoint
         others = {name: value for name, value in settings.items() if name not in fixed}
-        return cls.load_from_checkpoint(path, map_location="cpu", **others)
+        # a scoring setting introduced after the checkpoint was written: the value its statistics were fitted with
+        introduced = {
+            name: value
+            for name, value in INTRODUCED_SETTINGS.items()
+            if name in SCORING_SETTINGS and name not in saved and name not in settings
+        }
+        return cls.load_from_checkpoint(path, map_location="cpu", **introduced, **others)
 
     # ----------------------------------------------------------- components
     def configure_post_processor(self) -> PostProcessor:
@@ -480,9 +489,61 @@ class MoleFlow(AnomalibModule):
         return compile_cache_limit(4 * self.model.num_tasks)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint with non-finite network weights before any of them is loaded (Lightning loads after)."""
-        check_finite_state(checkpoint.get("state_dict", {}), "This checkpoint")
+        """Refuse a checkpoint with non-finite network weights before any of them is loaded (Lightning loads after).
+
+        A checkpoint of an earlier version has no record of the scoring settings its tasks' statistics were fitted
+        with: they are the ones it saved (or, for a setting introduced since, the value that reproduces it).
+        """
+        state = checkpoint.get("state_dict", {})
+        check_finite_state(state, "This checkpoint")
+        stats = state.get("post_processor.task_stats")
+        if stats is not None and "post_processor._extra_state" not in state:
+            saved = {**defaults(ArchitectureSettings), **INTRODUCED_SETTINGS, **checkpoint.get("hyper_parameters", {})}
+            scoring = {name: saved[name] for name in SCORING_SETTINGS}
+            fitted = [dict(scoring) if bool(row.isfinite().any()) else None for row in stats]
+            state["post_processor._extra_state"] = {"fitted_with": fitted}
         super().on_load_checkpoint(checkpoint)
+
+    def scoring_settings(self) -> dict[str, Any]:
+        """The scoring settings the model scores with now (what each task's statistics depend on)."""
+        return self.model.scoring_settings()
+
+    def stale_statistics(self) -> dict[int, list[tuple[str, Any]]]:
+        """Tasks whose thresholds and normalisation were fitted with other scoring settings than the model's now
+        (loaded with other values), each with the settings that differ and the values it was fitted with."""
+        if not isinstance(self.post_processor, TaskPostProcessor):
+            return {}
+        return self.post_processor.stale_tasks(self.scoring_settings())
+
+    def _refuse_stale_statistics(self, tasks: torch.Tensor) -> None:
+        """Refuse to post-process images of a task whose statistics no longer hold (see :meth:`stale_statistics`).
+
+        Raises:
+            ValueError: Naming each such task among ``tasks`` ``(b,)`` (while exporting: every such task), the
+                settings it was fitted with, and how to fit it again.
+        """
+        processor = self.post_processor
+        if not (processor.enable_normalization or processor.enable_thresholding):
+            return
+        stale = self.stale_statistics()
+        if stale and not torch.compiler.is_exporting():  # the export serves every task
+            used = set(tasks.unique().tolist())
+            stale = {task: differing for task, differing in stale.items() if task in used}
+        if not stale:
+            return
+        current = self.scoring_settings()
+        details = "; ".join(
+            f"task {task} '{self.model.task_names[task]}' with "
+            + ", ".join(f"{name}={value!r} (now {current[name]!r})" for name, value in differing)
+            for task, differing in sorted(stale.items())
+        )
+        msg = (
+            f"Thresholds and normalisation were fitted with other scoring settings: {details}. Validate those "
+            "tasks again with the new settings (`moleflow continual --from_checkpoint` with the tasks in its list "
+            "does it; in Python: `Engine(callbacks=[OracleRouting(task)]).validate(model, datamodule)`), or load the "
+            "model with the settings they were fitted with."
+        )
+        raise ValueError(msg)
 
     def configure_model(self) -> None:
         """Inside a fit, freeze all but what the fit trains before Lightning builds the optimizer and (DDP) wraps the
@@ -568,7 +629,9 @@ class MoleFlow(AnomalibModule):
                 patches = torch.stack(held).to(self.device)
                 tasks = torch.full((len(held),), task, device=self.device, dtype=torch.long)
                 raw, _ = self.model.score_patches(patches, tasks, self.model.image_size)
-            self.post_processor.set_good_statistics(task, raw.pred_score, raw.anomaly_map, self.target_fpr)
+            self.post_processor.set_good_statistics(
+                task, raw.pred_score, raw.anomaly_map, self.target_fpr, self.scoring_settings()
+            )
             logger.info(
                 "Task %d '%s': thresholds from %d held-out good training image(s) at %.1f %% false positives.",
                 task,
@@ -797,6 +860,7 @@ class MoleFlow(AnomalibModule):
         raw, routed = self._score(images, tasks)
         final = raw
         if isinstance(self.post_processor, TaskPostProcessor):
+            self._refuse_stale_statistics(routed.task)
             final = self.post_processor(raw, task_ids=routed.task, unknown=self._overridden(routed))
         elif self.post_processor:
             final = self.post_processor(raw)

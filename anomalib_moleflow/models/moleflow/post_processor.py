@@ -4,10 +4,15 @@ anomalib's PostProcessor holds one set of statistics, overwritten at each valida
 set per task: each image is normalised with the statistics of the task it was routed to. The task ids travel as
 arguments: :class:`~anomalib_moleflow.models.MoleFlow` passes them from its validation/test/predict steps and its
 ``forward``; the callback hooks that anomalib's PostProcessor uses for the same work are therefore no-ops here.
+
+Statistics hold only for the scoring settings they were fitted with (a map blurred otherwise, another map value, ...):
+each task's row records them (``fitted_with``), so that a model loaded with other scoring settings can tell which
+tasks must be validated again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,11 +22,14 @@ from anomalib.metrics import F1AdaptiveThreshold, MinMax
 from anomalib.models.components.base import DynamicBufferMixin
 from anomalib.post_processing import PostProcessor
 from lightning import LightningModule, Trainer
+from torch import nn
 
 from anomalib_moleflow.compat import apply_threshold, normalize, set_single_statistics
 
 #: Columns of ``task_stats``.
 STAT_COLUMNS = ("image_threshold", "pixel_threshold", "image_min", "image_max", "pixel_min", "pixel_max")
+#: Key of a task's ``fitted_with`` record: its thresholds came from held-out good images (validation cannot refit them).
+GOOD_IMAGES = "from_good_images"
 _FIELDS = ("pred_score", "gt_label", "anomaly_map", "gt_mask")
 #: Largest input of ``torch.quantile``.
 _QUANTILE_LIMIT = 16_000_000
@@ -38,7 +46,10 @@ class TaskPostProcessor(DynamicBufferMixin, PostProcessor):
         super().__init__(**kwargs)
         self.register_buffer("task_stats", torch.full((0, len(STAT_COLUMNS)), float("nan")))
         self.task_stats: torch.Tensor
+        #: Per task, the scoring settings its row was fitted with (``None``: not recorded, e.g. not yet validated).
+        self.fitted_with: list[dict[str, Any] | None] = []
         self._task_metrics: dict[int, dict[str, Any]] = {}
+        self.register_load_state_dict_pre_hook(_unrecorded_when_missing)
 
     def ensure_tasks(self, num_tasks: int) -> None:
         """Grow the statistics table to ``num_tasks`` rows (new rows are NaN: not yet validated)."""
@@ -46,6 +57,25 @@ class TaskPostProcessor(DynamicBufferMixin, PostProcessor):
         if missing > 0:
             pad = self.task_stats.new_full((missing, len(STAT_COLUMNS)), float("nan"))
             self.task_stats = torch.cat([self.task_stats, pad])
+        self.fitted_with.extend([None] * (num_tasks - len(self.fitted_with)))
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The scoring settings each task's statistics were fitted with."""
+        return {"fitted_with": [None if entry is None else dict(entry) for entry in self.fitted_with]}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`get_extra_state`."""
+        self.fitted_with = [None if entry is None else dict(entry) for entry in state.get("fitted_with", [])]
+
+    def stale_tasks(self, scoring: Mapping[str, Any]) -> dict[int, list[tuple[str, Any]]]:
+        """Tasks whose statistics were fitted with other scoring settings than ``scoring``, each with the settings
+        (name, value fitted with) that differ. Tasks without a record are taken as fitted with ``scoring``."""
+        stale = {}
+        for task, fitted in enumerate(self.fitted_with):
+            differing = [(name, fitted[name]) for name in scoring if fitted and fitted.get(name) != scoring[name]]
+            if differing:
+                stale[task] = differing
+        return stale
 
     def stats_of(self, task: int) -> dict[str, float]:
         """Statistics of one task as a dictionary."""
@@ -84,10 +114,13 @@ class TaskPostProcessor(DynamicBufferMixin, PostProcessor):
         """Nothing: the model calls :meth:`update_statistics` with the batch's task ids."""
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Write each validated task's statistics to its row (and the last one to anomalib's single set)."""
-        del trainer, pl_module
+        """Write each validated task's statistics to its row (and the last one to anomalib's single set), with the
+        scoring settings of ``pl_module`` (a :class:`~anomalib_moleflow.models.MoleFlow`) they were fitted with."""
+        del trainer
+        scoring = pl_module.scoring_settings()
         for task, metrics in sorted(self._task_metrics.items()):
             self.ensure_tasks(task + 1)
+            self.fitted_with[task] = dict(scoring)
             row = self.task_stats[task]
             for column, key in ((0, "image_threshold"), (1, "pixel_threshold")):
                 if metrics[key].update_called:
@@ -103,7 +136,12 @@ class TaskPostProcessor(DynamicBufferMixin, PostProcessor):
         self._task_metrics.clear()
 
     def set_good_statistics(
-        self, task: int, image_scores: torch.Tensor, anomaly_maps: torch.Tensor, target_fpr: float
+        self,
+        task: int,
+        image_scores: torch.Tensor,
+        anomaly_maps: torch.Tensor,
+        target_fpr: float,
+        scoring: Mapping[str, Any] | None = None,
     ) -> None:
         """Set task ``task``'s thresholds and normalisation from raw scores of good images only.
 
@@ -117,6 +155,7 @@ class TaskPostProcessor(DynamicBufferMixin, PostProcessor):
             image_scores: Raw image scores ``(n,)`` of held-out good images.
             anomaly_maps: Their raw anomaly maps ``(n, 1, H, W)``.
             target_fpr: Share of good images (and pixels) allowed above threshold.
+            scoring: The scoring settings the scores were made with (recorded for the task; ``None``: not recorded).
         """
         scores = image_scores.detach().double().flatten().cpu()
         if scores.numel() >= round(1 / target_fpr):
@@ -138,6 +177,7 @@ class TaskPostProcessor(DynamicBufferMixin, PostProcessor):
         ]).to(self.task_stats)  # fmt: skip
         self.ensure_tasks(task + 1)
         self.task_stats[task] = row
+        self.fitted_with[task] = None if scoring is None else {**scoring, GOOD_IMAGES: True}
         set_single_statistics(self, row)
 
     # ------------------------------------------------------------ test/predict
@@ -214,3 +254,9 @@ class TaskPostProcessor(DynamicBufferMixin, PostProcessor):
             )
         pred_score, pred_label = self.mark_unknown(normalized.pred_score, normalized.pred_label, unknown)
         return normalized._replace(pred_score=pred_score, pred_label=pred_label)
+
+
+def _unrecorded_when_missing(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """A state dict of an earlier version has no record of the scoring settings: its tasks are unrecorded."""
+    del module, args
+    state_dict.setdefault(f"{prefix}_extra_state", {"fitted_with": []})

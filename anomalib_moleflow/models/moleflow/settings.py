@@ -192,6 +192,14 @@ RUNTIME_SETTINGS: frozenset[str] = frozenset(
         "unknown_factor",
     }
 )
+#: The runtime settings that change a score or a map: each task's thresholds and normalisation hold only for the values
+#: they were fitted with.
+SCORING_SETTINGS: tuple[str, ...] = (
+    "score_aggregation_top_k",
+    "anomaly_map_sigma",
+    "score_calibration",
+    "anomaly_map_value",
+)
 #: Settings added after runs were already recorded, each with the value that reproduces what such a run did: a
 #: recorded configuration without the key is read with this value (so those runs still resume).
 INTRODUCED_SETTINGS: dict[str, Any] = {"average_last": 0.0, "score_calibration": "none"}
@@ -246,6 +254,7 @@ def differences(saved: Any, current: Any, path: str = "") -> list[tuple[str, Any
 __all__ = [
     "INTRODUCED_SETTINGS",
     "RUNTIME_SETTINGS",
+    "SCORING_SETTINGS",
     "SPEED_SETTINGS",
     "AnomalyMapValue",
     "ArchitectureSettings",

@@ -20,6 +20,7 @@ from .components.embedding import PatchEmbedding, default_embed_dim, sinusoidal_
 from .components.router import MahalanobisRouter, Routed
 from .settings import (
     RUNTIME_SETTINGS,
+    SCORING_SETTINGS,
     AnomalyMapValue,
     ArchitectureSettings,
     RouterCovariance,
@@ -380,6 +381,15 @@ class MoleFlowModel(nn.Module):
         """Settings that must match for a checkpoint to load into this model (all but :data:`RUNTIME_SETTINGS`)."""
         settings = {key: value for key, value in self.settings.items() if key not in RUNTIME_SETTINGS}
         return {"format": CHECKPOINT_FORMAT, **settings}
+
+    def scoring_settings(self) -> dict[str, Any]:
+        """The current values of :data:`SCORING_SETTINGS` (what a task's thresholds and normalisation depend on)."""
+        live = {
+            "score_aggregation_top_k": self.score_aggregation_top_k,
+            "score_calibration": self.score_calibration,
+            "anomaly_map_value": self.anomaly_map_value,
+        }
+        return {name: live.get(name, self.settings[name]) for name in SCORING_SETTINGS}
 
     def get_extra_state(self) -> dict[str, Any]:
         """Task names and settings, saved in the state dict so that loading can recreate every task."""
