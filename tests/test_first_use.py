@@ -265,7 +265,7 @@ def test_good_fpr_thresholds_need_no_defect_image(good_only_root: Path, tmp_path
     # thresholds from held-out good images cannot be fitted again for other scoring settings: refused at once
     blurred = MoleFlow.continue_from(tmp_path / "run" / "model.ckpt", anomaly_map_sigma=2.0)
     again = ContinualEngine(output_dir=tmp_path / "again", enable_progress_bar=False, overlays_per_task=0)
-    with pytest.raises(ValueError, match=r"'bottle_line' has thresholds from held-out good images, fitted with"):
+    with pytest.raises(ValueError, match=r"held-out good images \(threshold='good_fpr'\) cannot be fitted again"):
         again.run(blurred, [datamodule])
     assert not (tmp_path / "again").exists()
 

@@ -1291,6 +1291,8 @@ def test_statistics_fitted_with_other_scoring_settings_are_refused_until_validat
     model = MoleFlow.load_from_checkpoint(continual_run.checkpoint, map_location="cpu", anomaly_map_value="likelihood")
     model.eval()
     assert model.stale_statistics() == {task: [("anomaly_map_value", "score")] for task in range(3)}
+    held_out = MoleFlow.load_from_checkpoint(continual_run.checkpoint, map_location="cpu", score_calibration="held_out")
+    assert held_out.stale_statistics() == {}  # standardised either way: only the images that fitted it differ
     images = random_images(model.model.image_size[0])
     # the checkpoint's pixel statistics are those of the NLL maps: normalising likelihood maps with them is wrong
     with pytest.raises(ValueError, match=r"task 1 '[^']+' with anomaly_map_value='score' \(now 'likelihood'\)"):
@@ -1305,6 +1307,8 @@ def test_statistics_fitted_with_other_scoring_settings_are_refused_until_validat
     assert ((scored.anomaly_map > 0) & (scored.anomaly_map < 1)).any()  # inside the refitted range, not clamped
     with pytest.raises(ValueError, match="task 2 "):
         model.score_images(images, tasks=2)
+    with pytest.raises(ValueError, match="task 1 .* task 2 "):  # anomalib's test: any image may go to any task
+        make_engine(tmp_path / "test").test(model, make_datamodule(continual_run.root, first))
     assert continual_run.checkpoint.read_bytes() == saved
     model.post_processor.enable_normalization = model.post_processor.enable_thresholding = False  # unused now
     model.score_images(images, tasks=2)
@@ -1334,19 +1338,24 @@ def test_checkpoint_of_an_earlier_version_keeps_the_scoring_its_statistics_were_
 ) -> None:
     checkpoint = torch.load(continual_run.checkpoint, map_location="cpu", weights_only=False)
     assert checkpoint["state_dict"]["post_processor._extra_state"]["fitted_with"][0]["score_calibration"] == "position"
-    # as written before the records and score_calibration existed (its statistics then came from raw NLLs)
-    del checkpoint["state_dict"]["post_processor._extra_state"]
+    del checkpoint["state_dict"]["post_processor._extra_state"]  # written before the records existed
+    recorded = tmp_path / "recorded.ckpt"
+    torch.save(checkpoint, recorded)
+    # the value given at loading is not the one the statistics were fitted with (the checkpoint's saved one)
+    blurred = MoleFlow.continue_from(recorded, anomaly_map_sigma=2.0)
+    assert blurred.stale_statistics() == {task: [("anomaly_map_sigma", 4.0)] for task in range(3)}
+    assert MoleFlow.continue_from(recorded).stale_statistics() == {}
+    # written before score_calibration existed: no setting saved, the tasks' calibrations never fitted (raw scores)
     del checkpoint["hyper_parameters"]["score_calibration"]
+    for key in [key for key in checkpoint["state_dict"] if ".calibrations." in key]:
+        del checkpoint["state_dict"][key]
     old = tmp_path / "old.ckpt"
     torch.save(checkpoint, old)
     continued = MoleFlow.continue_from(old)
-    assert continued.model.score_calibration == "none"
-    assert continued.stale_statistics() == {}
+    assert continued.model.score_calibration == "position"  # new tasks are calibrated, the old ones score raw
     assert continued.post_processor.fitted_with[2]["score_calibration"] == "none"
-    defaulted = MoleFlow.load_from_checkpoint(old, map_location="cpu")  # the default now: position
-    assert defaulted.stale_statistics() == {task: [("score_calibration", "none")] for task in range(3)}
-    with pytest.raises(ValueError, match="score_calibration='none'"):
-        defaulted.eval().score_images(random_images(defaulted.model.image_size[0]), tasks=0)
+    assert continued.stale_statistics() == {}
+    assert MoleFlow.continue_from(old, score_calibration="none").stale_statistics() == {}
 
 
 def test_checkpoint_round_trip_in_new_process(

@@ -214,7 +214,7 @@ class ContinualEngine:
             raise ValueError(msg)
         refits = [index for index in range(len(task_list)) if strategy.stale_statistics(index) is not None]
         # Last of the checks, so that an error above never costs an earlier run's outputs (resume: a no-op). Under
-        # DDP the other ranks start inside rank 0's first fit, into the folder rank 0 has claimed.
+        # DDP the other ranks start inside rank 0's first Lightning call, into the folder rank 0 has claimed.
         if is_rank_zero():
             claim_output_dir(self.output_dir, RUN_OUTPUTS, self.resume, self.overwrite)
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -224,6 +224,12 @@ class ContinualEngine:
                 module = strategy.stale_statistics(index)
                 folder = self.output_dir / "tasks" / f"{index:02d}_{task.name}" / "statistics"
                 self.trainer.validate(module, task.datamodule, folder, [OracleRouting(index)])
+                if strategy.stale_statistics(index) is not None:
+                    msg = (
+                        f"Task '{task.name}' has no validation images to fit its thresholds again with the new scoring "
+                        "settings: give its datamodule a validation split, or keep the checkpoint's scoring settings."
+                    )
+                    raise ValueError(msg)
                 logger.info(
                     "Task %d '%s': thresholds and normalisation fitted again (new scoring settings).", index, task.name
                 )

@@ -160,20 +160,14 @@ class MoleFlowStrategy(Strategy):
         was loaded with new ones): validating it on the task's data fits them again.
 
         Raises:
-            ValueError: If the task's thresholds came from held-out good training images (``threshold="good_fpr"``),
-                which validation cannot reproduce.
+            ValueError: If validation cannot fit them: they came from held-out good training images, or the model
+                sets its thresholds that way (``threshold="good_fpr"``) and skips validation.
         """
         stale = self.model.stale_statistics()
         if index not in stale:
             return None
-        if (self.model.post_processor.fitted_with[index] or {}).get(GOOD_IMAGES):
-            settings = ", ".join(f"{name}={value!r}" for name, value in stale[index])
-            msg = (
-                f"Task '{self.model.task_names[index]}' has thresholds from held-out good images, fitted with "
-                f"{settings}; they cannot be fitted again with other scoring settings. Keep those settings for this "
-                "checkpoint."
-            )
-            raise ValueError(msg)
+        if self.model.threshold == "good_fpr" or (self.model.post_processor.fitted_with[index] or {}).get(GOOD_IMAGES):
+            self.model.refuse_stale_statistics(torch.tensor([index]))  # says why, and what to do
         return self.model
 
     def true_task(self, index: int) -> int | None:

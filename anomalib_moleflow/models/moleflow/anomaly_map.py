@@ -17,6 +17,7 @@ class AnomalyMapGenerator(nn.Module):
 
     def __init__(self, sigma: float = 4.0) -> None:
         super().__init__()
+        self.sigma = sigma
         self.blur: nn.Module = nn.Identity()
         if sigma > 0:
             self.blur = GaussianBlur2d(sigma=sigma, channels=1)  # anomalib's kernel size: 2 * int(4 sigma + 0.5) + 1
@@ -70,7 +71,10 @@ class PositionCalibration(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.zeros(grid))
         self.register_buffer("std", torch.ones(grid))
+        #: Whether :meth:`fit` set the statistics (loaded ones count, unless they are the identity's).
+        self.fitted = False
         self.register_load_state_dict_pre_hook(_identity_when_missing)
+        self.register_load_state_dict_post_hook(_fitted_unless_identity)
 
     def fit(self, total: torch.Tensor, total_squares: torch.Tensor, count: int) -> None:
         """Set the statistics from sums over ``count`` ≥ 2 images' ``(h, w)`` patch scores (float64 sums)."""
@@ -83,10 +87,17 @@ class PositionCalibration(nn.Module):
         floor = 1e-3 * float(std.mean()) + 1e-12  # a position whose score never varied must not blow up
         self.mean.copy_(mean.to(self.mean))
         self.std.copy_(std.clamp_min(floor).to(self.std))
+        self.fitted = True
 
     def forward(self, patch_scores: torch.Tensor) -> torch.Tensor:
         """Standardise ``(b, h, w)`` patch scores position by position."""
         return (patch_scores - self.mean) / self.std
+
+
+def _fitted_unless_identity(module: nn.Module, incompatible_keys: object) -> None:
+    """After loading: the calibration is fitted unless it holds the identity's statistics (unfitted when saved)."""
+    del incompatible_keys
+    module.fitted = not (bool((module.mean == 0).all()) and bool((module.std == 1).all()))
 
 
 def _identity_when_missing(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple, get_args
@@ -49,7 +49,7 @@ from .callbacks import (
 from .components.feature_cache import FeatureCache
 from .components.router import Routed, RoutingLog, RoutingRecorder
 from .loss import MoleFlowLoss
-from .post_processor import TaskPostProcessor
+from .post_processor import GOOD_IMAGES, TaskPostProcessor
 from .settings import (
     INTRODUCED_SETTINGS,
     RUNTIME_SETTINGS,
@@ -334,13 +334,30 @@ class MoleFlow(AnomalibModule):
             raise ValueError(msg)
         fixed = set(select(ArchitectureSettings, settings)) - RUNTIME_SETTINGS  # taken from the checkpoint
         others = {name: value for name, value in settings.items() if name not in fixed}
-        # a scoring setting introduced after the checkpoint was written: the value its statistics were fitted with
-        introduced = {
-            name: value
-            for name, value in INTRODUCED_SETTINGS.items()
-            if name in SCORING_SETTINGS and name not in saved and name not in settings
-        }
-        return cls.load_from_checkpoint(path, map_location="cpu", **introduced, **others)
+        model = cls.load_from_checkpoint(path, map_location="cpu", **others)
+        if "post_processor._extra_state" not in checkpoint.get("state_dict", {}):
+            model.record_statistics_of_earlier_version(checkpoint.get("hyper_parameters", {}))
+        return model
+
+    def record_statistics_of_earlier_version(self, saved: Mapping[str, Any]) -> None:
+        """Record, for a checkpoint written before the records existed, the scoring settings its tasks' statistics
+        were fitted with: its saved ``hyper_parameters`` (before any value given at loading replaced them; for a
+        setting introduced since, the value that reproduces the run), with each task's calibration as it scored."""
+        if not isinstance(self.post_processor, TaskPostProcessor):
+            return
+        saved = {**defaults(ArchitectureSettings), **INTRODUCED_SETTINGS, **saved}
+        processor = self.post_processor
+        processor.ensure_tasks(self.model.num_tasks)
+        for task in range(self.model.num_tasks):
+            if not bool(processor.task_stats[task].isfinite().any()):
+                continue  # never validated: nothing to record
+            calibrated = saved["score_calibration"] != "none" and self.model.calibrations[task].fitted
+            scoring = {name: saved[name] for name in SCORING_SETTINGS}
+            processor.fitted_with[task] = {
+                **scoring,
+                "score_calibration": "position" if calibrated else "none",
+                **({GOOD_IMAGES: True} if saved.get("threshold") == "good_fpr" else {}),
+            }
 
     # ----------------------------------------------------------- components
     def configure_post_processor(self) -> PostProcessor:
@@ -489,61 +506,69 @@ class MoleFlow(AnomalibModule):
         return compile_cache_limit(4 * self.model.num_tasks)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint with non-finite network weights before any of them is loaded (Lightning loads after).
-
-        A checkpoint of an earlier version has no record of the scoring settings its tasks' statistics were fitted
-        with: they are the ones it saved (or, for a setting introduced since, the value that reproduces it).
-        """
-        state = checkpoint.get("state_dict", {})
-        check_finite_state(state, "This checkpoint")
-        stats = state.get("post_processor.task_stats")
-        if stats is not None and "post_processor._extra_state" not in state:
-            saved = {**defaults(ArchitectureSettings), **INTRODUCED_SETTINGS, **checkpoint.get("hyper_parameters", {})}
-            scoring = {name: saved[name] for name in SCORING_SETTINGS}
-            fitted = [dict(scoring) if bool(row.isfinite().any()) else None for row in stats]
-            state["post_processor._extra_state"] = {"fitted_with": fitted}
+        """Refuse a checkpoint with non-finite network weights before any of them is loaded (Lightning loads after)."""
+        check_finite_state(checkpoint.get("state_dict", {}), "This checkpoint")
         super().on_load_checkpoint(checkpoint)
 
-    def scoring_settings(self) -> dict[str, Any]:
-        """The scoring settings the model scores with now (what each task's statistics depend on)."""
-        return self.model.scoring_settings()
+    def scoring_settings(self, task: int) -> dict[str, Any]:
+        """The scoring settings ``task`` is scored with now (what its statistics depend on)."""
+        return self.model.scoring_settings(task)
 
     def stale_statistics(self) -> dict[int, list[tuple[str, Any]]]:
         """Tasks whose thresholds and normalisation were fitted with other scoring settings than the model's now
         (loaded with other values), each with the settings that differ and the values it was fitted with."""
         if not isinstance(self.post_processor, TaskPostProcessor):
             return {}
-        return self.post_processor.stale_tasks(self.scoring_settings())
+        return self.post_processor.stale_tasks([self.scoring_settings(t) for t in range(self.model.num_tasks)])
 
-    def _refuse_stale_statistics(self, tasks: torch.Tensor) -> None:
+    def refuse_stale_statistics(self, tasks: torch.Tensor | None = None) -> None:
         """Refuse to post-process images of a task whose statistics no longer hold (see :meth:`stale_statistics`).
 
+        Args:
+            tasks: The tasks ``(b,)`` of the images to post-process; ``None`` (and while exporting, which serves every
+                task): any task.
+
         Raises:
-            ValueError: Naming each such task among ``tasks`` ``(b,)`` (while exporting: every such task), the
-                settings it was fitted with, and how to fit it again.
+            ValueError: Naming each such task, the settings it was fitted with and has now, and what to do.
         """
         processor = self.post_processor
         if not (processor.enable_normalization or processor.enable_thresholding):
             return
         stale = self.stale_statistics()
-        if stale and not torch.compiler.is_exporting():  # the export serves every task
+        if stale and tasks is not None and not torch.compiler.is_exporting():
             used = set(tasks.unique().tolist())
             stale = {task: differing for task, differing in stale.items() if task in used}
         if not stale:
             return
-        current = self.scoring_settings()
         details = "; ".join(
             f"task {task} '{self.model.task_names[task]}' with "
-            + ", ".join(f"{name}={value!r} (now {current[name]!r})" for name, value in differing)
+            + ", ".join(f"{name}={value!r} (now {self.scoring_settings(task)[name]!r})" for name, value in differing)
             for task, differing in sorted(stale.items())
         )
-        msg = (
-            f"Thresholds and normalisation were fitted with other scoring settings: {details}. Validate those "
-            "tasks again with the new settings (`moleflow continual --from_checkpoint` with the tasks in its list "
-            "does it; in Python: `Engine(callbacks=[OracleRouting(task)]).validate(model, datamodule)`), or load the "
-            "model with the settings they were fitted with."
-        )
+        good = [task for task in stale if (processor.fitted_with[task] or {}).get(GOOD_IMAGES)]
+        if good or self.threshold == "good_fpr":
+            advice = (
+                "Thresholds from held-out good images (threshold='good_fpr') cannot be fitted again: load the model "
+                "with the settings they were fitted with."
+            )
+        else:
+            advice = (
+                "Validate those tasks again with the new settings (`moleflow continual --from_checkpoint` does it for "
+                "the tasks in its list; in Python: `Engine(callbacks=[OracleRouting(task)]).validate(model, "
+                "datamodule)`, `from anomalib_moleflow import OracleRouting`), or load the model with the settings "
+                "they were fitted with."
+            )
+        msg = f"Thresholds and normalisation were fitted with other scoring settings: {details}. {advice}"
         raise ValueError(msg)
+
+    def on_test_start(self) -> None:
+        """Refuse at once, before any batch, when a task's statistics no longer hold (any image may be routed to it)."""
+        if isinstance(self.post_processor, TaskPostProcessor):
+            self.refuse_stale_statistics()
+
+    def on_predict_start(self) -> None:
+        """As :meth:`on_test_start`."""
+        self.on_test_start()
 
     def configure_model(self) -> None:
         """Inside a fit, freeze all but what the fit trains before Lightning builds the optimizer and (DDP) wraps the
@@ -630,7 +655,7 @@ class MoleFlow(AnomalibModule):
                 tasks = torch.full((len(held),), task, device=self.device, dtype=torch.long)
                 raw, _ = self.model.score_patches(patches, tasks, self.model.image_size)
             self.post_processor.set_good_statistics(
-                task, raw.pred_score, raw.anomaly_map, self.target_fpr, self.scoring_settings()
+                task, raw.pred_score, raw.anomaly_map, self.target_fpr, self.scoring_settings(task)
             )
             logger.info(
                 "Task %d '%s': thresholds from %d held-out good training image(s) at %.1f %% false positives.",
@@ -860,7 +885,7 @@ class MoleFlow(AnomalibModule):
         raw, routed = self._score(images, tasks)
         final = raw
         if isinstance(self.post_processor, TaskPostProcessor):
-            self._refuse_stale_statistics(routed.task)
+            self.refuse_stale_statistics(routed.task)
             final = self.post_processor(raw, task_ids=routed.task, unknown=self._overridden(routed))
         elif self.post_processor:
             final = self.post_processor(raw)

@@ -12,7 +12,7 @@ tasks must be validated again.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -67,12 +67,14 @@ class TaskPostProcessor(DynamicBufferMixin, PostProcessor):
         """Restore :meth:`get_extra_state`."""
         self.fitted_with = [None if entry is None else dict(entry) for entry in state.get("fitted_with", [])]
 
-    def stale_tasks(self, scoring: Mapping[str, Any]) -> dict[int, list[tuple[str, Any]]]:
-        """Tasks whose statistics were fitted with other scoring settings than ``scoring``, each with the settings
-        (name, value fitted with) that differ. Tasks without a record are taken as fitted with ``scoring``."""
+    def stale_tasks(self, scoring: Sequence[Mapping[str, Any]]) -> dict[int, list[tuple[str, Any]]]:
+        """Tasks whose statistics were fitted with other scoring settings than ``scoring[task]`` (each task's now),
+        each with the settings (name, value fitted with) that differ. A task without a record, or a setting its
+        record lacks, is taken as unchanged."""
         stale = {}
-        for task, fitted in enumerate(self.fitted_with):
-            differing = [(name, fitted[name]) for name in scoring if fitted and fitted.get(name) != scoring[name]]
+        for task, (fitted, now) in enumerate(zip(self.fitted_with, scoring, strict=False)):
+            fitted = fitted or {}
+            differing = [(name, fitted[name]) for name in now if name in fitted and fitted[name] != now[name]]
             if differing:
                 stale[task] = differing
         return stale
@@ -115,12 +117,13 @@ class TaskPostProcessor(DynamicBufferMixin, PostProcessor):
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Write each validated task's statistics to its row (and the last one to anomalib's single set), with the
-        scoring settings of ``pl_module`` (a :class:`~anomalib_moleflow.models.MoleFlow`) they were fitted with."""
+        scoring settings they were fitted with (``pl_module.scoring_settings(task)`` of a
+        :class:`~anomalib_moleflow.models.MoleFlow`)."""
         del trainer
-        scoring = pl_module.scoring_settings()
+        scoring = getattr(pl_module, "scoring_settings", None)  # another module: nothing to record
         for task, metrics in sorted(self._task_metrics.items()):
             self.ensure_tasks(task + 1)
-            self.fitted_with[task] = dict(scoring)
+            self.fitted_with[task] = None if scoring is None else dict(scoring(task))
             row = self.task_stats[task]
             for column, key in ((0, "image_threshold"), (1, "pixel_threshold")):
                 if metrics[key].update_called:
