@@ -64,6 +64,9 @@ def calibrations(train: torch.Tensor, test: torch.Tensor, dim: int) -> dict[str,
     saturated_train, saturated_test = -torch.exp(-train / dim), -torch.exp(-test / dim)
     rows["saturated, -exp(-NLL / D)"] = saturated_test
     rows["saturated, then standardised per position"] = standardise(saturated_test, saturated_train)
+    # the likelihood relative to the position's typical one, exp(-(NLL - mean) / D): the shift's calibration, then the
+    # same saturation (the scale stays the likelihood's own, per dimension: no statistic but the mean is fitted)
+    rows["shifted per position, then saturated, -exp(-(NLL - mean) / D)"] = -torch.exp(-(test - mean) / dim)
     return rows
 
 
@@ -82,6 +85,7 @@ def raw_scores(args: argparse.Namespace, model: MoleFlow | None = None) -> Itera
     """Each product of ``args.data``, scored raw by ``model`` (default: ``args.checkpoint`` loaded)."""
     model = model or load_checkpoint(args.checkpoint)
     model.model.score_calibration = "none"  # raw NLLs (a checkpoint of the default would calibrate them already)
+    model.model.anomaly_map_value = "score"  # the map's input is then the NLL (not each patch's likelihood)
     products = {name: dm for family in args.data.split(",") for name, dm in datasets(family, args.root).items()}
     for name, datamodule in products.items():
         split = load_split(datamodule, args.image_size)
