@@ -335,7 +335,7 @@ class MoleFlow(AnomalibModule):
         fixed = set(select(ArchitectureSettings, settings)) - RUNTIME_SETTINGS  # taken from the checkpoint
         others = {name: value for name, value in settings.items() if name not in fixed}
         model = cls.load_from_checkpoint(path, map_location="cpu", **others)
-        if "post_processor._extra_state" not in checkpoint.get("state_dict", {}):
+        if extra_state_key("post_processor.") not in checkpoint.get("state_dict", {}):
             model.record_statistics_of_earlier_version(checkpoint.get("hyper_parameters", {}))
         return model
 

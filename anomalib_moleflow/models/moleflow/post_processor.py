@@ -24,7 +24,7 @@ from anomalib.post_processing import PostProcessor
 from lightning import LightningModule, Trainer
 from torch import nn
 
-from anomalib_moleflow.compat import apply_threshold, normalize, set_single_statistics
+from anomalib_moleflow.compat import apply_threshold, extra_state_key, normalize, set_single_statistics
 
 #: Columns of ``task_stats``.
 STAT_COLUMNS = ("image_threshold", "pixel_threshold", "image_min", "image_max", "pixel_min", "pixel_max")
@@ -262,4 +262,4 @@ class TaskPostProcessor(DynamicBufferMixin, PostProcessor):
 def _unrecorded_when_missing(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
     """A state dict of an earlier version has no record of the scoring settings: its tasks are unrecorded."""
     del module, args
-    state_dict.setdefault(f"{prefix}_extra_state", {"fitted_with": []})
+    state_dict.setdefault(extra_state_key(prefix), {"fitted_with": []})
