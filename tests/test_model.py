@@ -1307,7 +1307,7 @@ def test_statistics_fitted_with_other_scoring_settings_are_refused_until_validat
     assert ((scored.anomaly_map > 0) & (scored.anomaly_map < 1)).any()  # inside the refitted range, not clamped
     with pytest.raises(ValueError, match="task 2 "):
         model.score_images(images, tasks=2)
-    with pytest.raises(ValueError, match="task 1 .* task 2 "):  # anomalib's test: any image may go to any task
+    with pytest.raises(ValueError, match=r"task 1 .* task 2 "):  # anomalib's test: any image may go to any task
         make_engine(tmp_path / "test").test(model, make_datamodule(continual_run.root, first))
     assert continual_run.checkpoint.read_bytes() == saved
     model.post_processor.enable_normalization = model.post_processor.enable_thresholding = False  # unused now
