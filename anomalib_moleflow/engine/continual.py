@@ -212,16 +212,17 @@ class ContinualEngine:
         if known and known != [t.name for t in task_list][: len(known)]:
             msg = f"The model already holds tasks {known}; the task list must start with them."
             raise ValueError(msg)
-        refits = [index for index in range(len(task_list)) if strategy.stale_statistics(index) is not None]
+        refits = {index: strategy.stale_statistics(index) for index in range(len(task_list))}
         # Last of the checks, so that an error above never costs an earlier run's outputs (resume: a no-op). Under
         # DDP the other ranks start inside rank 0's first Lightning call, into the folder rank 0 has claimed.
         if is_rank_zero():
             claim_output_dir(self.output_dir, RUN_OUTPUTS, self.resume, self.overwrite)
             self.output_dir.mkdir(parents=True, exist_ok=True)
         with strategy.session(task_list, self.output_dir):
-            for index in refits:  # statistics fitted with other scoring settings: fit them again before any test
+            for index, module in refits.items():  # statistics fitted with other scoring settings: fit them again
+                if module is None:
+                    continue
                 task = task_list[index]
-                module = strategy.stale_statistics(index)
                 folder = self.output_dir / "tasks" / f"{index:02d}_{task.name}" / "statistics"
                 self.trainer.validate(module, task.datamodule, folder, [OracleRouting(index)])
                 if strategy.stale_statistics(index) is not None:

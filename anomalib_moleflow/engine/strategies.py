@@ -36,7 +36,6 @@ from anomalib_moleflow.data import Task, joint_datamodule
 from anomalib_moleflow.models import MoleFlow
 from anomalib_moleflow.models.moleflow.components.feature_cache import is_random
 from anomalib_moleflow.models.moleflow.components.router import RoutingLog
-from anomalib_moleflow.models.moleflow.post_processor import GOOD_IMAGES
 
 from .trainer import TaskTrainer
 
@@ -166,7 +165,7 @@ class MoleFlowStrategy(Strategy):
         stale = self.model.stale_statistics()
         if index not in stale:
             return None
-        if self.model.threshold == "good_fpr" or (self.model.post_processor.fitted_with[index] or {}).get(GOOD_IMAGES):
+        if not self.model.refits_by_validation(index):
             self.model.refuse_stale_statistics(torch.tensor([index]))  # says why, and what to do
         return self.model
 

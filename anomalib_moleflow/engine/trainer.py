@@ -79,7 +79,8 @@ class TaskTrainer:
         Returns:
             The test metrics of the first (only) dataloader.
         """
+        engine = self.engine(root_dir, callbacks=list(callbacks))
         if calibrate:
-            self.validate(model, datamodule, root_dir, callbacks)
-        output = self.engine(root_dir, callbacks=list(callbacks)).test(model, datamodule=datamodule, verbose=False)
+            engine.validate(model, datamodule=datamodule, verbose=False)
+        output = engine.test(model, datamodule=datamodule, verbose=False)
         return dict(output[0]) if output else {}

@@ -53,7 +53,6 @@ from .post_processor import GOOD_IMAGES, TaskPostProcessor
 from .settings import (
     INTRODUCED_SETTINGS,
     RUNTIME_SETTINGS,
-    SCORING_SETTINGS,
     SPEED_SETTINGS,
     AnomalyMapValue,
     ArchitectureSettings,
@@ -351,11 +350,8 @@ class MoleFlow(AnomalibModule):
         for task in range(self.model.num_tasks):
             if not bool(processor.task_stats[task].isfinite().any()):
                 continue  # never validated: nothing to record
-            calibrated = saved["score_calibration"] != "none" and self.model.calibrations[task].fitted
-            scoring = {name: saved[name] for name in SCORING_SETTINGS}
             processor.fitted_with[task] = {
-                **scoring,
-                "score_calibration": "position" if calibrated else "none",
+                **self.model.scoring_settings(task, saved),
                 **({GOOD_IMAGES: True} if saved.get("threshold") == "good_fpr" else {}),
             }
 
@@ -521,6 +517,12 @@ class MoleFlow(AnomalibModule):
             return {}
         return self.post_processor.stale_tasks([self.scoring_settings(t) for t in range(self.model.num_tasks)])
 
+    def refits_by_validation(self, task: int) -> bool:
+        """Whether validating ``task`` fits its thresholds and normalisation again: not when they came from held-out
+        good images, nor when the model sets them that way (``threshold="good_fpr"`` skips validation)."""
+        fitted = self.post_processor.fitted_with[task] if isinstance(self.post_processor, TaskPostProcessor) else None
+        return self.threshold != "good_fpr" and not (fitted or {}).get(GOOD_IMAGES)
+
     def refuse_stale_statistics(self, tasks: torch.Tensor | None = None) -> None:
         """Refuse to post-process images of a task whose statistics no longer hold (see :meth:`stale_statistics`).
 
@@ -545,8 +547,7 @@ class MoleFlow(AnomalibModule):
             + ", ".join(f"{name}={value!r} (now {self.scoring_settings(task)[name]!r})" for name, value in differing)
             for task, differing in sorted(stale.items())
         )
-        good = [task for task in stale if (processor.fitted_with[task] or {}).get(GOOD_IMAGES)]
-        if good or self.threshold == "good_fpr":
+        if not all(self.refits_by_validation(task) for task in stale):
             advice = (
                 "Thresholds from held-out good images (threshold='good_fpr') cannot be fitted again: load the model "
                 "with the settings they were fitted with."

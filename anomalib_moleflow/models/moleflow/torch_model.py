@@ -382,22 +382,26 @@ class MoleFlowModel(nn.Module):
         settings = {key: value for key, value in self.settings.items() if key not in RUNTIME_SETTINGS}
         return {"format": CHECKPOINT_FORMAT, **settings}
 
-    def scoring_settings(self, task: int) -> dict[str, Any]:
-        """What ``task``'s scores and maps are made with now: the values of :data:`SCORING_SETTINGS` that change
-        them (what its thresholds and normalisation depend on).
+    def scoring_settings(self, task: int, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """What ``task``'s scores and maps are made with: the values of :data:`SCORING_SETTINGS` that change them
+        (what its thresholds and normalisation depend on), the model's now or, given, ``values`` (e.g. saved ones).
 
         ``score_calibration`` is the effective one: ``"position"`` when the task's scores are standardised (also for
         ``"held_out"``, which differs only in the images that fitted the statistics), ``"none"`` when they are raw
         (also for a task whose calibration was never fitted, e.g. learned before it existed).
         """
-        calibrated = self.score_calibration != "none" and self.calibrations[task].fitted
-        live = {
-            "score_aggregation_top_k": self.score_aggregation_top_k,
-            "anomaly_map_sigma": self.anomaly_map_generator.sigma,
+        if values is None:
+            values = {
+                "score_aggregation_top_k": self.score_aggregation_top_k,
+                "anomaly_map_sigma": self.anomaly_map_generator.sigma,
+                "score_calibration": self.score_calibration,
+                "anomaly_map_value": self.anomaly_map_value,
+            }
+        calibrated = values["score_calibration"] != "none" and self.calibrations[task].fitted
+        return {
+            **{name: values[name] for name in SCORING_SETTINGS},
             "score_calibration": "position" if calibrated else "none",
-            "anomaly_map_value": self.anomaly_map_value,
         }
-        return {name: live[name] for name in SCORING_SETTINGS}
 
     def get_extra_state(self) -> dict[str, Any]:
         """Task names and settings, saved in the state dict so that loading can recreate every task."""
