@@ -345,6 +345,8 @@ VARIANTS: dict[str, dict] = {
     "spatial5": {"settings": {"spatial_context_kernel": 5}},
     "subnet_conv3": {"patch": _subnet_conv},
     "multiscale": {"multiscale": True},
+    # the same flows, each on its stage's channels of the joint embedding (coarse stages upsampled to the finest grid)
+    "multiscale_fine": {"multiscale": True, "fine_grid": True},
     "image_ln": {"settings": {"whitening_norm": "image"}},
     "patch_ln": {"settings": {"whitening_norm": "patch"}},
     "robust_image_ln": {"patch": _robust_image_ln},
@@ -580,6 +582,16 @@ def flow_scores(model: MoleFlowModel, patches: torch.Tensor, task: int = 0) -> d
     return {"nll": nll_t, "quad": quad_t, "prob": -torch.exp(-quad_t / dim), "nll_prob": -torch.exp(-nll_t / dim)}
 
 
+def position_calibrated(test: dict[str, torch.Tensor], train: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``KIND_pos`` for every kind: each grid position standardised by the training images' scores there (the
+    model's ``score_calibration: position``, ``(s - mean) / std`` over the training images, per position)."""
+    calibrated = {}
+    for kind, scores in test.items():
+        mean, std = train[kind].mean(0), train[kind].std(0).clamp_min(1e-6)
+        calibrated[f"{kind}_pos"] = (scores - mean) / std
+    return calibrated
+
+
 def multiscale_scores(
     args: argparse.Namespace,
     layers: list[str],
@@ -587,12 +599,14 @@ def multiscale_scores(
     settings: dict,
     seed: int,
     average_from: float | None = None,
+    fine_grid: bool = False,
 ) -> tuple[dict[str, torch.Tensor], MoleFlowModel, list[float]]:
     """Fastflow's layout with MoLE-Flow's flow: one flow per backbone stage, on that stage's own grid and channels.
 
     Each stage's patch scores are standardised by its training patches' scores, upsampled to the finest grid and
     averaged (Fastflow averages its stages' maps too). Returns the scores, the finest stage's model (for the map)
-    and the first stage's losses.
+    and the first stage's losses. ``fine_grid``: every stage's flow on the finest grid, its channels taken from the
+    joint embedding (coarse stages upsampled bilinearly, as the joint flow sees them).
     """
     combined: dict[str, torch.Tensor] = {}
     finest: MoleFlowModel | None = None
@@ -603,7 +617,7 @@ def multiscale_scores(
         np.random.seed(seed)  # FrEIA draws each coupling block's channel permutation from numpy
         model = MoleFlowModel(
             backbone=args.backbone,
-            layers=[layer],
+            layers=[layers[0] if fine_grid else layer],
             image_size=args.image_size,
             patch_size=1,
             embed_dim=channels - channels % 4,
@@ -612,9 +626,17 @@ def multiscale_scores(
         )
         model.anomaly_map_generator = type(model.anomaly_map_generator)(sigma=args.sigma)
         model.add_task("t")
+        start = sum(stage.shape[1] for stage in stage_feats["train"][0][:index])
         with torch.no_grad():
             train_p, test_p = (
-                torch.cat([model.patch_embedding([stages[index]]) for stages in stage_feats[key]])
+                torch.cat(
+                    [
+                        PatchEmbedding(start + channels)(stages[: index + 1])[..., start : start + model.embed_dim]
+                        if fine_grid
+                        else model.patch_embedding([stages[index]])
+                        for stages in stage_feats[key]
+                    ]
+                )
                 for key in ("train", "test")
             )
         losses = train_flow(
@@ -631,8 +653,12 @@ def multiscale_scores(
         first_losses = first_losses or losses
         finest = finest or model
         train_s, test_s = flow_scores(model, train_p), flow_scores(model, test_p)
+        # per position (the model's calibration) per stage, or over all positions (each stage's map on one scale)
+        standardised = position_calibrated(test_s, train_s)
         for kind, test in test_s.items():
-            standard = (test - train_s[kind].mean()) / train_s[kind].std()
+            standardised[kind] = (test - train_s[kind].mean()) / train_s[kind].std()
+        standardised["nll_prob_raw"] = test_s["nll_prob"]  # each stage's likelihood per dimension, as it is
+        for kind, standard in standardised.items():
             upsampled = F.interpolate(standard[:, None], size=finest.grid, mode="bilinear", align_corners=False)[:, 0]
             combined[kind] = combined.get(kind, 0) + upsampled / len(layers)
     assert finest is not None
@@ -674,7 +700,11 @@ def main() -> None:
         default="",
         help="Also score the sum of these variants' NLL (comma-separated; each standardised by its training patches).",
     )
-    parser.add_argument("--kinds", default="nll,quad", help="Patch scores to report: nll, quad, prob, nll_prob.")
+    parser.add_argument(
+        "--kinds",
+        default="nll,quad",
+        help="Patch scores to report: nll, quad, prob, nll_prob; KIND_pos: calibrated per position.",
+    )
     args = parser.parse_args()
     eval_epochs = {int(e) for e in args.eval_epochs.split(",") if e}
     kinds = set(args.kinds.split(","))
@@ -768,7 +798,13 @@ def main() -> None:
                 if spec.get("multiscale"):
                     start = time.perf_counter()
                     scores, model, losses = multiscale_scores(
-                        args, layers, stage_feats, settings, seed, spec.get("average_from")
+                        args,
+                        layers,
+                        stage_feats,
+                        settings,
+                        seed,
+                        spec.get("average_from"),
+                        spec.get("fine_grid", False),
                     )
                     for kind, s in scores.items():
                         add(f"{category}|{variant}:{kind}", metrics(to_map(model, s, args.image_size), top_k(s), split))
@@ -846,6 +882,8 @@ def main() -> None:
                         return
                     tag = variant if epoch == final else f"{variant}@{epoch}"
                     scores = flow_scores(model, test_p, task)
+                    if any(kind.endswith("_pos") for kind in kinds):
+                        scores |= position_calibrated(scores, flow_scores(model, train_p, task))
                     if epoch == final and variant in ensemble:
                         train_nll = flow_scores(model, train_p, task)["nll"]
                         standardised[variant, seed] = (scores["nll"] - train_nll.mean()) / train_nll.std()
