@@ -298,10 +298,10 @@ def test_good_fpr_holds_images_out_of_training_and_sets_the_threshold_from_them(
     calibrated: list[int] = []
     fit_calibration = model.model.fit_calibration
 
-    def count(task, total, squares, images):
+    def count(task, sums, images):
         calibrated.append(images)
         assert not held_scores  # the score statistics come before the thresholds that use them
-        return fit_calibration(task, total, squares, images)
+        return fit_calibration(task, sums, images)
 
     model.model.fit_calibration = count
     Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu").fit(
@@ -340,9 +340,9 @@ def test_held_out_calibration_fits_the_statistics_on_images_the_flow_never_train
     calibrated: list[int] = []
     fit_calibration = model.model.fit_calibration
 
-    def count(task, total, squares, images):
+    def count(task, sums, images):
         calibrated.append(images)
-        return fit_calibration(task, total, squares, images)
+        return fit_calibration(task, sums, images)
 
     model.model.fit_calibration = count
     datamodule = _tasks(tiny_mvtec_root)[0]
@@ -360,7 +360,7 @@ def test_held_out_calibration_fits_the_statistics_on_images_the_flow_never_train
         for batch in datamodule.train_dataloader()
     ]
     with torch.no_grad():
-        nll, _ = inner.train_patches(inner.embed(torch.cat(images))[0], 0)  # the task's final weights
+        ((nll, _),) = inner.train_patches(inner.embed(torch.cat(images))[0], 0)  # the task's final weights
     nll = rearrange(nll, "b (h w) -> b h w", h=inner.grid[0])
     torch.testing.assert_close(inner.calibrations[0].mean, nll.mean(0), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(inner.calibrations[0].std, nll.std(0), rtol=1e-4, atol=1e-4)
@@ -408,7 +408,8 @@ def test_a_damaged_weight_never_becomes_a_csv_score(lr_checkpoint: Path, tiny_mv
     from anomalib_moleflow.cli.main import main
 
     checkpoint = torch.load(lr_checkpoint, map_location="cpu", weights_only=False)
-    key = next(name for name in checkpoint["state_dict"] if name.startswith("model.dias.0") and "weight" in name)
+    dia = "model.paths.0.dias.0"
+    key = next(name for name in checkpoint["state_dict"] if name.startswith(dia) and "weight" in name)
     checkpoint["state_dict"][key].view(-1)[0] = 3.26e37  # one flipped exponent bit: finite, but absurd
     damaged = tmp_path / "damaged.ckpt"
     torch.save(checkpoint, damaged)  # no checksum beside it

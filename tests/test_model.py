@@ -605,7 +605,7 @@ def test_score_calibration_standardises_each_position_by_the_tasks_training_imag
         inner = model.model.eval()
         train = torch.cat([model.pre_processor.transform(batch.image) for batch in datamodule.train_dataloader()])
         with torch.no_grad():
-            nll, _ = inner.train_patches(inner.embed(train)[0], index)  # the final (averaged) weights
+            ((nll, _),) = inner.train_patches(inner.embed(train)[0], index)  # the final (averaged) weights
         nll = rearrange(nll, "b (h w) -> b h w", h=inner.grid[0])
         calibration = inner.calibrations[index]
         torch.testing.assert_close(calibration.mean, nll.mean(0), rtol=1e-4, atol=1e-4)
@@ -620,7 +620,7 @@ def test_score_calibration_standardises_each_position_by_the_tasks_training_imag
         with torch.no_grad():
             calibrated, _ = inner.predict(images, task)
             raw_nll = rearrange(
-                inner.train_patches(inner.embed(images)[0], index)[0], "b (h w) -> b h w", h=inner.grid[0]
+                inner.train_patches(inner.embed(images)[0], index)[0][0], "b (h w) -> b h w", h=inner.grid[0]
             )
             inner.score_calibration = "none"
             raw, _ = inner.predict(images, task)
@@ -638,7 +638,7 @@ def test_score_calibration_is_a_scoring_setting_and_old_checkpoints_score_raw(tm
     model.add_task("a")
     grid = model.grid
     model.fit_calibration(
-        0, torch.full(grid, 20.0, dtype=torch.float64), torch.full(grid, 202.0, dtype=torch.float64), 2
+        0, [(torch.full(grid, 20.0, dtype=torch.float64), torch.full(grid, 202.0, dtype=torch.float64))], 2
     )
     torch.testing.assert_close(model.calibrations[0].mean, torch.full(grid, 10.0))
     torch.testing.assert_close(model.calibrations[0].std, torch.full(grid, math.sqrt(2.0)))  # (202 - 200) / (2 - 1)
@@ -646,7 +646,7 @@ def test_score_calibration_is_a_scoring_setting_and_old_checkpoints_score_raw(tm
     other = small_model(score_calibration="none")  # loads: a runtime setting
     other.load_state_dict(state)
     assert same_bits(other.calibrations[0].std, model.calibrations[0].std)
-    old = {key: value for key, value in state.items() if not key.startswith("calibrations.")}  # as written before
+    old = {key: value for key, value in state.items() if ".calibrations." not in key}  # as written before
     fresh = small_model()
     fresh.load_state_dict(old)
     patches = random_patches(fresh)
@@ -654,7 +654,7 @@ def test_score_calibration_is_a_scoring_setting_and_old_checkpoints_score_raw(tm
     assert same_bits(fresh.calibrate(nll, 0), nll)  # unfitted: the identity
     assert same_bits(fresh.calibrate(nll, torch.zeros(2, dtype=torch.long)), nll)
     with pytest.raises(ValueError, match="at least 2 training images, got 1"):
-        model.fit_calibration(0, torch.zeros(grid, dtype=torch.float64), torch.zeros(grid, dtype=torch.float64), 1)
+        model.fit_calibration(0, [(torch.zeros(grid, dtype=torch.float64), torch.zeros(grid, dtype=torch.float64))], 1)
     with pytest.raises(ValueError, match="score_calibration must be 'none', 'position' or 'held_out', got 'pixel'"):
         small_model(score_calibration="pixel")
 
@@ -719,7 +719,7 @@ def test_training_loss_uses_patch_nll_and_log_det(tiny_model_kwargs: dict[str, A
     images = random_images(64)
     with torch.no_grad():
         patches, image_embedding = model.embed(images)
-        nll, log_det = model.train_patches(patches, 0)
+        ((nll, log_det),) = model.train_patches(patches, 0)
         z, expected_log_det = model.encode(patches, 0)
     cells = model.grid[0] * model.grid[1]
     assert nll.shape == log_det.shape == (2, cells)
@@ -1688,7 +1688,9 @@ def test_position_whitening_fits_its_statistics_in_an_epoch_of_its_own(
     patches = torch.cat(
         [model.model.embed(model.pre_processor(batch.image))[0] for batch in datamodule.train_dataloader()]
     )
-    torch.testing.assert_close(adapter.position_mean, model.model._with_position(patches).mean(0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        adapter.position_mean, model.model.paths[0].with_position(patches).mean(0), rtol=1e-4, atol=1e-4
+    )
     changed = [
         name for name, p in model.model.named_parameters() if name in before and not torch.equal(p, before[name])
     ]
@@ -1710,3 +1712,147 @@ def test_an_unknown_expert_raises_instead_of_falling_back_to_the_base() -> None:
     layer.add_expert("1")
     with pytest.raises(KeyError, match="No expert for task 2"):
         layer(tokens, torch.tensor([0, 2]))  # a batch that mixes tasks
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# flow_layout: one density per backbone stage
+# ----------------------------------------------------------------------------------------------------------------------
+def stage_model(**overrides: Any) -> MoleFlowModel:
+    """:func:`small_model` on two stages (8 x 8 and 4 x 4 grids at 32 px), one flow per stage, D = 24 (8 + 16)."""
+    return small_model(**{"layers": ("layer1", "layer2"), "embed_dim": 24, "flow_layout": "stage", **overrides})
+
+
+def test_stage_dims_share_embed_dim_by_channels_and_refuse_a_share_under_four() -> None:
+    from anomalib_moleflow.models.moleflow.torch_model import stage_dims
+
+    assert stage_dims([40, 112], 152) == [40, 112]  # tf_efficientnet_lite0 blocks.2 + blocks.4
+    assert stage_dims([512, 1024], 768) == [256, 512]  # wide_resnet50_2 layer2 + layer3
+    assert sum(stage_dims([64, 128, 256], 100)) == 100
+    with pytest.raises(ValueError, match="too small to give each of the 2 stages"):
+        stage_dims([64, 128], 8)
+
+
+def test_stage_layout_reads_each_stage_on_its_own_grid_from_the_embedding() -> None:
+    model = stage_model().eval()
+    images = random_images(32)
+    with torch.no_grad():
+        features = list(model.feature_extractor(images).values())
+        patches, _ = model.embed(images)
+    assert [path.grid for path in model.paths] == [(8, 8), (4, 4)]
+    assert [path.dim for path in model.paths] == [8, 16]
+    assert patches.shape == (2, 8, 8, 24)
+    for path, stage in zip(model.paths, features, strict=True):
+        pooled = nn.functional.adaptive_avg_pool1d(rearrange(stage, "b c h w -> (b h w) 1 c"), path.dim)
+        expected = rearrange(pooled, "(b h w) 1 d -> b h w d", b=2, h=path.grid[0])
+        assert same_bits(path.select(patches), expected)  # the stage's own cells, not an interpolation of them
+
+
+def test_stage_layout_averages_each_stages_calibrated_scores_on_the_finest_grid() -> None:
+    torch.manual_seed(0)
+    model = stage_model()
+    for name in "ab":
+        model.add_task(name)
+    perturb(model)
+    model.eval()
+    generator = torch.Generator().manual_seed(3)
+    for path in model.paths:  # every stage's statistics fitted, differently per task
+        for task in range(2):
+            mean = torch.randn(path.grid, generator=generator, dtype=torch.float64)
+            total = 5 * mean
+            path.calibrations[task].fit(total, 5 * (mean.square() + 1.0), 5)
+    images = random_images(32, batch=3)
+    tasks = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        predictions, _ = model.predict(images, tasks)
+        patches, _ = model.embed(images)
+        expected_scores = []
+        for index, path in enumerate(model.paths):
+            nll = torch.stack(
+                [
+                    model.patch_nll(*model.encode(patches[i : i + 1], t, index)).view(path.grid)
+                    for i, t in enumerate(tasks.tolist())
+                ]
+            )
+            score = torch.stack([path.calibrations[t](nll[i]) for i, t in enumerate(tasks.tolist())])
+            upsampled = nn.functional.interpolate(score[:, None], size=(8, 8), mode="bilinear", align_corners=False)
+            expected_scores.append(upsampled[:, 0])
+        mean_score = torch.stack(expected_scores).mean(0)
+    torch.testing.assert_close(
+        predictions.pred_score, top_k_image_score(mean_score, model.score_aggregation_top_k), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(predictions.anomaly_map, model.anomaly_map_generator(mean_score, (32, 32)))
+    assert model.scoring_settings(0)["score_calibration"] == "position"
+    model.paths[1].calibrations[0].fitted = False  # one stage unfitted: the task does not count as calibrated
+    assert model.scoring_settings(0)["score_calibration"] == "none"
+
+
+def test_stage_layout_gathered_pass_equals_each_task_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exportable pass (each image's experts gathered) scores a mixed batch as the per-task passes do."""
+    torch.manual_seed(0)
+    model = stage_model(anomaly_map_value="likelihood")
+    for name in "abc":
+        model.add_task(name)
+    perturb(model)
+    model.eval()
+    images = random_images(32, batch=4)
+    tasks = torch.tensor([2, 0, 1, 2])
+    with torch.no_grad():
+        eager, _ = model.predict(images, tasks)
+        monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+        gathered, _ = model.predict(images, tasks)
+    torch.testing.assert_close(gathered.pred_score, eager.pred_score, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gathered.anomaly_map, eager.anomaly_map, rtol=1e-5, atol=1e-5)
+
+
+def test_stage_layout_gives_every_stage_its_own_expert_and_trains_only_the_task(
+    tiny_model_kwargs: dict[str, Any], tiny_mvtec_root: Path, tiny_categories: tuple[str, ...], tmp_path: Path
+) -> None:
+    from conftest import make_datamodule, make_engine
+
+    seed_everything(0, verbose=False)
+    model = MoleFlow(**{**tiny_model_kwargs, "flow_layout": "stage", "average_last": 0.5})
+    inner = model.model
+    assert len(inner.paths) == 2
+    model.add_task(tiny_categories[0])
+    make_engine(tmp_path / "a").fit(model, datamodule=make_datamodule(tiny_mvtec_root, tiny_categories[0]))
+    before = tensor_snapshot(model)
+    model.add_task(tiny_categories[1])
+    datamodule = make_datamodule(tiny_mvtec_root, tiny_categories[1])
+    make_engine(tmp_path / "b").fit(model, datamodule=datamodule)
+    after = tensor_snapshot(model)
+    changed = [key for key, value in before.items() if task_of_key(key) == 0 and not same_bits(value, after[key])]
+    assert changed == [], f"task 1 changed task 0's tensors: {changed}"
+    shared = [f"model.{name}" for name, p in inner.named_parameters() if task_of_key(f"model.{name}") is None]
+    assert all(same_bits(before[key], after[key]) for key in shared)
+    for stage in range(2):  # every stage has its own, trained, expert for task 1
+        keys = [k for k in after if k.startswith(f"model.paths.{stage}.") and task_of_key(k) == 1 and "lora_b" in k]
+        assert keys
+        assert any(bool(after[key].abs().sum() > 0) for key in keys)
+    # each stage's statistics are its own training NLLs' per-position mean and spread
+    inner.eval()
+    train = torch.cat([model.pre_processor.transform(batch.image) for batch in datamodule.train_dataloader()])
+    with torch.no_grad():
+        outputs = inner.train_patches(inner.embed(train)[0], 1)
+    for path, (nll, _) in zip(inner.paths, outputs, strict=True):
+        nll = rearrange(nll, "b (h w) -> b h w", h=path.grid[0])
+        torch.testing.assert_close(path.calibrations[1].mean, nll.mean(0), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(path.calibrations[1].std, nll.std(0), rtol=1e-4, atol=1e-4)
+
+
+def test_a_stage_checkpoint_loads_only_as_one_and_old_joint_state_dicts_load_into_the_first_path() -> None:
+    stage = stage_model()
+    stage.add_task("a")
+    with pytest.raises(ValueError, match="flow_layout: checkpoint stage vs model joint"):
+        small_model(layers=("layer1", "layer2"), embed_dim=24).load_state_dict(stage.state_dict())
+    joint = small_model()
+    joint.add_task("a")
+    perturb(joint)
+    state = joint.state_dict()
+    old = {key.replace("paths.0.", "", 1): value for key, value in state.items()}  # as written before paths
+    extra = next(key for key in old if key.endswith("_extra_state") and "." not in key)
+    del old[extra]["fingerprint"]["flow_layout"]  # nor was the setting there
+    fresh = small_model()
+    fresh.load_state_dict(old)
+    assert fresh.task_names == ["a"]
+    for key, value in tensor_snapshot(joint).items():
+        assert same_bits(fresh.state_dict()[key], value)

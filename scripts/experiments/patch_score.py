@@ -297,7 +297,7 @@ def _polar(model: MoleFlowModel, train_patches: torch.Tensor, floor: float = 0.0
 def _pos_after(model: MoleFlowModel, scale: float = 1.0) -> None:
     """Positional code added after whitening (and scaled), instead of before it."""
     pos = model.pos_embedding * scale
-    model.pos_embedding = None
+    model.paths[0].pos_embedding = None
     for adapter in model.whitening:
         original = adapter.forward
         adapter.forward = lambda v, o=original: o(v) + pos
@@ -404,8 +404,8 @@ def _count_whitening_log_det(model: MoleFlowModel) -> None:
     """Add the whitening affine's ``sum(log gamma)`` to the log-det (one half of ``exact_likelihood``)."""
     encode = model.encode
 
-    def encode_counted(x: torch.Tensor, task: int) -> tuple[torch.Tensor, torch.Tensor]:
-        z, log_det = encode(x, task)
+    def encode_counted(x: torch.Tensor, task: int, path: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        z, log_det = encode(x, task, path)
         return z, log_det + model.whitening[task].log_abs_det()
 
     model.encode = encode_counted
@@ -600,13 +600,15 @@ def multiscale_scores(
     seed: int,
     average_from: float | None = None,
     fine_grid: bool = False,
+    base_feats: dict | None = None,
 ) -> tuple[dict[str, torch.Tensor], MoleFlowModel, list[float]]:
     """Fastflow's layout with MoLE-Flow's flow: one flow per backbone stage, on that stage's own grid and channels.
 
     Each stage's patch scores are standardised by its training patches' scores, upsampled to the finest grid and
     averaged (Fastflow averages its stages' maps too). Returns the scores, the finest stage's model (for the map)
     and the first stage's losses. ``fine_grid``: every stage's flow on the finest grid, its channels taken from the
-    joint embedding (coarse stages upsampled bilinearly, as the joint flow sees them).
+    joint embedding (coarse stages upsampled bilinearly, as the joint flow sees them). ``base_feats``: each stage's
+    shared base is trained on these (another product's) features first and frozen, as ``--continual`` does.
     """
     combined: dict[str, torch.Tensor] = {}
     finest: MoleFlowModel | None = None
@@ -625,20 +627,33 @@ def multiscale_scores(
             **settings,
         )
         model.anomaly_map_generator = type(model.anomaly_map_generator)(sigma=args.sigma)
-        model.add_task("t")
         start = sum(stage.shape[1] for stage in stage_feats["train"][0][:index])
-        with torch.no_grad():
-            train_p, test_p = (
-                torch.cat(
+
+        def embedded(
+            cached: list, model: MoleFlowModel = model, start: int = start, index: int = index, channels: int = channels
+        ) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.cat(
                     [
                         PatchEmbedding(start + channels)(stages[: index + 1])[..., start : start + model.embed_dim]
                         if fine_grid
                         else model.patch_embedding([stages[index]])
-                        for stages in stage_feats[key]
+                        for stages in cached
                     ]
                 )
-                for key in ("train", "test")
+
+        task = 0
+        if base_feats is not None:
+            model.add_task("base")
+            base_p = embedded(base_feats["train"])
+            _fit_whitening(model, 0, base_p)
+            train_flow(
+                model, base_p, args.epochs, args.lr, args.batch, seed, max_steps=args.steps, average_from=average_from
             )
+            task = 1
+        model.add_task("t")
+        train_p, test_p = embedded(stage_feats["train"]), embedded(stage_feats["test"])
+        _fit_whitening(model, task, train_p)
         losses = train_flow(
             model,
             train_p,
@@ -649,10 +664,11 @@ def multiscale_scores(
             schedule=args.schedule,
             max_steps=args.steps,
             average_from=average_from,
+            task=task,
         )
         first_losses = first_losses or losses
         finest = finest or model
-        train_s, test_s = flow_scores(model, train_p), flow_scores(model, test_p)
+        train_s, test_s = flow_scores(model, train_p, task), flow_scores(model, test_p, task)
         # per position (the model's calibration) per stage, or over all positions (each stage's map on one scale)
         standardised = position_calibrated(test_s, train_s)
         for kind, test in test_s.items():
@@ -805,6 +821,7 @@ def main() -> None:
                         seed,
                         spec.get("average_from"),
                         spec.get("fine_grid", False),
+                        base_feats[list(families)[list(families).index(category) - 1]] if args.continual else None,
                     )
                     for kind, s in scores.items():
                         add(f"{category}|{variant}:{kind}", metrics(to_map(model, s, args.image_size), top_k(s), split))

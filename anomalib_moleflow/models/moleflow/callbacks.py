@@ -199,7 +199,8 @@ class TaskStatisticsFitting(Callback):
         task = pl_module.training_task
         model = pl_module.model
         if model.whitening_needs_fit(task):
-            model.whitening[task].share(gather_objects)
+            for path in model.paths:
+                path.whitening[task].share(gather_objects)
             model.finalize_whitening(task)
         if not model.router.prototypes[task].ready:
             model.router.prototypes[task].share(gather_objects)

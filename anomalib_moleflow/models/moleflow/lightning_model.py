@@ -59,6 +59,7 @@ from .settings import (
     CacheDtype,
     CacheMode,
     CompileMode,
+    FlowLayout,
     RouterCovariance,
     RouterEmbedding,
     ScoreCalibration,
@@ -186,6 +187,8 @@ class MoleFlow(AnomalibModule):
         exact_likelihood: Train only what the NLL's log-det counts (``False``: the study's training, see
             :class:`MoleFlowModel`).
         position_condition: Channels of the positional code every coupling subnet is conditioned on (0: none).
+        flow_layout: ``joint`` (one density over all stages) or ``stage`` (one per backbone stage, see
+            :class:`MoleFlowModel`).
         threshold: How each task's thresholds are chosen: ``f1`` (anomalib's, on validation images with defects) or
             ``good_fpr`` (from held-out good training images, at ``target_fpr`` false positives; no defect needed).
         target_fpr: With ``good_fpr``: the share of good images (and pixels) allowed above threshold.
@@ -245,6 +248,7 @@ class MoleFlow(AnomalibModule):
         unknown_as_anomalous: bool = True,
         exact_likelihood: bool = True,
         position_condition: int = 0,
+        flow_layout: FlowLayout = "joint",
         threshold: ThresholdMode = "f1",
         target_fpr: float = 0.01,
         feature_cache: CacheMode = "auto",
@@ -484,7 +488,12 @@ class MoleFlow(AnomalibModule):
         """
         if self.compile_mode == "off":
             return
-        modules = [self.model.feature_extractor, *(flow.blocks for flow in self.model.flows), *self.model.dias]
+        paths = self.model.paths
+        modules = [
+            self.model.feature_extractor,
+            *(flow.blocks for path in paths for flow in path.flows),
+            *(dia for path in paths for dia in path.dias),
+        ]
         mode = None if self.compile_mode == "default" else self.compile_mode
         for module in modules:
             if not is_compiled(module) and next(module.parameters(), None) is not None:
@@ -681,9 +690,8 @@ class MoleFlow(AnomalibModule):
         embeddings while its fit runs.
         """
         cache = training_cache(self)
-        height, width = self.model.grid
-        total = torch.zeros(height, width, dtype=torch.float64)
-        total_squares = torch.zeros_like(total)
+        grids = [path.grid for path in self.model.paths]
+        sums = [(torch.zeros(grid, dtype=torch.float64), torch.zeros(grid, dtype=torch.float64)) for grid in grids]
         count = 0
         pre_process = getattr(self.pre_processor, "on_train_batch_start", None)
         training = self.training
@@ -699,16 +707,20 @@ class MoleFlow(AnomalibModule):
                     kept = held if self.model.score_calibration == "held_out" else ~held
                     if not bool(kept.any()):
                         continue
-                    nll, _ = self.model.train_patches(patches[kept], task)
-                    scores = rearrange(nll.double().cpu(), "b (h w) -> b h w", h=height, w=width)
-                    total += scores.sum(0)
-                    total_squares += scores.square().sum(0)
-                    count += len(scores)
+                    outputs = self.model.train_patches(patches[kept], task)
+                    for (total, total_squares), (nll, _), (height, width) in zip(sums, outputs, grids, strict=True):
+                        scores = rearrange(nll.double().cpu(), "b (h w) -> b h w", h=height, w=width)
+                        total += scores.sum(0)
+                        total_squares += scores.square().sum(0)
+                    count += int(kept.sum())
         finally:
             self.train(training)
-        shares = gather_objects((total, total_squares, count))
-        total, total_squares = sum(s[0] for s in shares), sum(s[1] for s in shares)
-        count = sum(s[2] for s in shares)
+        shares = gather_objects((sums, count))
+        sums = [
+            (sum(share[0][index][0] for share in shares), sum(share[0][index][1] for share in shares))
+            for index in range(len(grids))
+        ]
+        count = sum(share[1] for share in shares)
         if count < 2:
             logger.warning(
                 "Task %d '%s': %d training image(s), too few for per-position score statistics; it scores raw NLL.",
@@ -717,7 +729,7 @@ class MoleFlow(AnomalibModule):
                 count,
             )
             return
-        self.model.fit_calibration(task, total, total_squares, count)
+        self.model.fit_calibration(task, sums, count)
 
     def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """One step of the training task: tail-aware NLL + log-det regularisation; feeds the router."""
@@ -737,8 +749,9 @@ class MoleFlow(AnomalibModule):
             self._feed_router(task, every_image, batch)
             return self._no_step()
         with self._compiled_calls():
-            nll, log_det = self.model.train_patches(patches, task)
-        loss = self.loss(nll, log_det)
+            outputs = self.model.train_patches(patches, task)
+        # one density per path: their losses add up (the stage layout's flows share no parameter)
+        loss = sum((self.loss(nll, log_det) for nll, log_det in outputs), torch.zeros((), device=patches.device))
         if not torch.isfinite(loss):
             msg = (
                 f"Non-finite training loss ({loss.item()}) on task {task} '{self.model.task_names[task]}' at epoch "

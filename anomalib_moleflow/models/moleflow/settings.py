@@ -42,6 +42,9 @@ ScoreCalibration = Literal["none", "position", "held_out"]
 #: What the anomaly map upsamples and blurs: ``score`` (each patch's score, calibrated as ``score_calibration`` says)
 #: or ``likelihood`` (each patch's likelihood per dimension, ``-exp(-NLL / D)``: anomalib's Fastflow's map value).
 AnomalyMapValue = Literal["score", "likelihood"]
+#: How the density is laid out over the backbone's stages: ``joint`` (one over all stages' channels on the finest
+#: grid, the study's) or ``stage`` (one per stage on its own grid; their scores averaged, as anomalib's Fastflow).
+FlowLayout = Literal["joint", "stage"]
 
 
 @dataclass
@@ -94,6 +97,9 @@ class ArchitectureSettings:
         position_condition: Channels of a 2D sinusoidal positional code given to every coupling subnet as a
             condition (the density of a patch given where it is); 0: none (position enters only through
             use_pos_embedding's additive code).
+        flow_layout: joint (one density over all stages' channels on the finest grid, the study's) or stage (one per
+            backbone stage on the stage's own grid, with its share of embed_dim, its own experts, adapters and score
+            statistics; the stages' scores and maps averaged, anomalib's Fastflow's layout; docs/quality.md 0k).
     """
 
     backbone: str = "wide_resnet50_2"
@@ -123,6 +129,7 @@ class ArchitectureSettings:
     unknown_factor: float | None = 3.0
     exact_likelihood: bool = True
     position_condition: int = 0
+    flow_layout: FlowLayout = "joint"
 
 
 @dataclass
@@ -202,7 +209,7 @@ SCORING_SETTINGS: tuple[str, ...] = (
 )
 #: Settings added after runs were already recorded, each with the value that reproduces what such a run did: a
 #: recorded configuration without the key is read with this value (so those runs still resume).
-INTRODUCED_SETTINGS: dict[str, Any] = {"average_last": 0.0, "score_calibration": "none"}
+INTRODUCED_SETTINGS: dict[str, Any] = {"average_last": 0.0, "score_calibration": "none", "flow_layout": "joint"}
 #: Settings that change only speed and memory, never a result (a resumed run may change them).
 SPEED_SETTINGS: tuple[str, ...] = ("feature_cache", "feature_cache_dtype", "compile_mode")
 
@@ -261,6 +268,7 @@ __all__ = [
     "CacheDtype",
     "CacheMode",
     "CompileMode",
+    "FlowLayout",
     "MoleFlowSettings",
     "RouterCovariance",
     "RouterEmbedding",

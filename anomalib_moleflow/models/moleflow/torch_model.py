@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, get_args
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from anomalib.data import InferenceBatch
 from einops import rearrange, repeat
 from torch import nn
@@ -19,10 +20,12 @@ from .components.dia import DeepInvertibleAdapter, per_image_dia
 from .components.embedding import PatchEmbedding, default_embed_dim, sinusoidal_position_embedding
 from .components.router import MahalanobisRouter, Routed
 from .settings import (
+    INTRODUCED_SETTINGS,
     RUNTIME_SETTINGS,
     SCORING_SETTINGS,
     AnomalyMapValue,
     ArchitectureSettings,
+    FlowLayout,
     RouterCovariance,
     RouterEmbedding,
     ScoreCalibration,
@@ -54,6 +57,201 @@ def _check_choice(name: str, value: object, choices: Any) -> None:
 def model_settings(arguments: Mapping[str, Any]) -> dict[str, Any]:
     """The entries of ``arguments`` that :class:`MoleFlowModel` takes (:class:`ArchitectureSettings`)."""
     return select(ArchitectureSettings, arguments)
+
+
+def stage_dims(channels: Sequence[int], embed_dim: int) -> list[int]:
+    """Each stage's share of ``embed_dim`` in the ``stage`` layout: proportional to its channels, a multiple of 4.
+
+    Raises:
+        ValueError: If a stage's share would be under 4 channels.
+    """
+    total = sum(channels)
+    dims = [4 * int(embed_dim * c / total // 4) for c in channels[:-1]]
+    dims.append(embed_dim - sum(dims))
+    _check(
+        min(dims) >= 4,
+        f"embed_dim {embed_dim} is too small to give each of the {len(channels)} stages ({list(channels)} channels) "
+        "its own flow of at least 4 channels: raise embed_dim (or leave it None) or use flow_layout='joint'.",
+    )
+    return dims
+
+
+def _first_rows(coarse: int, fine: int) -> torch.Tensor:
+    """For each of ``coarse`` rows, the first of ``fine`` rows that a nearest upsampling fills from it."""
+    source = F.interpolate(torch.arange(coarse, dtype=torch.float32)[None, None, :, None], (fine, 1), mode="nearest")
+    source = source.flatten().long()
+    return torch.stack([(source == row).nonzero()[0, 0] for row in range(coarse)])
+
+
+class FlowPath(nn.Module):
+    """The density of one part of the patch embedding, for every task.
+
+    In the ``joint`` layout one path takes the whole embedding on the finest grid; in the ``stage`` layout each
+    backbone stage has its own path: its channels on its own grid (read back from the finest grid, which holds every
+    coarse cell in a block of nearest-upsampled copies). A path owns its positional code, each task's whitening
+    adapter, DIA and per-position score statistics, and the coupling flow (one shared, or one per task).
+
+    Args:
+        dim: Channels of the part.
+        grid: Its grid ``(h, w)``.
+        start: Its first channel in the embedding.
+        rows: The finest-grid row of each of its rows (``None``: the finest grid itself).
+        cols: The same for its columns.
+        flow: :class:`MoLEFlow`'s arguments other than ``dim`` and ``grid``.
+        whitening_norm: See :class:`MoleFlowModel`.
+        use_whitening_adapter: See :class:`MoleFlowModel`.
+        use_pos_embedding: See :class:`MoleFlowModel`.
+        dia_blocks: See :class:`MoleFlowModel`.
+        task_separated: See :class:`MoleFlowModel`.
+        exact_likelihood: See :class:`MoleFlowModel`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        grid: tuple[int, int],
+        start: int,
+        rows: torch.Tensor | None,
+        cols: torch.Tensor | None,
+        flow: Mapping[str, Any],
+        whitening_norm: WhiteningNorm,
+        use_whitening_adapter: bool,
+        use_pos_embedding: bool,
+        dia_blocks: int,
+        task_separated: bool,
+        exact_likelihood: bool,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.grid = grid
+        self.start = start
+        self.whole = rows is None
+        self.flow_arguments = dict(flow)
+        self.whitening_norm = whitening_norm
+        self.use_whitening_adapter = use_whitening_adapter
+        self.dia_blocks = dia_blocks
+        self.task_separated = task_separated
+        self.exact_likelihood = exact_likelihood
+        if rows is not None:
+            self.register_buffer("rows", rows, persistent=False)
+            self.register_buffer("cols", cols, persistent=False)
+        self.pos_embedding: torch.Tensor | None
+        if use_pos_embedding:
+            self.register_buffer("pos_embedding", sinusoidal_position_embedding(*grid, dim), persistent=False)
+        else:
+            self.pos_embedding = None
+        self.whitening = nn.ModuleList()
+        self.dias = nn.ModuleList()
+        self.calibrations = nn.ModuleList()
+        self.flows = nn.ModuleList()
+        if not task_separated:
+            self.flows.append(self._new_flow())
+
+    def _new_flow(self) -> MoLEFlow:
+        return MoLEFlow(dim=self.dim, grid=self.grid, **self.flow_arguments)
+
+    def select(self, patches: torch.Tensor) -> torch.Tensor:
+        """The path's part ``(b, h_p, w_p, d_p)`` of ``(b, h, w, d)`` patch embeddings."""
+        if self.whole:
+            return patches
+        part = patches.index_select(1, self.rows).index_select(2, self.cols)
+        return part[..., self.start : self.start + self.dim]
+
+    def flow_for(self, task: int | torch.Tensor) -> MoLEFlow:
+        """The coupling flow that serves ``task``, or a task per image ``(b,)`` (the shared flow).
+
+        Raises:
+            ValueError: For a task per image on a task-separated model (one whole flow per task).
+        """
+        if not self.task_separated:
+            return self.flows[0]
+        if isinstance(task, torch.Tensor):
+            msg = "A task-separated model (one whole flow per task) runs one task at a time: pass an int task."
+            raise ValueError(msg)
+        return self.flows[task]
+
+    def add_task(self, index: int) -> None:
+        """The new task's whitening adapter, DIA, score statistics and expert (each the identity / the base)."""
+        self.whitening.append(
+            WhiteningAdapter(self.dim, self.whitening_norm, self.grid) if self.use_whitening_adapter else nn.Identity()
+        )
+        self.dias.append(DeepInvertibleAdapter(self.dim, self.dia_blocks) if self.dia_blocks else nn.Identity())
+        self.calibrations.append(PositionCalibration(self.grid))
+        if self.task_separated:
+            self.flows.append(self._new_flow())
+        self.flow_for(index).add_expert(str(index))
+
+    def with_position(self, part: torch.Tensor) -> torch.Tensor:
+        """The whitening adapters' input: the part plus the positional code."""
+        return part if self.pos_embedding is None else part + self.pos_embedding
+
+    def calibrate(self, scores: torch.Tensor, task: int | torch.Tensor, calibration: ScoreCalibration) -> torch.Tensor:
+        """``(b, h_p, w_p)`` patch NLLs as the task's patch scores (see :meth:`MoleFlowModel.calibrate`)."""
+        if calibration == "none":
+            return scores
+        if isinstance(task, torch.Tensor):
+            mean = torch.stack([c.mean for c in self.calibrations])[task]
+            std = torch.stack([c.std for c in self.calibrations])[task]
+            return (scores - mean) / std
+        return self.calibrations[task](scores)
+
+    def task_parameters(self, task: int, trained_only: bool = True) -> list[nn.Parameter]:
+        """Parameters the path holds for ``task`` alone (see :meth:`MoleFlowModel.task_parameters`)."""
+        params = [*self.whitening[task].parameters(), *self.dias[task].parameters()]
+        params += self.flow_for(task).expert_parameters(str(task))
+        if self.task_separated:
+            params += self.flow_parameters(self.flows[task], trained_only)
+        return params
+
+    def flow_parameters(self, flow: MoLEFlow, trained_only: bool = True) -> list[nn.Parameter]:
+        """A flow's base parameters; when ``trained_only``, without the spatial context if the likelihood is exact."""
+        fixed = set()
+        if trained_only and self.exact_likelihood and flow.spatial_context is not None:
+            fixed = {id(p) for p in flow.spatial_context.parameters()}
+        return [p for p in flow.base_parameters() if id(p) not in fixed]
+
+    def shared_parameters(self, trained_only: bool = True) -> list[nn.Parameter]:
+        """The path's parameters shared by all tasks (none when task-separated)."""
+        return [] if self.task_separated else self.flow_parameters(self.flows[0], trained_only)
+
+    def flow_inputs(self, part: torch.Tensor, task: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What enters ``task``'s invertible part (see :meth:`MoleFlowModel.flow_inputs`)."""
+        flow = self.flow_for(task)  # first: refuses a task per image on a task-separated model
+        x = self.with_position(part)
+        log_det = None
+        if isinstance(task, torch.Tensor):
+            if self.use_whitening_adapter:
+                x, per_image = per_image_whitening(list(self.whitening), x, task)
+                log_det = repeat(per_image, "b -> (b n)", n=x.shape[1] * x.shape[2])
+        else:
+            x = self.whitening[task](x)
+            log_det = self.whitening[task].log_abs_det() if self.use_whitening_adapter else None
+        return rearrange(flow.context(x), "b h w d -> (b h w) d"), log_det
+
+    def encode(self, part: torch.Tensor, task: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents ``((b h w), d)`` and per-token log-determinants of the part (see :meth:`MoleFlowModel.encode`)."""
+        tokens, whitening_log_det = self.flow_inputs(part, task)
+        z, log_det = self.flow_for(task)(tokens, task)
+        if self.dia_blocks:
+            per_image = isinstance(task, torch.Tensor)
+            z, dia_log_det = (per_image_dia(list(self.dias), task) if per_image else self.dias[task])(z)
+            log_det = log_det + dia_log_det
+        if self.exact_likelihood and whitening_log_det is not None:
+            log_det = log_det + whitening_log_det
+        return z, log_det
+
+
+#: Old checkpoints' top-level per-task modules, now the first path's.
+_PATH_MODULES = ("whitening.", "dias.", "calibrations.", "flows.")
+
+
+def _into_first_path(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """A checkpoint written before paths existed (one joint density) loads into the first path."""
+    del module, args
+    if any(key.startswith(f"{prefix}paths.") for key in state_dict):
+        return
+    for key in [key for key in state_dict if key.startswith(tuple(prefix + name for name in _PATH_MODULES))]:
+        state_dict[f"{prefix}paths.0.{key[len(prefix) :]}"] = state_dict.pop(key)
 
 
 class MoleFlowModel(nn.Module):
@@ -102,6 +300,10 @@ class MoleFlowModel(nn.Module):
             maximum likelihood rewards them for shrinking the features (see ``docs/quality.md``).
         position_condition: Channels of a 2D sinusoidal positional code given to every coupling subnet as a
             condition (a density conditioned on where the patch is, as CFlow-AD's); 0: none.
+        flow_layout: ``joint``: one density over all stages' channels on the finest grid (the study's); ``stage``:
+            one per backbone stage, on the stage's own grid with its share of ``embed_dim``, each with its own experts,
+            adapters and score statistics; the stages' scores (and maps) are averaged on the finest grid (anomalib's
+            Fastflow's layout; ``docs/quality.md`` 0k).
     """
 
     def __init__(
@@ -133,6 +335,7 @@ class MoleFlowModel(nn.Module):
         unknown_factor: float | None = 3.0,
         exact_likelihood: bool = True,
         position_condition: int = 0,
+        flow_layout: FlowLayout = "joint",
     ) -> None:
         super().__init__()
         layers = tuple(layers)
@@ -173,6 +376,7 @@ class MoleFlowModel(nn.Module):
         _check(anomaly_map_sigma >= 0, f"anomaly_map_sigma must be >= 0 (0: no blur), got {anomaly_map_sigma}.")
         _check_choice("score_calibration", score_calibration, ScoreCalibration)
         _check_choice("anomaly_map_value", anomaly_map_value, AnomalyMapValue)
+        _check_choice("flow_layout", flow_layout, FlowLayout)
         _check(router_eps > 0, f"router_eps must be > 0, got {router_eps}.")
         _check(unknown_factor is None or unknown_factor > 0, f"unknown_factor must be > 0, got {unknown_factor}.")
         #: Every constructor argument (``embed_dim`` and ``lora_alpha`` resolved): the checkpoint fingerprint's source.
@@ -200,43 +404,72 @@ class MoleFlowModel(nn.Module):
         self.task_separated = task_separated
         self.exact_likelihood = exact_likelihood
         self.position_condition = position_condition
+        self.flow_layout = flow_layout
 
         self.feature_extractor = feature_extractor
-        self.patch_embedding = PatchEmbedding(embed_dim, patch_size)
+        dims = stage_dims(feature_extractor.out_dims, embed_dim) if flow_layout == "stage" else None
+        self.patch_embedding = PatchEmbedding(embed_dim, patch_size, dims)
         with torch.no_grad():
-            probe = self.feature_extractor(torch.zeros(1, 3, image_size, image_size))
-        self.grid: tuple[int, int] = tuple(next(iter(probe.values())).shape[-2:])  # type: ignore[assignment]
-        self.pos_embedding: torch.Tensor | None
-        if use_pos_embedding:
-            self.register_buffer(
-                "pos_embedding", sinusoidal_position_embedding(*self.grid, embed_dim), persistent=False
-            )
+            probe = [f.shape[-2:] for f in self.feature_extractor(torch.zeros(1, 3, image_size, image_size)).values()]
+        self.grid: tuple[int, int] = tuple(probe[0])  # type: ignore[assignment]
+        flow = {
+            "num_blocks": num_coupling_layers,
+            "position_dims": position_condition,
+            "spatial_context_kernel": spatial_context_kernel,
+            "scale_context_kernel": scale_context_kernel,
+            "rank": lora_rank,
+            "alpha": self.lora_alpha,
+            "use_lora": use_lora,
+        }
+        path = {
+            "flow": flow,
+            "whitening_norm": whitening_norm,
+            "use_whitening_adapter": use_whitening_adapter,
+            "use_pos_embedding": use_pos_embedding,
+            "dia_blocks": dia_blocks,
+            "task_separated": task_separated,
+            "exact_likelihood": exact_likelihood,
+        }
+        #: The densities: one over the whole embedding (``joint``), or one per stage (``stage``).
+        self.paths = nn.ModuleList()
+        if dims is None:
+            self.paths.append(FlowPath(embed_dim, self.grid, 0, None, None, **path))
         else:
-            self.pos_embedding = None
+            for index, (dim, (height, width)) in enumerate(zip(dims, probe, strict=True)):
+                rows, cols = _first_rows(height, self.grid[0]), _first_rows(width, self.grid[1])
+                self.paths.append(FlowPath(dim, (height, width), sum(dims[:index]), rows, cols, **path))
+        self.register_load_state_dict_pre_hook(_into_first_path)
 
         self.router = MahalanobisRouter(embed_dim, router_eps, router_embedding, router_covariance)
         self.task_names: list[str] = []
-        self.whitening = nn.ModuleList()
-        self.dias = nn.ModuleList()
-        self.calibrations = nn.ModuleList()
-        self.flows = nn.ModuleList()
-        if not task_separated:
-            self.flows.append(self._new_flow())
         self.anomaly_map_generator = AnomalyMapGenerator(sigma=anomaly_map_sigma)
 
     # ------------------------------------------------------------------ tasks
-    def _new_flow(self) -> MoLEFlow:
-        return MoLEFlow(
-            dim=self.embed_dim,
-            num_blocks=self.num_coupling_layers,
-            grid=self.grid,
-            position_dims=self.position_condition,
-            spatial_context_kernel=self.spatial_context_kernel,
-            scale_context_kernel=self.scale_context_kernel,
-            rank=self.lora_rank,
-            alpha=self.lora_alpha,
-            use_lora=self.use_lora,
-        )
+    # The first path's parts, by their names before paths existed (the joint layout has only that path).
+    @property
+    def whitening(self) -> nn.ModuleList:
+        """The first path's whitening adapters, one per task."""
+        return self.paths[0].whitening
+
+    @property
+    def dias(self) -> nn.ModuleList:
+        """The first path's DIAs, one per task."""
+        return self.paths[0].dias
+
+    @property
+    def calibrations(self) -> nn.ModuleList:
+        """The first path's per-position score statistics, one per task."""
+        return self.paths[0].calibrations
+
+    @property
+    def flows(self) -> nn.ModuleList:
+        """The first path's coupling flows (one shared, or one per task)."""
+        return self.paths[0].flows
+
+    @property
+    def pos_embedding(self) -> torch.Tensor | None:
+        """The first path's positional code ``(h, w, d)``."""
+        return self.paths[0].pos_embedding
 
     @property
     def num_tasks(self) -> int:
@@ -244,17 +477,8 @@ class MoleFlowModel(nn.Module):
         return len(self.task_names)
 
     def flow_for(self, task: int | torch.Tensor) -> MoLEFlow:
-        """The coupling flow that serves ``task``, or a task per image ``(b,)`` (the shared flow).
-
-        Raises:
-            ValueError: For a task per image on a task-separated model (one whole flow per task).
-        """
-        if not self.task_separated:
-            return self.flows[0]
-        if isinstance(task, torch.Tensor):
-            msg = "A task-separated model (one whole flow per task) runs one task at a time: pass an int task."
-            raise ValueError(msg)
-        return self.flows[task]
+        """The first path's coupling flow that serves ``task`` (see :meth:`FlowPath.flow_for`)."""
+        return self.paths[0].flow_for(task)
 
     def add_task(self, name: str) -> int:
         """Create the expert, whitening adapter, DIA and router prototype of a new task.
@@ -270,78 +494,53 @@ class MoleFlowModel(nn.Module):
             raise ValueError(msg)
         index = len(self.task_names)
         self.task_names.append(name)
-        self.whitening.append(
-            WhiteningAdapter(self.embed_dim, self.whitening_norm, self.grid)
-            if self.use_whitening_adapter
-            else nn.Identity()
-        )
-        self.dias.append(DeepInvertibleAdapter(self.embed_dim, self.dia_blocks) if self.dia_blocks else nn.Identity())
-        self.calibrations.append(PositionCalibration(self.grid))
+        for path in self.paths:
+            path.add_task(index)
         self.router.add_task()
-        if self.task_separated:
-            self.flows.append(self._new_flow())
-        self.flow_for(index).add_expert(str(index))
         self.to(next(self.feature_extractor.parameters()).device)
         return index
 
     def whitening_needs_fit(self, task: int) -> bool:
-        """Whether ``task``'s whitening adapter must see the training features before its flow trains."""
-        adapter = self.whitening[task]
-        return isinstance(adapter, WhiteningAdapter) and adapter.needs_fit
+        """Whether ``task``'s whitening adapters must see the training features before its flow trains."""
+        return any(isinstance(a := path.whitening[task], WhiteningAdapter) and a.needs_fit for path in self.paths)
 
     def accumulate_whitening(self, task: int, patches: torch.Tensor) -> None:
         """Collect ``(b, h, w, d)`` training patch embeddings for ``task``'s whitening statistics."""
-        self.whitening[task].accumulate(self._with_position(patches))
+        for path in self.paths:
+            path.whitening[task].accumulate(path.with_position(path.select(patches)))
 
     def finalize_whitening(self, task: int) -> None:
         """Fit ``task``'s whitening statistics from what :meth:`accumulate_whitening` collected."""
-        self.whitening[task].finalize()
+        for path in self.paths:
+            path.whitening[task].finalize()
 
-    def fit_calibration(self, task: int, total: torch.Tensor, total_squares: torch.Tensor, count: int) -> None:
-        """Fit ``task``'s per-position score statistics from float64 sums of its ``count`` good training images'
-        ``(h, w)`` patch NLLs (:meth:`train_patches` with the task's final weights)."""
-        self.calibrations[task].fit(total, total_squares, count)
+    def fit_calibration(self, task: int, sums: Sequence[tuple[torch.Tensor, torch.Tensor]], count: int) -> None:
+        """Fit ``task``'s per-position score statistics from float64 sums of its ``count`` good training images' patch
+        NLLs (:meth:`train_patches` with the task's final weights): ``(total, total_squares)`` per path, each of the
+        path's ``(h_p, w_p)``."""
+        for path, (total, total_squares) in zip(self.paths, sums, strict=True):
+            path.calibrations[task].fit(total, total_squares, count)
 
-    def calibrate(self, scores: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
-        """``(b, h, w)`` patch NLLs as the task's patch scores (calibrated unless ``score_calibration="none"``).
+    def calibrate(self, scores: torch.Tensor, task: int | torch.Tensor, path: int = 0) -> torch.Tensor:
+        """``(b, h_p, w_p)`` patch NLLs of one path as the task's patch scores (calibrated unless
+        ``score_calibration="none"``).
 
         Args:
             scores: Patch NLLs of one task's images, or of images with a task each.
             task: The task, or a task index per image ``(b,)`` (each image's statistics gathered).
+            path: Which path's statistics.
         """
-        if self.score_calibration == "none":
-            return scores
-        if isinstance(task, torch.Tensor):
-            mean = torch.stack([c.mean for c in self.calibrations])[task]
-            std = torch.stack([c.std for c in self.calibrations])[task]
-            return (scores - mean) / std
-        return self.calibrations[task](scores)
-
-    def _with_position(self, patches: torch.Tensor) -> torch.Tensor:
-        """The whitening adapters' input: patch embeddings plus the positional code."""
-        return patches if self.pos_embedding is None else patches + self.pos_embedding
+        return self.paths[path].calibrate(scores, task, self.score_calibration)
 
     def task_parameters(self, task: int, trained_only: bool = True) -> list[nn.Parameter]:
-        """Parameters owned by ``task`` alone (expert, whitening, DIA; the whole flow when task-separated).
-
-        ``trained_only=False`` adds the fixed spatial context of a task-separated flow (for size accounting).
-        """
-        params = [*self.whitening[task].parameters(), *self.dias[task].parameters()]
-        params += self.flow_for(task).expert_parameters(str(task))
-        if self.task_separated:
-            params += self._flow_parameters(self.flows[task], trained_only)
-        return params
-
-    def _flow_parameters(self, flow: MoLEFlow, trained_only: bool = True) -> list[nn.Parameter]:
-        """A flow's base parameters; when ``trained_only``, without the spatial context if the likelihood is exact."""
-        fixed = set()
-        if trained_only and self.exact_likelihood and flow.spatial_context is not None:
-            fixed = {id(p) for p in flow.spatial_context.parameters()}
-        return [p for p in flow.base_parameters() if id(p) not in fixed]
+        """Parameters owned by ``task`` alone (expert, whitening, DIA of every path; the whole flows when
+        task-separated). ``trained_only=False`` adds the fixed spatial context of a task-separated flow (for size
+        accounting)."""
+        return [p for path in self.paths for p in path.task_parameters(task, trained_only)]
 
     def shared_parameters(self, trained_only: bool = True) -> list[nn.Parameter]:
         """Parameters shared by all tasks (empty when task-separated); trained ones only unless told otherwise."""
-        return [] if self.task_separated else self._flow_parameters(self.flows[0], trained_only)
+        return [p for path in self.paths for p in path.shared_parameters(trained_only)]
 
     def set_trainable(self, task: int, train_shared: bool) -> list[nn.Parameter]:
         """Freeze everything except ``task``'s own parameters (and the shared ones if ``train_shared``).
@@ -365,7 +564,10 @@ class MoleFlowModel(nn.Module):
         per_task = []
         for task, name in enumerate(self.task_names):
             params, param_bytes = size(self.task_parameters(task, trained_only=False))
-            statistics = [*self.router.prototypes[task].state_dict().values(), *self.calibrations[task].buffers()]
+            statistics = [
+                *self.router.prototypes[task].state_dict().values(),
+                *(b for path in self.paths for b in path.calibrations[task].buffers()),
+            ]
             _, statistics_bytes = size(statistics)
             per_task.append({"task": name, "params": params, "bytes": param_bytes + statistics_bytes})
         backbone_params, backbone_bytes = size(list(self.feature_extractor.parameters()))
@@ -397,7 +599,7 @@ class MoleFlowModel(nn.Module):
                 "score_calibration": self.score_calibration,
                 "anomaly_map_value": self.anomaly_map_value,
             }
-        calibrated = values["score_calibration"] != "none" and self.calibrations[task].fitted
+        calibrated = values["score_calibration"] != "none" and all(p.calibrations[task].fitted for p in self.paths)
         return {
             **{name: values[name] for name in SCORING_SETTINGS},
             "score_calibration": "position" if calibrated else "none",
@@ -421,7 +623,7 @@ class MoleFlowModel(nn.Module):
                 "this version, or load the checkpoint with the version that wrote it."
             )
             raise ValueError(msg)
-        diff = differences({key: saved.get(key) for key in current}, current)
+        diff = differences({key: saved.get(key, INTRODUCED_SETTINGS.get(key)) for key in current}, current)
         if diff:
             details = ", ".join(f"{key}: checkpoint {old} vs model {new}" for key, old, new in diff)
             msg = (
@@ -450,65 +652,58 @@ class MoleFlowModel(nn.Module):
             patches = self.patch_embedding(features)
         return patches, self.router.embed(patches)
 
-    def encode(self, patches: torch.Tensor, task: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, patches: torch.Tensor, task: int | torch.Tensor, path: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Map ``(b, h, w, d)`` patch embeddings through ``task``'s path to latents.
 
         Args:
             patches: Patch embeddings.
             task: One task for the batch, or a task index per image ``(b,)``: a routed batch that mixes tasks, run
                 in one pass with each image's experts gathered (shared flow only).
+            path: Which density (the ``stage`` layout has one per stage).
 
         Returns:
-            Latent tokens ``((b h w), d)`` and per-token log-determinants ``((b h w),)``.
+            Latent tokens ``((b h w), d)`` of the path's part and per-token log-determinants ``((b h w),)``.
         """
-        tokens, whitening_log_det = self.flow_inputs(patches, task)
-        z, log_det = self.flow_for(task)(tokens, task)
-        if self.dia_blocks:
-            per_image = isinstance(task, torch.Tensor)
-            z, dia_log_det = (per_image_dia(list(self.dias), task) if per_image else self.dias[task])(z)
-            log_det = log_det + dia_log_det
-        if self.exact_likelihood and whitening_log_det is not None:
-            log_det = log_det + whitening_log_det
-        return z, log_det
+        flow_path = self.paths[path]
+        return flow_path.encode(flow_path.select(patches), task)
 
-    def flow_inputs(self, patches: torch.Tensor, task: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What enters ``task``'s invertible part: positional code, whitening, spatial context.
+    def flow_inputs(
+        self, patches: torch.Tensor, task: int | torch.Tensor, path: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What enters ``task``'s invertible part of ``path``: positional code, whitening, spatial context.
 
         Args:
             patches: Patch embeddings ``(b, h, w, d)``.
             task: One task for the batch, or a task index per image ``(b,)`` (each image's adapter gathered).
+            path: Which density.
 
         Returns:
             Tokens ``((b h w), d)`` and the whitening affine's log-determinant: one value for the batch (one task),
             per token ``((b h w),)`` (a task per image), or ``None`` without whitening adapters.
         """
-        flow = self.flow_for(task)  # first: refuses a task per image on a task-separated model
-        x = self._with_position(patches)
-        log_det = None
-        if isinstance(task, torch.Tensor):
-            if self.use_whitening_adapter:
-                x, per_image = per_image_whitening(list(self.whitening), x, task)
-                log_det = repeat(per_image, "b -> (b n)", n=x.shape[1] * x.shape[2])
-        else:
-            x = self.whitening[task](x)
-            log_det = self.whitening[task].log_abs_det() if self.use_whitening_adapter else None
-        return rearrange(flow.context(x), "b h w d -> (b h w) d"), log_det
+        flow_path = self.paths[path]
+        return flow_path.flow_inputs(flow_path.select(patches), task)
 
     @staticmethod
     def patch_nll(z: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood per patch: ``0.5 * ||z||^2 - log|det J|``."""
         return 0.5 * z.pow(2).sum(dim=-1) - log_det
 
-    def train_patches(self, patches: torch.Tensor, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_patches(self, patches: torch.Tensor, task: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Training pass of ``(b, h, w, d)`` patch embeddings (from :meth:`embed` or a feature cache).
 
         Returns:
-            Patch NLL ``(b, h*w)`` and patch log-determinants ``(b, h*w)``.
+            Per path: patch NLL ``(b, h_p*w_p)`` and patch log-determinants ``(b, h_p*w_p)``.
         """
-        z, log_det = self.encode(patches, task)
         batch = patches.shape[0]
-        nll = rearrange(self.patch_nll(z, log_det), "(b n) -> b n", b=batch)
-        return nll, rearrange(log_det, "(b n) -> b n", b=batch)
+        out = []
+        for path in range(len(self.paths)):
+            z, log_det = self.encode(patches, task, path)
+            nll = rearrange(self.patch_nll(z, log_det), "(b n) -> b n", b=batch)
+            out.append((nll, rearrange(log_det, "(b n) -> b n", b=batch)))
+        return out
 
     def route(self, image_embedding: torch.Tensor, tasks: torch.Tensor | None = None) -> Routed:
         """Task, router distance and unknown-product flag of each image (``tasks``: given instead of routed)."""
@@ -542,25 +737,45 @@ class MoleFlowModel(nn.Module):
             msg = "MoLE-Flow has no task yet: call `add_task(name)` and train before predicting."
             raise RuntimeError(msg)
         routed = self.route(self.router.embed(patches), tasks)
-        height, width = patches.shape[1:3]
+        scores, map_values = [], []
+        for index, path in enumerate(self.paths):
+            nll, score = self._path_scores(patches, routed.task, index)
+            map_value = likelihood_map_value(nll, path.dim) if self.anomaly_map_value == "likelihood" else score
+            scores.append(self._on_grid(score))
+            map_values.append(self._on_grid(map_value))
+        # the stages' scores on an equal footing: each is calibrated per position (or a per-dimension likelihood)
+        score_map = scores[0] if len(scores) == 1 else torch.stack(scores).mean(0)
+        map_value = map_values[0] if len(map_values) == 1 else torch.stack(map_values).mean(0)
+        anomaly_map = self.anomaly_map_generator(map_value, output_size)
+        pred_score = top_k_image_score(score_map, self.score_aggregation_top_k)
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map), routed
+
+    def _path_scores(
+        self, patches: torch.Tensor, image_tasks: torch.Tensor, path: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One path's patch NLLs and calibrated scores ``(b, h_p, w_p)``, each image with its task's expert."""
+        height, width = self.paths[path].grid
         if self.task_separated or not torch.compiler.is_exporting():
             # Eager: one pass per task present, with plain linears (gathering per-image weights was slower on CPU).
-            scores = patches.new_zeros(patches.shape[:3], dtype=torch.float32)  # float32 also under mixed precision
-            nll = torch.zeros_like(scores)
-            for task in routed.task.unique().tolist():
-                selected = routed.task == task
-                z, log_det = self.encode(patches[selected], task)
+            shape = (patches.shape[0], height, width)
+            nll = patches.new_zeros(shape, dtype=torch.float32)  # float32 also under mixed precision
+            scores = torch.zeros_like(nll)
+            for task in image_tasks.unique().tolist():
+                selected = image_tasks == task
+                z, log_det = self.encode(patches[selected], task, path)
                 nll[selected] = rearrange(self.patch_nll(z, log_det).float(), "(b h w) -> b h w", h=height, w=width)
-                scores[selected] = self.calibrate(nll[selected], task)
-        else:
-            # An exported graph cannot branch on the routed tasks: one pass, each image's expert weights gathered.
-            z, log_det = self.encode(patches, routed.task)
-            nll = rearrange(self.patch_nll(z, log_det).float(), "(b h w) -> b h w", h=height, w=width)
-            scores = self.calibrate(nll, routed.task)
-        map_values = likelihood_map_value(nll, self.embed_dim) if self.anomaly_map_value == "likelihood" else scores
-        anomaly_map = self.anomaly_map_generator(map_values, output_size)
-        pred_score = top_k_image_score(scores, self.score_aggregation_top_k)
-        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map), routed
+                scores[selected] = self.calibrate(nll[selected], task, path)
+            return nll, scores
+        # An exported graph cannot branch on the routed tasks: one pass, each image's expert weights gathered.
+        z, log_det = self.encode(patches, image_tasks, path)
+        nll = rearrange(self.patch_nll(z, log_det).float(), "(b h w) -> b h w", h=height, w=width)
+        return nll, self.calibrate(nll, image_tasks, path)
+
+    def _on_grid(self, values: torch.Tensor) -> torch.Tensor:
+        """``(b, h_p, w_p)`` values of a path on the finest grid ``(b, h, w)`` (bilinear, as the map upsamples)."""
+        if tuple(values.shape[-2:]) == self.grid:
+            return values
+        return F.interpolate(values[:, None], size=self.grid, mode="bilinear", align_corners=False)[:, 0]
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """Routed inference (used by export and by ``AnomalibModule.forward``)."""
