@@ -1856,3 +1856,33 @@ def test_a_stage_checkpoint_loads_only_as_one_and_old_joint_state_dicts_load_int
     assert fresh.task_names == ["a"]
     for key, value in tensor_snapshot(joint).items():
         assert same_bits(fresh.state_dict()[key], value)
+
+
+def test_a_checkpoint_without_a_newer_architecture_setting_loads_with_the_value_that_reproduces_it(
+    tiny_model_kwargs: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``load_from_checkpoint`` reads an architecture setting the checkpoint predates as ``INTRODUCED_SETTINGS``
+    says, not as today's default (else changing a default would make every older checkpoint refuse to load)."""
+    import lightning
+
+    from anomalib_moleflow.models.moleflow import lightning_model, torch_model
+
+    model = MoleFlow(**{**tiny_model_kwargs, "flow_layout": "stage"})
+    model.add_task("a")
+    perturb(model.model)
+    state = model.state_dict()
+    hparams = dict(model.hparams)
+    del hparams["flow_layout"]  # written before the setting existed, when every model had this layout
+    del state["model._extra_state"]["fingerprint"]["flow_layout"]
+    path = tmp_path / "old.ckpt"
+    torch.save(
+        {"state_dict": state, "hyper_parameters": hparams, "pytorch-lightning_version": lightning.__version__}, path
+    )
+    monkeypatch.setitem(lightning_model.INTRODUCED_SETTINGS, "flow_layout", "stage")
+    monkeypatch.setitem(torch_model.INTRODUCED_SETTINGS, "flow_layout", "stage")
+    loaded = MoleFlow.load_from_checkpoint(path, map_location="cpu")
+    assert loaded.model.flow_layout == "stage"
+    for key, value in tensor_snapshot(model.model).items():
+        assert same_bits(loaded.model.state_dict()[key], value)
+    with pytest.raises(ValueError, match="flow_layout: checkpoint stage vs model joint"):
+        MoleFlow.load_from_checkpoint(path, map_location="cpu", flow_layout="joint")  # a value given still wins

@@ -13,11 +13,12 @@ Example:
 from __future__ import annotations
 
 import logging
+import pickle
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, NamedTuple, get_args
+from typing import IO, Any, NamedTuple, get_args
 
 import torch
 from anomalib import LearningType
@@ -67,6 +68,7 @@ from .settings import (
     WhiteningNorm,
     defaults,
     differences,
+    names,
     select,
 )
 from .torch_model import MoleFlowModel
@@ -126,6 +128,22 @@ class ScoredImages(NamedTuple):
     raw: InferenceBatch
     final: InferenceBatch
     routed: Routed
+
+
+#: The settings that define what a checkpoint's weights mean (and the runtime ones among them).
+ARCHITECTURE_NAMES: frozenset[str] = frozenset(names(ArchitectureSettings))
+
+
+def _saved_hyper_parameters(checkpoint: str | Path | IO[bytes]) -> dict[str, Any] | None:
+    """The ``hyper_parameters`` a checkpoint file was saved with (memory-mapped: the weights are not read);
+    ``None`` for a stream or a file that cannot be read so (Lightning's own loading reports it)."""
+    if not isinstance(checkpoint, str | Path):
+        return None
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError):
+        return None
+    return dict(saved.get("hyper_parameters", {})) if isinstance(saved, dict) else None
 
 
 class MoleFlow(AnomalibModule):
@@ -302,6 +320,26 @@ class MoleFlow(AnomalibModule):
         self._held_out: dict[str, torch.Tensor | None] = {}  # held-out image path -> its patch embedding
         self._fit_task: int | None = None  # chosen by `fitting` for one fit (NEWEST_TASK: the newest)
         self._routing = RoutingRecorder()
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: str | Path | IO[bytes], *args: Any, **kwargs: Any
+    ) -> MoleFlow:
+        """Lightning's ``load_from_checkpoint``, where a setting added since the checkpoint was written is read with the
+        value that reproduces it (:data:`INTRODUCED_SETTINGS`, e.g. ``flow_layout="joint"``), not with today's
+        default, for the settings that define the architecture; a value given here still wins. Without this, a
+        changed default of an architecture setting would make every older checkpoint refuse to load."""
+        saved = _saved_hyper_parameters(checkpoint_path)
+        introduced = {
+            name: value
+            for name, value in INTRODUCED_SETTINGS.items()
+            if saved is not None
+            and name not in saved
+            and name not in kwargs
+            and name in ARCHITECTURE_NAMES
+            and name not in RUNTIME_SETTINGS  # a scoring setting is free: each task records what it was fitted with
+        }
+        return super().load_from_checkpoint(checkpoint_path, *args, **{**introduced, **kwargs})
 
     @classmethod
     def continue_from(cls, path: str | Path, **settings: Any) -> MoleFlow:
