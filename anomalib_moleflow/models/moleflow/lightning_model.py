@@ -134,13 +134,14 @@ class ScoredImages(NamedTuple):
 ARCHITECTURE_NAMES: frozenset[str] = frozenset(names(ArchitectureSettings))
 
 
-def _saved_hyper_parameters(checkpoint: str | Path | IO[bytes]) -> dict[str, Any] | None:
-    """The ``hyper_parameters`` a checkpoint file was saved with (memory-mapped: the weights are not read);
-    ``None`` for a stream or a file that cannot be read so (Lightning's own loading reports it)."""
+def _saved_hyper_parameters(checkpoint: str | Path | IO[bytes], weights_only: bool | None) -> dict[str, Any] | None:
+    """The ``hyper_parameters`` a checkpoint file was saved with (memory-mapped: the weights are not read), unpickled
+    under the same ``weights_only`` as Lightning's loading then uses; ``None`` for a stream or a file that cannot be
+    read so (Lightning's own loading reports it)."""
     if not isinstance(checkpoint, str | Path):
         return None
     try:
-        saved = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
+        saved = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=weights_only)
     except (OSError, RuntimeError, ValueError, pickle.UnpicklingError):
         return None
     return dict(saved.get("hyper_parameters", {})) if isinstance(saved, dict) else None
@@ -323,13 +324,19 @@ class MoleFlow(AnomalibModule):
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
-        cls, checkpoint_path: str | Path | IO[bytes], *args: Any, **kwargs: Any
+        cls,
+        checkpoint_path: str | Path | IO[bytes],
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
     ) -> MoleFlow:
         """Lightning's ``load_from_checkpoint``, where a setting added since the checkpoint was written is read with the
         value that reproduces it (:data:`INTRODUCED_SETTINGS`, e.g. ``flow_layout="joint"``), not with today's
         default, for the settings that define the architecture; a value given here still wins. Without this, a
         changed default of an architecture setting would make every older checkpoint refuse to load."""
-        saved = _saved_hyper_parameters(checkpoint_path)
+        saved = _saved_hyper_parameters(checkpoint_path, weights_only)
         introduced = {
             name: value
             for name, value in INTRODUCED_SETTINGS.items()
@@ -339,7 +346,9 @@ class MoleFlow(AnomalibModule):
             and name in ARCHITECTURE_NAMES
             and name not in RUNTIME_SETTINGS  # a scoring setting is free: each task records what it was fitted with
         }
-        return super().load_from_checkpoint(checkpoint_path, *args, **{**introduced, **kwargs})
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location, hparams_file, strict, weights_only, **{**introduced, **kwargs}
+        )
 
     @classmethod
     def continue_from(cls, path: str | Path, **settings: Any) -> MoleFlow:

@@ -241,6 +241,11 @@ class FlowPath(nn.Module):
         return z, log_det
 
 
+def _mean(values: list[torch.Tensor]) -> torch.Tensor:
+    """The element-wise mean of same-shaped tensors (one tensor: itself, no copy)."""
+    return values[0] if len(values) == 1 else torch.stack(values).mean(0)
+
+
 #: Old checkpoints' top-level per-task modules, now the first path's.
 _PATH_MODULES = ("whitening.", "dias.", "calibrations.", "flows.")
 
@@ -744,8 +749,7 @@ class MoleFlowModel(nn.Module):
             scores.append(self._on_grid(score))
             map_values.append(self._on_grid(map_value))
         # the stages' scores on an equal footing: each is calibrated per position (or a per-dimension likelihood)
-        score_map = scores[0] if len(scores) == 1 else torch.stack(scores).mean(0)
-        map_value = map_values[0] if len(map_values) == 1 else torch.stack(map_values).mean(0)
+        score_map, map_value = _mean(scores), _mean(map_values)
         anomaly_map = self.anomaly_map_generator(map_value, output_size)
         pred_score = top_k_image_score(score_map, self.score_aggregation_top_k)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map), routed
