@@ -151,6 +151,8 @@ def test_study_configs_keep_the_studys_training(config: str, section: tuple[str,
     assert settings["whitening_norm"] == "patch"
     assert settings["average_last"] == 0.0
     assert settings["score_calibration"] == "none"
+    assert settings["flow_layout"] == "joint"
+    assert settings["anomaly_map_value"] == "score"
 
 
 @pytest.mark.parametrize("config", ["configs/moleflow.yaml"])
@@ -163,11 +165,12 @@ def test_main_config_matches_the_constructor_defaults(config: str) -> None:
     defaults = {k: p.default for k, p in inspect.signature(MoleFlow.__init__).parameters.items()}
     architecture = {"backbone", "layers", "image_size", "embed_dim", "num_coupling_layers", "dia_blocks", "lora_rank"}
     assert architecture | {"lr", "max_epochs", "freeze_base"} <= set(init_args)  # the config spells the main settings
-    # Our defaults depart from the study's MAIN in nine documented places only (docs/quality.md): embed_dim is
+    # Our defaults depart from the study's MAIN in eleven documented places only (docs/quality.md): embed_dim is
     # derived from the backbone (768 for WRN50 layer2+layer3, the study's value), the likelihood is exact, the
     # patch embedding has no 3x3 average, the whitening normalises each image instead of each patch, the router
-    # takes the max embedding and one pooled covariance, Adam's lr is 3e-3 instead of 3e-4, and each task ends with
-    # the mean of its last half's weights instead of the last step's, and each position's score is calibrated.
+    # takes the max embedding and one pooled covariance, Adam's lr is 3e-3 instead of 3e-4, each task ends with
+    # the mean of its last half's weights instead of the last step's, each position's score is calibrated, each
+    # backbone stage has its own flow, and the map is each patch's likelihood.
     from anomalib_moleflow.models.moleflow.components.embedding import default_embed_dim
 
     assert default_embed_dim(512 + 1024) == init_args["embed_dim"] == 768
@@ -183,8 +186,17 @@ def test_main_config_matches_the_constructor_defaults(config: str) -> None:
     assert (init_args["lr"], defaults["lr"]) == (3e-4, 3e-3)
     assert (init_args["average_last"], defaults["average_last"]) == (0.0, 0.5)
     assert (init_args["score_calibration"], defaults["score_calibration"]) == ("none", "position")
+    assert (init_args["flow_layout"], defaults["flow_layout"]) == ("joint", "stage")
+    assert (init_args["anomaly_map_value"], defaults["anomaly_map_value"]) == ("score", "likelihood")
     for key, value in init_args.items():
-        study_only = {"embed_dim", "exact_likelihood", "patch_size", "whitening_norm"}
+        study_only = {
+            "embed_dim",
+            "exact_likelihood",
+            "patch_size",
+            "whitening_norm",
+            "flow_layout",
+            "anomaly_map_value",
+        }
         if key in study_only | {"router_embedding", "router_covariance", "lr", "average_last", "score_calibration"}:
             continue
         expected = list(defaults[key]) if isinstance(defaults[key], tuple) else defaults[key]

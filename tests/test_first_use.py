@@ -360,10 +360,11 @@ def test_held_out_calibration_fits_the_statistics_on_images_the_flow_never_train
         for batch in datamodule.train_dataloader()
     ]
     with torch.no_grad():
-        ((nll, _),) = inner.train_patches(inner.embed(torch.cat(images))[0], 0)  # the task's final weights
-    nll = rearrange(nll, "b (h w) -> b h w", h=inner.grid[0])
-    torch.testing.assert_close(inner.calibrations[0].mean, nll.mean(0), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(inner.calibrations[0].std, nll.std(0), rtol=1e-4, atol=1e-4)
+        outputs = inner.train_patches(inner.embed(torch.cat(images))[0], 0)  # the task's final weights
+    for path, (nll, _) in zip(inner.paths, outputs, strict=True):  # each stage's statistics
+        nll = rearrange(nll, "b (h w) -> b h w", h=path.grid[0])
+        torch.testing.assert_close(path.calibrations[0].mean, nll.mean(0), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(path.calibrations[0].std, nll.std(0), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -594,7 +594,8 @@ def test_score_calibration_standardises_each_position_by_the_tasks_training_imag
     tiny_model_kwargs: dict[str, Any],
 ) -> None:
     seed_everything(0, verbose=False)
-    model = MoleFlow(**{**tiny_model_kwargs, "max_epochs": 2, "average_last": 0.5})
+    # one flow: the score is its standardised NLL (each stage's, averaged: test_stage_layout_averages_...)
+    model = MoleFlow(**{**tiny_model_kwargs, "max_epochs": 2, "average_last": 0.5, "flow_layout": "joint"})
     assert model.model.score_calibration == "position"
     first = None
     for index, category in enumerate(tiny_categories[:2]):
@@ -713,7 +714,7 @@ def test_patch_nll_and_image_score_match_hand_computed_values() -> None:
 
 def test_training_loss_uses_patch_nll_and_log_det(tiny_model_kwargs: dict[str, Any]) -> None:
     """``train_patches`` returns per-image rows of the patch NLL ``0.5 ||z||^2 - log_det`` of ``encode``."""
-    model = MoleFlow(**tiny_model_kwargs).model.eval()
+    model = MoleFlow(**{**tiny_model_kwargs, "flow_layout": "joint"}).model.eval()  # one flow (stages: section 13)
     model.add_task("a")
     perturb(model)
     images = random_images(64)
@@ -731,6 +732,11 @@ def test_training_loss_uses_patch_nll_and_log_det(tiny_model_kwargs: dict[str, A
 # ----------------------------------------------------------------------------------------------------------------------
 # 6. every constructor flag changes the structure or the output; invalid values are rejected
 # ----------------------------------------------------------------------------------------------------------------------
+#: One flow (the joint layout): a flag's effect reads off that flow's inputs and outputs directly; the stage layout
+#: builds each stage's flow with the same :class:`FlowPath` (section 13).
+ONE_FLOW: dict[str, Any] = {"flow_layout": "joint"}
+
+
 def build(tiny: dict[str, Any], tasks: int = 1, **overrides: Any) -> MoleFlow:
     seed_everything(0, verbose=False)
     model = MoleFlow(**{**tiny, **overrides})
@@ -768,8 +774,8 @@ def test_flag_lora_rank_sets_expert_shape(tiny_model_kwargs: dict[str, Any], ran
 
 
 def test_flag_use_whitening_adapter(tiny_model_kwargs: dict[str, Any]) -> None:
-    on = build(tiny_model_kwargs, use_whitening_adapter=True, use_pos_embedding=False)
-    off = build(tiny_model_kwargs, use_whitening_adapter=False, use_pos_embedding=False)
+    on = build(tiny_model_kwargs, **ONE_FLOW, use_whitening_adapter=True, use_pos_embedding=False)
+    off = build(tiny_model_kwargs, **ONE_FLOW, use_whitening_adapter=False, use_pos_embedding=False)
     assert isinstance(on.model.whitening[0], WhiteningAdapter)
     assert isinstance(off.model.whitening[0], nn.Identity)
     assert copy_common_tensors(on, off) > 0  # same context weights: only the adapter differs
@@ -788,8 +794,8 @@ def test_flag_use_whitening_adapter(tiny_model_kwargs: dict[str, Any]) -> None:
 
 
 def test_flag_use_pos_embedding_changes_output(tiny_model_kwargs: dict[str, Any]) -> None:
-    on = build(tiny_model_kwargs, use_pos_embedding=True)
-    off = build(tiny_model_kwargs, use_pos_embedding=False)
+    on = build(tiny_model_kwargs, **ONE_FLOW, use_pos_embedding=True)
+    off = build(tiny_model_kwargs, **ONE_FLOW, use_pos_embedding=False)
     assert copy_common_tensors(on, off) > 0  # same weights: only the flag differs
     pos = on.model.pos_embedding
     assert isinstance(pos, torch.Tensor)
@@ -812,8 +818,8 @@ def test_flag_use_pos_embedding_changes_output(tiny_model_kwargs: dict[str, Any]
 
 @pytest.mark.parametrize("kernel", [3, 5])
 def test_flag_spatial_context_kernel(tiny_model_kwargs: dict[str, Any], kernel: int) -> None:
-    on = build(tiny_model_kwargs, spatial_context_kernel=kernel)
-    off = build(tiny_model_kwargs, spatial_context_kernel=0)
+    on = build(tiny_model_kwargs, **ONE_FLOW, spatial_context_kernel=kernel)
+    off = build(tiny_model_kwargs, **ONE_FLOW, spatial_context_kernel=0)
     context = on.model.flows[0].spatial_context
     assert isinstance(context, SpatialContext)
     assert context.conv.kernel_size == (kernel, kernel)
@@ -827,8 +833,8 @@ def test_flag_spatial_context_kernel(tiny_model_kwargs: dict[str, Any], kernel: 
 
 
 def test_flag_scale_context_kernel(tiny_model_kwargs: dict[str, Any]) -> None:
-    on = build(tiny_model_kwargs, scale_context_kernel=5)
-    off = build(tiny_model_kwargs, scale_context_kernel=0)
+    on = build(tiny_model_kwargs, **ONE_FLOW, scale_context_kernel=5)
+    off = build(tiny_model_kwargs, **ONE_FLOW, scale_context_kernel=0)
     subnets_on = [m for m in on.model.modules() if hasattr(m, "scale_conv")]
     subnets_off = [m for m in off.model.modules() if hasattr(m, "scale_conv")]
     assert len(subnets_on) == len(subnets_off) == 2
@@ -863,7 +869,7 @@ def test_flags_block_counts(tiny_model_kwargs: dict[str, Any], num_coupling_laye
 
 @pytest.mark.parametrize("embed_dim", [16, 32])
 def test_flag_embed_dim(tiny_model_kwargs: dict[str, Any], embed_dim: int) -> None:
-    model = build(tiny_model_kwargs, embed_dim=embed_dim)
+    model = build(tiny_model_kwargs, **ONE_FLOW, embed_dim=embed_dim)
     with torch.no_grad():
         patches, image_embedding = model.model.embed(random_images(64))
         z, _ = model.model.encode(patches, 0)
@@ -885,8 +891,8 @@ def test_flag_score_aggregation_top_k(tiny_model_kwargs: dict[str, Any]) -> None
 
 
 def test_flag_anomaly_map_sigma_blurs_only_the_map(tiny_model_kwargs: dict[str, Any]) -> None:
-    blurred = build(tiny_model_kwargs)  # anomalib's sigma 4
-    sharp = build(tiny_model_kwargs, anomaly_map_sigma=0.0)
+    blurred = build(tiny_model_kwargs, **ONE_FLOW, anomaly_map_value="score")  # anomalib's sigma 4
+    sharp = build(tiny_model_kwargs, **ONE_FLOW, anomaly_map_sigma=0.0, anomaly_map_value="score")
     saved = blurred.state_dict()
     assert not [key for key in saved if "anomaly_map_generator" in key]  # the kernel follows from sigma
     saved["model.anomaly_map_generator.blur.kernel"] = torch.ones(1, 1, 33, 33)  # as earlier versions saved it
@@ -905,8 +911,8 @@ def test_flag_anomaly_map_sigma_blurs_only_the_map(tiny_model_kwargs: dict[str, 
 
 
 def test_flag_anomaly_map_value_likelihood_maps_each_patchs_likelihood(tiny_model_kwargs: dict[str, Any]) -> None:
-    scored = build(tiny_model_kwargs, anomaly_map_sigma=0.0)
-    likelihood = build(tiny_model_kwargs, anomaly_map_sigma=0.0, anomaly_map_value="likelihood")
+    scored = build(tiny_model_kwargs, **ONE_FLOW, anomaly_map_sigma=0.0, anomaly_map_value="score")
+    likelihood = build(tiny_model_kwargs, **ONE_FLOW, anomaly_map_sigma=0.0)  # the default
     likelihood.load_state_dict(scored.state_dict())  # a scoring setting: the same weights load with either value
     images = random_images(64)
     score_s, map_s = scores_of(scored, images)
@@ -1288,20 +1294,20 @@ def test_statistics_fitted_with_other_scoring_settings_are_refused_until_validat
 ) -> None:
     saved = continual_run.checkpoint.read_bytes()
     fitted = continual_run.model.post_processor.task_stats.clone()
-    model = MoleFlow.load_from_checkpoint(continual_run.checkpoint, map_location="cpu", anomaly_map_value="likelihood")
+    model = MoleFlow.load_from_checkpoint(continual_run.checkpoint, map_location="cpu", anomaly_map_value="score")
     model.eval()
-    assert model.stale_statistics() == {task: [("anomaly_map_value", "score")] for task in range(3)}
+    assert model.stale_statistics() == {task: [("anomaly_map_value", "likelihood")] for task in range(3)}
     held_out = MoleFlow.load_from_checkpoint(continual_run.checkpoint, map_location="cpu", score_calibration="held_out")
     assert held_out.stale_statistics() == {}  # standardised either way: only the images that fitted it differ
     images = random_images(model.model.image_size[0])
-    # the checkpoint's pixel statistics are those of the NLL maps: normalising likelihood maps with them is wrong
-    with pytest.raises(ValueError, match=r"task 1 '[^']+' with anomaly_map_value='score' \(now 'likelihood'\)"):
+    # the checkpoint's pixel statistics are those of the likelihood maps: normalising score maps with them is wrong
+    with pytest.raises(ValueError, match=r"task 1 '[^']+' with anomaly_map_value='likelihood' \(now 'score'\)"):
         model.score_images(images, tasks=1)
     first = continual_run.categories[0]
     make_engine(tmp_path, callbacks=[OracleRouting(0)]).validate(model, make_datamodule(continual_run.root, first))
     assert sorted(model.stale_statistics()) == [1, 2]  # only the validated task was fitted again
     refitted = model.post_processor.stats_of(0)
-    assert refitted["pixel_max"] < 0 < fitted[0, STAT_COLUMNS.index("pixel_max")]  # -exp(-NLL/D) < 0 < max NLL
+    assert fitted[0, STAT_COLUMNS.index("pixel_max")] < 0 < refitted["pixel_max"]  # -exp(-NLL/D) < 0 < top score
     torch.testing.assert_close(model.post_processor.task_stats[1:], fitted[1:])  # the other tasks untouched
     scored = model.score_images(images, tasks=0).final
     assert ((scored.anomaly_map > 0) & (scored.anomaly_map < 1)).any()  # inside the refitted range, not clamped
@@ -1320,16 +1326,16 @@ def test_continual_run_from_a_checkpoint_with_new_scoring_settings_fits_the_old_
 ) -> None:
     from anomalib_moleflow.engine.continual import ContinualEngine
 
-    model = MoleFlow.continue_from(continual_run.checkpoint, anomaly_map_value="likelihood", visualizer=False)
+    model = MoleFlow.continue_from(continual_run.checkpoint, anomaly_map_value="score", visualizer=False)
     tasks = [make_datamodule(continual_run.root, category) for category in continual_run.categories]
     results = ContinualEngine(output_dir=tmp_path / "run", enable_progress_bar=False, overlays_per_task=0).run(
         model, tasks
     )
     assert model.stale_statistics() == {}
-    assert all(model.post_processor.stats_of(task)["pixel_max"] < 0 for task in range(3))  # likelihood maps' own
+    assert all(model.post_processor.stats_of(task)["pixel_max"] > 0 for task in range(3))  # the score maps' own
     assert all(value is not None for value in results["matrix"]["pixel_AUROC"][-1])
     saved = MoleFlow.load_from_checkpoint(tmp_path / "run" / "model.ckpt", map_location="cpu")
-    assert saved.model.anomaly_map_value == "likelihood"
+    assert saved.model.anomaly_map_value == "score"
     assert saved.stale_statistics() == {}
 
 
@@ -1682,15 +1688,16 @@ def test_position_whitening_fits_its_statistics_in_an_epoch_of_its_own(
     datamodule = make_datamodule(tiny_mvtec_root, tiny_categories[0])
     engine = make_engine(tmp_path)
     engine.fit(model, datamodule=datamodule)
-    adapter = model.model.whitening[0]
-    assert not adapter.needs_fit
     assert engine.trainer.current_epoch == 2  # one statistics epoch + max_epochs
     patches = torch.cat(
         [model.model.embed(model.pre_processor(batch.image))[0] for batch in datamodule.train_dataloader()]
     )
-    torch.testing.assert_close(
-        adapter.position_mean, model.model.paths[0].with_position(patches).mean(0), rtol=1e-4, atol=1e-4
-    )
+    assert len(model.model.paths) == 2
+    for path in model.model.paths:  # each stage's adapter: its own patches' statistics on its own grid
+        adapter = path.whitening[0]
+        assert not adapter.needs_fit
+        expected = path.with_position(path.select(patches)).mean(0)
+        torch.testing.assert_close(adapter.position_mean, expected, rtol=1e-4, atol=1e-4)
     changed = [
         name for name, p in model.model.named_parameters() if name in before and not torch.equal(p, before[name])
     ]
@@ -1715,7 +1722,7 @@ def test_an_unknown_expert_raises_instead_of_falling_back_to_the_base() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# flow_layout: one density per backbone stage
+# 13. flow_layout: one density per backbone stage
 # ----------------------------------------------------------------------------------------------------------------------
 def stage_model(**overrides: Any) -> MoleFlowModel:
     """:func:`small_model` on two stages (8 x 8 and 4 x 4 grids at 32 px), one flow per stage, D = 24 (8 + 16)."""
@@ -1749,7 +1756,7 @@ def test_stage_layout_reads_each_stage_on_its_own_grid_from_the_embedding() -> N
 
 def test_stage_layout_averages_each_stages_calibrated_scores_on_the_finest_grid() -> None:
     torch.manual_seed(0)
-    model = stage_model()
+    model = stage_model(anomaly_map_value="score")
     for name in "ab":
         model.add_task(name)
     perturb(model)
@@ -1843,15 +1850,15 @@ def test_a_stage_checkpoint_loads_only_as_one_and_old_joint_state_dicts_load_int
     stage = stage_model()
     stage.add_task("a")
     with pytest.raises(ValueError, match="flow_layout: checkpoint stage vs model joint"):
-        small_model(layers=("layer1", "layer2"), embed_dim=24).load_state_dict(stage.state_dict())
-    joint = small_model()
+        small_model(layers=("layer1", "layer2"), embed_dim=24, flow_layout="joint").load_state_dict(stage.state_dict())
+    joint = small_model(flow_layout="joint")
     joint.add_task("a")
     perturb(joint)
     state = joint.state_dict()
     old = {key.replace("paths.0.", "", 1): value for key, value in state.items()}  # as written before paths
     extra = next(key for key in old if key.endswith("_extra_state") and "." not in key)
     del old[extra]["fingerprint"]["flow_layout"]  # nor was the setting there
-    fresh = small_model()
+    fresh = small_model(flow_layout="joint")
     fresh.load_state_dict(old)
     assert fresh.task_names == ["a"]
     for key, value in tensor_snapshot(joint).items():
@@ -1859,30 +1866,27 @@ def test_a_stage_checkpoint_loads_only_as_one_and_old_joint_state_dicts_load_int
 
 
 def test_a_checkpoint_without_a_newer_architecture_setting_loads_with_the_value_that_reproduces_it(
-    tiny_model_kwargs: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model_kwargs: dict[str, Any], tmp_path: Path
 ) -> None:
     """``load_from_checkpoint`` reads an architecture setting the checkpoint predates as ``INTRODUCED_SETTINGS``
     says, not as today's default (else changing a default would make every older checkpoint refuse to load)."""
     import lightning
 
-    from anomalib_moleflow.models.moleflow import lightning_model, torch_model
-
-    model = MoleFlow(**{**tiny_model_kwargs, "flow_layout": "stage"})
+    model = MoleFlow(**{**tiny_model_kwargs, "flow_layout": "joint"})  # every model's layout before the setting
     model.add_task("a")
     perturb(model.model)
     state = model.state_dict()
     hparams = dict(model.hparams)
-    del hparams["flow_layout"]  # written before the setting existed, when every model had this layout
+    del hparams["flow_layout"]  # written before the setting existed
     del state["model._extra_state"]["fingerprint"]["flow_layout"]
     path = tmp_path / "old.ckpt"
     torch.save(
         {"state_dict": state, "hyper_parameters": hparams, "pytorch-lightning_version": lightning.__version__}, path
     )
-    monkeypatch.setitem(lightning_model.INTRODUCED_SETTINGS, "flow_layout", "stage")
-    monkeypatch.setitem(torch_model.INTRODUCED_SETTINGS, "flow_layout", "stage")
+    assert MoleFlow(**tiny_model_kwargs).model.flow_layout == "stage"  # today's default
     loaded = MoleFlow.load_from_checkpoint(path, map_location="cpu")
-    assert loaded.model.flow_layout == "stage"
+    assert loaded.model.flow_layout == "joint"
     for key, value in tensor_snapshot(model.model).items():
         assert same_bits(loaded.model.state_dict()[key], value)
-    with pytest.raises(ValueError, match="flow_layout: checkpoint stage vs model joint"):
-        MoleFlow.load_from_checkpoint(path, map_location="cpu", flow_layout="joint")  # a value given still wins
+    with pytest.raises(ValueError, match="flow_layout: checkpoint joint vs model stage"):
+        MoleFlow.load_from_checkpoint(path, map_location="cpu", flow_layout="stage")  # a value given still wins

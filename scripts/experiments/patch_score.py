@@ -186,6 +186,9 @@ def _robust_image_ln(model: MoleFlowModel) -> None:
 
 #: Channels of the fine stage at the front of the patch vector (tf_efficientnet_lite0's blocks.2 of D = 152).
 FINE_CHANNELS = 40
+#: Every model the harness builds is one flow on one embedding (its multi-stage variants combine such models) and it
+#: maps its own score kinds: the settings that made the model's default of both so when the harness's tables were run.
+ONE_FLOW = {"flow_layout": "joint", "anomaly_map_value": "score"}
 
 
 def _stage_ln(model: MoleFlowModel, split: int = FINE_CHANNELS) -> None:
@@ -624,7 +627,7 @@ def multiscale_scores(
             patch_size=1,
             embed_dim=channels - channels % 4,
             lora_rank=16,
-            **settings,
+            **{**ONE_FLOW, **settings},
         )
         model.anomaly_map_generator = type(model.anomaly_map_generator)(sigma=args.sigma)
         start = sum(stage.shape[1] for stage in stage_feats["train"][0][:index])
@@ -743,7 +746,9 @@ def main() -> None:
         families = {c: dm for c, dm in families.items() if c in args.categories.split(",")}
     base_feats: dict[str, dict] = {}
     if args.continual:
-        extractor = MoleFlowModel(backbone=args.backbone, layers=layers, image_size=args.image_size, embed_dim=4)
+        extractor = MoleFlowModel(
+            backbone=args.backbone, layers=layers, image_size=args.image_size, embed_dim=4, **ONE_FLOW
+        )
         for category, datamodule in families.items():
             train = load_split(datamodule, args.image_size)["train"]
             with torch.no_grad():
@@ -752,7 +757,9 @@ def main() -> None:
                 }
     for category, datamodule in families.items():
         split = load_split(datamodule, args.image_size)
-        extractor = MoleFlowModel(backbone=args.backbone, layers=layers, image_size=args.image_size, embed_dim=4)
+        extractor = MoleFlowModel(
+            backbone=args.backbone, layers=layers, image_size=args.image_size, embed_dim=4, **ONE_FLOW
+        )
         # features of each stage at native resolution, for the patch embedding
         with torch.no_grad():
             stage_feats = {
@@ -784,6 +791,7 @@ def main() -> None:
                 embed_dim=args.embed_dim,
                 patch_size=3,  # the harness's reference is the study's 3x3 average (``+pool1`` removes it)
                 pre_trained=True,
+                **ONE_FLOW,
             )
             train_p, test_p = patches_for(base, "train"), patches_for(base, "test")
             print(
@@ -841,7 +849,7 @@ def main() -> None:
                         image_size=args.image_size,
                         patch_size=3,
                         embed_dim=dim,
-                        **{"lora_rank": args.lora_rank, **settings},
+                        **{"lora_rank": args.lora_rank, **ONE_FLOW, **settings},
                     )
                 model.anomaly_map_generator = type(model.anomaly_map_generator)(sigma=args.sigma)
                 if "patch_size" in spec:

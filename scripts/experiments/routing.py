@@ -180,7 +180,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(pick_threads())
     layers = args.layers.split(",")
-    model = MoleFlowModel(backbone=args.backbone, layers=layers, image_size=args.image_size, embed_dim=args.embed_dim)
+    model = MoleFlowModel(  # only its feature extractor: the harness embeds the stages itself
+        backbone=args.backbone, layers=layers, image_size=args.image_size, embed_dim=args.embed_dim, flow_layout="joint"
+    )
     embedding = PatchEmbedding(args.embed_dim, patch_size=1)
     names, train, test, labels = [], [], [], []
     for name in args.data.split(","):

@@ -186,9 +186,9 @@ class MoleFlow(AnomalibModule):
             ``held_out``: the same, with statistics from :data:`CALIBRATION_SHARE` of the task's good training images
             held out of its training (unseen images, as the test's); ``none``: the flow's NLL (the study's). Any
             checkpoint loads with any of them.
-        anomaly_map_value: ``score``: the anomaly map upsamples and blurs the patch scores; ``likelihood``: each
-            patch's likelihood per dimension, ``-exp(-NLL / D)`` (anomalib's Fastflow's map value). The image score is
-            the patch scores' either way; any checkpoint loads with either.
+        anomaly_map_value: ``likelihood`` (the default): the anomaly map upsamples and blurs each patch's likelihood
+            per dimension, ``-exp(-NLL / D)`` (anomalib's Fastflow's map value); ``score``: the patch scores (the
+            study's). The image score is the patch scores' either way; any checkpoint loads with either.
         freeze_base: Freeze the shared base after the first task (``False``: sequential fine-tuning).
         task_separated: A whole flow per task (the parameter-hungry upper bound).
         lr: Adam learning rate.
@@ -206,8 +206,8 @@ class MoleFlow(AnomalibModule):
         exact_likelihood: Train only what the NLL's log-det counts (``False``: the study's training, see
             :class:`MoleFlowModel`).
         position_condition: Channels of the positional code every coupling subnet is conditioned on (0: none).
-        flow_layout: ``joint`` (one density over all stages) or ``stage`` (one per backbone stage, see
-            :class:`MoleFlowModel`).
+        flow_layout: ``stage`` (the default: one flow per backbone stage) or ``joint`` (one density over all stages,
+            the study's; see :class:`MoleFlowModel`).
         threshold: How each task's thresholds are chosen: ``f1`` (anomalib's, on validation images with defects) or
             ``good_fpr`` (from held-out good training images, at ``target_fpr`` false positives; no defect needed).
         target_fpr: With ``good_fpr``: the share of good images (and pixels) allowed above threshold.
@@ -253,7 +253,7 @@ class MoleFlow(AnomalibModule):
         score_aggregation_top_k: int = 3,
         anomaly_map_sigma: float = 4.0,
         score_calibration: ScoreCalibration = "position",
-        anomaly_map_value: AnomalyMapValue = "score",
+        anomaly_map_value: AnomalyMapValue = "likelihood",
         freeze_base: bool = True,
         task_separated: bool = False,
         lr: float = 3e-3,
@@ -267,7 +267,7 @@ class MoleFlow(AnomalibModule):
         unknown_as_anomalous: bool = True,
         exact_likelihood: bool = True,
         position_condition: int = 0,
-        flow_layout: FlowLayout = "joint",
+        flow_layout: FlowLayout = "stage",
         threshold: ThresholdMode = "f1",
         target_fpr: float = 0.01,
         feature_cache: CacheMode = "auto",

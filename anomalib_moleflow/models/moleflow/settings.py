@@ -80,10 +80,10 @@ class ArchitectureSettings:
             deviation of the task's good training images' scores there, fitted after the task trains;
             docs/quality.md 0i), or held_out (the same statistics from a fifth of the good training images, held
             out of the flow's training so that they score like unseen good images).
-        anomaly_map_value: What the anomaly map upsamples and blurs: score (each patch's score, as score_calibration
-            makes it) or likelihood (each patch's likelihood per dimension, -exp(-NLL / D), anomalib's Fastflow's map
-            value: it caps a few patches' extreme NLLs before the blur mixes neighbours; docs/quality.md 0j). The image
-            score stays the patch scores' top-k mean either way.
+        anomaly_map_value: What the anomaly map upsamples and blurs: likelihood (the default: each patch's likelihood
+            per dimension, -exp(-NLL / D), anomalib's Fastflow's map value; it caps a few patches' extreme NLLs
+            before the blur mixes neighbours; docs/quality.md 0j, 0k) or score (each patch's score, as
+            score_calibration makes it; the study's). The image score stays the patch scores' top-k mean either way.
         task_separated: One whole flow per task instead of a shared base (the parameter-hungry upper bound).
         router_eps: Relative ridge of each task's own router covariance (its unknown-product threshold; its route with
             router_covariance task).
@@ -97,9 +97,10 @@ class ArchitectureSettings:
         position_condition: Channels of a 2D sinusoidal positional code given to every coupling subnet as a
             condition (the density of a patch given where it is); 0: none (position enters only through
             use_pos_embedding's additive code).
-        flow_layout: joint (one density over all stages' channels on the finest grid, the study's) or stage (one per
-            backbone stage on the stage's own grid, with its share of embed_dim, its own experts, adapters and score
-            statistics; the stages' scores and maps averaged, anomalib's Fastflow's layout; docs/quality.md 0k).
+        flow_layout: stage (the default: one flow per backbone stage on the stage's own grid, with its share of
+            embed_dim, its own experts, adapters and score statistics; the stages' scores and maps averaged,
+            anomalib's Fastflow's layout; docs/quality.md 0k) or joint (one density over all stages' channels on the
+            finest grid, the study's).
     """
 
     backbone: str = "wide_resnet50_2"
@@ -121,7 +122,7 @@ class ArchitectureSettings:
     score_aggregation_top_k: int = 3
     anomaly_map_sigma: float = 4.0
     score_calibration: ScoreCalibration = "position"
-    anomaly_map_value: AnomalyMapValue = "score"
+    anomaly_map_value: AnomalyMapValue = "likelihood"
     task_separated: bool = False
     router_eps: float = 0.01
     router_embedding: RouterEmbedding = "max"
@@ -129,7 +130,7 @@ class ArchitectureSettings:
     unknown_factor: float | None = 3.0
     exact_likelihood: bool = True
     position_condition: int = 0
-    flow_layout: FlowLayout = "joint"
+    flow_layout: FlowLayout = "stage"
 
 
 @dataclass
@@ -209,7 +210,12 @@ SCORING_SETTINGS: tuple[str, ...] = (
 )
 #: Settings added after runs were already recorded, each with the value that reproduces what such a run did: a
 #: recorded configuration without the key is read with this value (so those runs still resume).
-INTRODUCED_SETTINGS: dict[str, Any] = {"average_last": 0.0, "score_calibration": "none", "flow_layout": "joint"}
+INTRODUCED_SETTINGS: dict[str, Any] = {
+    "average_last": 0.0,
+    "score_calibration": "none",
+    "anomaly_map_value": "score",
+    "flow_layout": "joint",
+}
 #: Settings that change only speed and memory, never a result (a resumed run may change them).
 SPEED_SETTINGS: tuple[str, ...] = ("feature_cache", "feature_cache_dtype", "compile_mode")
 

@@ -332,7 +332,7 @@ class MoleFlowModel(nn.Module):
         score_aggregation_top_k: int = 3,
         anomaly_map_sigma: float = 4.0,
         score_calibration: ScoreCalibration = "position",
-        anomaly_map_value: AnomalyMapValue = "score",
+        anomaly_map_value: AnomalyMapValue = "likelihood",
         task_separated: bool = False,
         router_eps: float = 0.01,
         router_embedding: RouterEmbedding = "max",
@@ -340,7 +340,7 @@ class MoleFlowModel(nn.Module):
         unknown_factor: float | None = 3.0,
         exact_likelihood: bool = True,
         position_condition: int = 0,
-        flow_layout: FlowLayout = "joint",
+        flow_layout: FlowLayout = "stage",
     ) -> None:
         super().__init__()
         layers = tuple(layers)
