@@ -226,3 +226,26 @@ def test_every_command_of_the_one_command_benchmark_is_accepted_by_its_script(pr
         parsed = vars(load(argv[0]).parse_args(argv[1:]))  # exits (SystemExit) on an unknown flag
         if "image_size" in parsed:
             assert parsed["image_size"] == int(run_all.PROFILES[profile]["model"][-1])
+
+
+def test_inference_timing_counts_the_fastest_of_its_passes() -> None:
+    """A pass slowed by other work on the machine does not set the figure: the fastest of the repeats does."""
+    import time
+
+    from anomalib_moleflow.benchmark.measure import inference_ms_per_image
+
+    class SlowOnce(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            # slow while the machine is "busy": through the warm-up and the first timed pass (with its own warm-up
+            # calls), fast for the later passes
+            time.sleep(0.2 if self.calls <= 6 else 0.01)
+            return images
+
+    images = torch.zeros(4, 3, 8, 8)
+    assert inference_ms_per_image(SlowOnce(), images, batch_size=4) < 100.0  # 10 ms per pass of 4 images: 2.5
+    assert inference_ms_per_image(SlowOnce(), images, batch_size=4, repeats=1) >= 50.0  # the slow pass alone

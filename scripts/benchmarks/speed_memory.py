@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--embed_dim", type=int, default=128, help="MoLE-Flow's D")
     parser.add_argument("--lora_rank", type=int, default=16, help="MoLE-Flow's LoRA rank")
     parser.add_argument("--compile_mode", default="off", help="MoLE-Flow's compile_mode (torch.compile)")
+    parser.add_argument(
+        "--flow_layout", choices=["joint", "stage"], default=None, help="MoLE-Flow's flow_layout (default: the model's)"
+    )
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared CPU)")
     parser.add_argument("--output", default=None, help="write the measurements as JSON here")
@@ -83,6 +86,7 @@ def build(name: str, args: argparse.Namespace) -> Any:
             lora_rank=args.lora_rank,
             max_epochs=args.epochs,
             compile_mode=args.compile_mode,
+            **({} if args.flow_layout is None else {"flow_layout": args.flow_layout}),
         )
     if name == "fastflow":
         from anomalib_moleflow.baselines import TimmFastflow

@@ -31,6 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--embed_dim", type=int, default=64)
     parser.add_argument("--lora_rank", type=int, default=8)
+    parser.add_argument(
+        "--flow_layout", choices=["joint", "stage"], default=None, help="MoLE-Flow's flow_layout (default: the model's)"
+    )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--n_train", type=int, default=16)
     parser.add_argument("--batch_size", type=int, default=8)
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                 lora_rank=args.lora_rank,
                 max_epochs=args.epochs,
                 visualizer=False,
+                **({} if args.flow_layout is None else {"flow_layout": args.flow_layout}),
             )
             engine = ContinualEngine(
                 output_dir=Path(work) / f"run{count}",
