@@ -155,6 +155,27 @@ def test_study_configs_keep_the_studys_training(config: str, section: tuple[str,
     assert settings["anomaly_map_value"] == "score"
 
 
+@pytest.mark.parametrize(
+    ("config", "section"),
+    [
+        ("configs/continual/mvtec_dinov2.yaml", ("model",)),
+        ("configs/benchmark/elpv_offline.yaml", ("moleflow",)),
+        ("configs/benchmark/product_line.yaml", ("moleflow",)),
+        ("configs/benchmark/product_line_masked.yaml", ("moleflow",)),
+    ],
+)
+def test_configs_with_recorded_tables_keep_the_layout_and_map_they_were_recorded_with(
+    config: str, section: tuple[str, ...]
+) -> None:
+    """Configs whose tables were recorded with one joint flow and score maps keep both after the defaults changed."""
+    import yaml
+
+    settings = yaml.safe_load((Path(__file__).resolve().parents[1] / config).read_text())
+    for key in section:
+        settings = settings[key]
+    assert (settings["flow_layout"], settings["anomaly_map_value"]) == ("joint", "score")
+
+
 @pytest.mark.parametrize("config", ["configs/moleflow.yaml"])
 def test_main_config_matches_the_constructor_defaults(config: str) -> None:
     import yaml

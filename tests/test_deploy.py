@@ -107,6 +107,7 @@ def test_onnx_export_of_a_two_task_model_matches_pytorch(
     two_task_run: tuple[MoleFlow, Path, Path], onnx_export: Path
 ) -> None:
     model, root, _ = two_task_run
+    assert [path.grid for path in model.model.paths] == [(16, 16), (8, 8)]  # the default: one flow per stage
     assert onnx_export.name == "model.onnx"
     assert sorted(path.name for path in onnx_export.parent.iterdir()) == [
         "metadata.json",
@@ -116,20 +117,18 @@ def test_onnx_export_of_a_two_task_model_matches_pytorch(
     _assert_matches_pytorch(model, onnx_export, root)
 
 
-def test_onnx_export_with_one_flow_per_stage_matches_pytorch(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> None:
-    """``flow_layout="stage"``: each stage's density on its own grid; the graph gathers every stage's experts."""
-    root = tmp_path_factory.mktemp("deploy_stage_data")
+def test_onnx_export_with_one_joint_flow_matches_pytorch(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The study's layout (``flow_layout="joint"``, score maps): one density over both stages on the finest grid."""
+    root = tmp_path_factory.mktemp("deploy_joint_data")
     generate_dataset(root, TINY_CATEGORIES, SyntheticConfig(image_size=64, n_train=16, n_test_good=4, n_test_defect=2))
     seed_everything(0, verbose=False)
-    model = MoleFlow(**{**TINY_MODEL_KWARGS, "flow_layout": "stage", "anomaly_map_value": "likelihood"})
-    assert [path.grid for path in model.model.paths] == [(16, 16), (8, 8)]
+    model = MoleFlow(**{**TINY_MODEL_KWARGS, "flow_layout": "joint", "anomaly_map_value": "score"})
+    assert [path.grid for path in model.model.paths] == [(16, 16)]
     tasks = [MVTecAD(root=root, category=c, train_batch_size=4, eval_batch_size=8, num_workers=0) for c in LEARNED]
-    output = tmp_path_factory.mktemp("deploy_stage_run")
+    output = tmp_path_factory.mktemp("deploy_joint_run")
     ContinualEngine(output_dir=output, enable_progress_bar=False, overlays_per_task=0).run(model, tasks)
     model.eval()
-    _assert_matches_pytorch(model, export_model(model, tmp_path_factory.mktemp("deploy_stage_onnx"), "onnx"), root)
+    _assert_matches_pytorch(model, export_model(model, tmp_path_factory.mktemp("deploy_joint_onnx"), "onnx"), root)
 
 
 def test_openvino_export_matches_pytorch(two_task_run: tuple[MoleFlow, Path, Path], tmp_path: Path) -> None:

@@ -361,6 +361,7 @@ def test_held_out_calibration_fits_the_statistics_on_images_the_flow_never_train
     ]
     with torch.no_grad():
         outputs = inner.train_patches(inner.embed(torch.cat(images))[0], 0)  # the task's final weights
+    assert len(inner.paths) == 2  # the default: one flow per stage
     for path, (nll, _) in zip(inner.paths, outputs, strict=True):  # each stage's statistics
         nll = rearrange(nll, "b (h w) -> b h w", h=path.grid[0])
         torch.testing.assert_close(path.calibrations[0].mean, nll.mean(0), rtol=1e-4, atol=1e-4)

@@ -1364,6 +1364,28 @@ def test_checkpoint_of_an_earlier_version_keeps_the_scoring_its_statistics_were_
     assert MoleFlow.continue_from(old, score_calibration="none").stale_statistics() == {}
 
 
+def test_a_checkpoint_that_predates_anomaly_map_value_keeps_the_maps_its_statistics_were_fitted_on(
+    continual_run: ContinualRun, tmp_path: Path
+) -> None:
+    """Written before ``anomaly_map_value`` (and the records of what each task's statistics were fitted with), a
+    checkpoint mapped the patch scores: it loads with ``score``, not today's default ``likelihood``."""
+    checkpoint = torch.load(continual_run.checkpoint, map_location="cpu", weights_only=False)
+    del checkpoint["hyper_parameters"]["anomaly_map_value"]
+    del checkpoint["state_dict"]["post_processor._extra_state"]
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    assert MoleFlow.load_from_checkpoint(continual_run.checkpoint, map_location="cpu").model.anomaly_map_value == (
+        "likelihood"
+    )
+    assert MoleFlow.load_from_checkpoint(old, map_location="cpu").model.anomaly_map_value == "score"
+    continued = MoleFlow.continue_from(old)
+    assert continued.model.anomaly_map_value == "score"
+    assert continued.stale_statistics() == {}
+    chosen = MoleFlow.continue_from(old, anomaly_map_value="likelihood")  # a value given wins, and is seen as new
+    assert chosen.model.anomaly_map_value == "likelihood"
+    assert chosen.stale_statistics() == {task: [("anomaly_map_value", "score")] for task in range(3)}
+
+
 def test_checkpoint_round_trip_in_new_process(
     continual_run: ContinualRun, tmp_path: Path, make_datamodule: Any
 ) -> None:

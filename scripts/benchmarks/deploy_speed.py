@@ -7,7 +7,7 @@ alone is the floor. It measures, it never asserts::
 
     python scripts/benchmarks/deploy_speed.py --threads 2                       # lite0 (offline weights), 224 px, CPU
     python scripts/benchmarks/deploy_speed.py --backbone wide_resnet50_2 --layers layer2 layer3 --embed_dim 768 \\
-        --lora_rank 64 --device cuda                                            # the study's MAIN model on a GPU
+        --lora_rank 64 --flow_layout joint --device cuda                        # the study's MAIN model on a GPU
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--embed_dim", type=int, default=None, help="D (default: from the backbone)")
     parser.add_argument("--lora_rank", type=int, default=16)
+    parser.add_argument(
+        "--flow_layout", choices=["joint", "stage"], default=None, help="MoLE-Flow's flow_layout (default: the model's)"
+    )
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 15])
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--images", type=int, default=32, help="images scored per measurement")
@@ -53,6 +56,7 @@ def build_model(args: argparse.Namespace, num_tasks: int) -> Any:
         embed_dim=args.embed_dim,
         lora_rank=args.lora_rank,
         visualizer=False,
+        **({} if args.flow_layout is None else {"flow_layout": args.flow_layout}),
     ).eval()
     with torch.no_grad():
         _, embedding = model.model.embed(model.pre_processor(torch.rand(8, 3, args.image_size, args.image_size)))

@@ -10,7 +10,8 @@ Training time per epoch counts the training batches only (not the validation ano
 first epoch apart from the later ones (MoLE-Flow's later epochs reuse the cached backbone features); the backbone
 pass alone, on the same images, is the floor of inference;
 inference is anomalib's full path (pre-process, score, post-process) on the category's test images, after one
-warm-up batch. Peak memory: ``torch.cuda.max_memory_allocated`` on GPU, resident-set growth on CPU.
+warm-up batch, the fastest of three passes. Peak memory: ``torch.cuda.max_memory_allocated`` on GPU, resident-set
+growth on CPU.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ It measures, it never asserts::
 
     python scripts/benchmarks/task_scaling.py                        # tiny random ResNet-18, 64 px, CPU
     python scripts/benchmarks/task_scaling.py --tasks 2 5 15 --backbone wide_resnet50_2 --layers layer2 layer3 \\
-        --pre_trained 1 --image_size 224 --embed_dim 768 --lora_rank 64 --epochs 60 --accelerator gpu   # the study
+        --pre_trained 1 --image_size 224 --embed_dim 768 --lora_rank 64 --epochs 60 --flow_layout joint \
+        --accelerator gpu                                            # the study's MAIN size (our layout: no flag)
 """
 
 from __future__ import annotations

@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--categories", default="", help="only these products, comma-separated (default: all)")
     args = parser.parse_args()
     module = load_checkpoint(args.checkpoint)
+    if len(module.model.paths) > 1:  # the fold experts are trained and scored on one flow's inputs (patch_score)
+        parser.error("this experiment needs a checkpoint with one flow (flow_layout joint), as it was run on.")
     print("| product | statistics from | img AUROC | pix AUROC | pix AP |")
     print("|---|---|---|---|---|")
     for scored in raw_scores(args, module):

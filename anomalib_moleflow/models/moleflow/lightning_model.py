@@ -148,7 +148,7 @@ def _saved_hyper_parameters(checkpoint: str | Path | IO[bytes], weights_only: bo
 
 
 class MoleFlow(AnomalibModule):
-    """MoLE-Flow: one frozen normalizing flow, a low-rank expert per task, and a router.
+    """MoLE-Flow: a frozen normalizing flow per backbone stage, a low-rank expert per task, and a router.
 
     Tasks are added with :meth:`add_task`; each ``fit`` trains the latest task. When ``fit`` runs on a model with no
     task (e.g. ``anomalib train``), the fit's callback :class:`~.callbacks.FitScope` adds one named after the
@@ -333,9 +333,12 @@ class MoleFlow(AnomalibModule):
         **kwargs: Any,
     ) -> MoleFlow:
         """Lightning's ``load_from_checkpoint``, where a setting added since the checkpoint was written is read with the
-        value that reproduces it (:data:`INTRODUCED_SETTINGS`, e.g. ``flow_layout="joint"``), not with today's
-        default, for the settings that define the architecture; a value given here still wins. Without this, a
-        changed default of an architecture setting would make every older checkpoint refuse to load."""
+        value that reproduces it (:data:`INTRODUCED_SETTINGS`, e.g. ``flow_layout="joint"``,
+        ``anomaly_map_value="score"``), not with today's default, for the settings of the model; a value given here
+        still wins. Without this, a changed default of an architecture setting would make every older checkpoint
+        refuse to load, and one of a scoring setting would score its tasks with other maps than their statistics were
+        fitted on. ``score_calibration`` is the exception: a checkpoint that predates it has no statistics, and a task
+        without them scores raw, as it did, while tasks learned after loading are calibrated by today's default."""
         saved = _saved_hyper_parameters(checkpoint_path, weights_only)
         introduced = {
             name: value
@@ -344,7 +347,7 @@ class MoleFlow(AnomalibModule):
             and name not in saved
             and name not in kwargs
             and name in ARCHITECTURE_NAMES
-            and name not in RUNTIME_SETTINGS  # a scoring setting is free: each task records what it was fitted with
+            and name != "score_calibration"
         }
         return super().load_from_checkpoint(
             checkpoint_path, map_location, hparams_file, strict, weights_only, **{**introduced, **kwargs}

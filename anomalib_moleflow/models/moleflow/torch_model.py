@@ -289,9 +289,9 @@ class MoleFlowModel(nn.Module):
             training images' statistics there (:meth:`fit_calibration`; an unfitted task scores raw); ``held_out``:
             the same (which images the statistics come from is the training's business); ``none``: the flow's NLL.
             A scoring setting: every task keeps its statistics either way.
-        anomaly_map_value: ``score``: the map upsamples and blurs the patch scores; ``likelihood``: each patch's
-            likelihood per dimension, ``-exp(-NLL / D)`` (anomalib's Fastflow's map value; the image score is the
-            patch scores' either way). A scoring setting.
+        anomaly_map_value: ``likelihood`` (the default): the map upsamples and blurs each patch's likelihood per
+            dimension, ``-exp(-NLL / D)`` (anomalib's Fastflow's map value); ``score``: the patch scores (the study's).
+            The image score is the patch scores' either way. A scoring setting.
         task_separated: One whole flow per task instead of a shared base.
         router_eps: Relative ridge of each task's own router covariance.
         router_embedding: The router's image embedding: ``mean`` or ``max`` of the patch embeddings over the grid.
@@ -305,10 +305,10 @@ class MoleFlowModel(nn.Module):
             maximum likelihood rewards them for shrinking the features (see ``docs/quality.md``).
         position_condition: Channels of a 2D sinusoidal positional code given to every coupling subnet as a
             condition (a density conditioned on where the patch is, as CFlow-AD's); 0: none.
-        flow_layout: ``joint``: one density over all stages' channels on the finest grid (the study's); ``stage``:
-            one per backbone stage, on the stage's own grid with its share of ``embed_dim``, each with its own experts,
-            adapters and score statistics; the stages' scores (and maps) are averaged on the finest grid (anomalib's
-            Fastflow's layout; ``docs/quality.md`` 0k).
+        flow_layout: ``stage`` (the default): one density per backbone stage, on the stage's own grid with its share
+            of ``embed_dim``, each with its own experts, adapters and score statistics; the stages' scores (and maps)
+            are averaged on the finest grid (anomalib's Fastflow's layout; ``docs/quality.md`` 0k). ``joint``: one
+            density over all stages' channels on the finest grid (the study's).
     """
 
     def __init__(
