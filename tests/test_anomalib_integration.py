@@ -97,6 +97,16 @@ def _anomalib(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([executable, *args], capture_output=True, text=True, cwd=cwd, check=False)
 
 
+def _config_section(config: str, section: tuple[str, ...]) -> dict:
+    """The settings under ``section`` (nested keys) of a YAML config of the repository."""
+    import yaml
+
+    settings = yaml.safe_load((Path(__file__).resolve().parents[1] / config).read_text())
+    for key in section:
+        settings = settings[key]
+    return settings
+
+
 def _model_args() -> list[str]:
     kwargs = TINY_MODEL_KWARGS
     args = ["--model", "anomalib_moleflow.MoleFlow"]
@@ -141,11 +151,7 @@ def test_anomalib_cli_train_then_test(tiny_mvtec_root: Path, tmp_path: Path) -> 
 )
 def test_study_configs_keep_the_studys_training(config: str, section: tuple[str, ...]) -> None:
     """Where our defaults depart from the study, every config that reproduces the study sets the study's value."""
-    import yaml
-
-    settings = yaml.safe_load((Path(__file__).resolve().parents[1] / config).read_text())
-    for key in section:
-        settings = settings[key]
+    settings = _config_section(config, section)
     assert settings["exact_likelihood"] is False
     assert settings["patch_size"] == 3
     assert settings["whitening_norm"] == "patch"
@@ -168,19 +174,14 @@ def test_configs_with_recorded_tables_keep_the_layout_and_map_they_were_recorded
     config: str, section: tuple[str, ...]
 ) -> None:
     """Configs whose tables were recorded with one joint flow and score maps keep both after the defaults changed."""
-    import yaml
-
-    settings = yaml.safe_load((Path(__file__).resolve().parents[1] / config).read_text())
-    for key in section:
-        settings = settings[key]
+    settings = _config_section(config, section)
     assert (settings["flow_layout"], settings["anomaly_map_value"]) == ("joint", "score")
 
 
 @pytest.mark.parametrize("config", ["configs/moleflow.yaml"])
 def test_main_config_matches_the_constructor_defaults(config: str) -> None:
-    import yaml
 
-    init_args = yaml.safe_load((Path(__file__).resolve().parents[1] / config).read_text())["model"]["init_args"]
+    init_args = _config_section(config, ("model", "init_args"))
     import inspect
 
     defaults = {k: p.default for k, p in inspect.signature(MoleFlow.__init__).parameters.items()}

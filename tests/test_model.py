@@ -37,6 +37,11 @@ SUBPROCESS_TIMEOUT = 240
 # ----------------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------------
+#: One flow (the joint layout): a flag's effect reads off that flow's inputs and outputs directly; the stage layout
+#: builds each stage's flow with the same :class:`FlowPath` (section 13).
+ONE_FLOW: dict[str, Any] = {"flow_layout": "joint"}
+
+
 def small_model(**overrides: Any) -> MoleFlowModel:
     """A tiny torch model (random ResNet-18 stage 1, 32 px input: 8 x 8 grid) with D = 8 by default."""
     options: dict[str, Any] = {
@@ -595,7 +600,7 @@ def test_score_calibration_standardises_each_position_by_the_tasks_training_imag
 ) -> None:
     seed_everything(0, verbose=False)
     # one flow: the score is its standardised NLL (each stage's, averaged: test_stage_layout_averages_...)
-    model = MoleFlow(**{**tiny_model_kwargs, "max_epochs": 2, "average_last": 0.5, "flow_layout": "joint"})
+    model = MoleFlow(**{**tiny_model_kwargs, "max_epochs": 2, "average_last": 0.5, **ONE_FLOW})
     assert model.model.score_calibration == "position"
     first = None
     for index, category in enumerate(tiny_categories[:2]):
@@ -714,7 +719,7 @@ def test_patch_nll_and_image_score_match_hand_computed_values() -> None:
 
 def test_training_loss_uses_patch_nll_and_log_det(tiny_model_kwargs: dict[str, Any]) -> None:
     """``train_patches`` returns per-image rows of the patch NLL ``0.5 ||z||^2 - log_det`` of ``encode``."""
-    model = MoleFlow(**{**tiny_model_kwargs, "flow_layout": "joint"}).model.eval()  # one flow (stages: section 13)
+    model = MoleFlow(**{**tiny_model_kwargs, **ONE_FLOW}).model.eval()  # one flow (stages: section 13)
     model.add_task("a")
     perturb(model)
     images = random_images(64)
@@ -732,11 +737,6 @@ def test_training_loss_uses_patch_nll_and_log_det(tiny_model_kwargs: dict[str, A
 # ----------------------------------------------------------------------------------------------------------------------
 # 6. every constructor flag changes the structure or the output; invalid values are rejected
 # ----------------------------------------------------------------------------------------------------------------------
-#: One flow (the joint layout): a flag's effect reads off that flow's inputs and outputs directly; the stage layout
-#: builds each stage's flow with the same :class:`FlowPath` (section 13).
-ONE_FLOW: dict[str, Any] = {"flow_layout": "joint"}
-
-
 def build(tiny: dict[str, Any], tasks: int = 1, **overrides: Any) -> MoleFlow:
     seed_everything(0, verbose=False)
     model = MoleFlow(**{**tiny, **overrides})

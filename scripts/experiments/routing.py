@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from patch_score import datasets, load_split
+from patch_score import ONE_FLOW, datasets, load_split
 
 from anomalib_moleflow.models.moleflow.components.embedding import PatchEmbedding
 from anomalib_moleflow.models.moleflow.torch_model import MoleFlowModel
@@ -181,7 +181,7 @@ def main() -> None:
     torch.set_num_threads(pick_threads())
     layers = args.layers.split(",")
     model = MoleFlowModel(  # only its feature extractor: the harness embeds the stages itself
-        backbone=args.backbone, layers=layers, image_size=args.image_size, embed_dim=args.embed_dim, flow_layout="joint"
+        backbone=args.backbone, layers=layers, image_size=args.image_size, embed_dim=args.embed_dim, **ONE_FLOW
     )
     embedding = PatchEmbedding(args.embed_dim, patch_size=1)
     names, train, test, labels = [], [], [], []
