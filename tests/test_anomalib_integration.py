@@ -192,7 +192,7 @@ def test_main_config_matches_the_constructor_defaults(config: str) -> None:
     # patch embedding has no 3x3 average, the whitening normalises each image instead of each patch, the router
     # takes the max embedding and one pooled covariance, Adam's lr is 3e-3 instead of 3e-4, each task ends with
     # the mean of its last half's weights instead of the last step's, each position's score is calibrated, each
-    # backbone stage has its own flow, and the map is each patch's likelihood.
+    # backbone stage has its own flow, and the map is each patch's likelihood capped by its positional score.
     from anomalib_moleflow.models.moleflow.components.embedding import default_embed_dim
 
     assert default_embed_dim(512 + 1024) == init_args["embed_dim"] == 768
@@ -209,7 +209,7 @@ def test_main_config_matches_the_constructor_defaults(config: str) -> None:
     assert (init_args["average_last"], defaults["average_last"]) == (0.0, 0.5)
     assert (init_args["score_calibration"], defaults["score_calibration"]) == ("none", "position")
     assert (init_args["flow_layout"], defaults["flow_layout"]) == ("joint", "stage")
-    assert (init_args["anomaly_map_value"], defaults["anomaly_map_value"]) == ("score", "likelihood")
+    assert (init_args["anomaly_map_value"], defaults["anomaly_map_value"]) == ("score", "calibrated_likelihood")
     for key, value in init_args.items():
         study_only = {
             "embed_dim",

@@ -298,10 +298,10 @@ def test_good_fpr_holds_images_out_of_training_and_sets_the_threshold_from_them(
     calibrated: list[int] = []
     fit_calibration = model.model.fit_calibration
 
-    def count(task, sums, images):
+    def count(task, sums, map_sums, images):
         calibrated.append(images)
         assert not held_scores  # the score statistics come before the thresholds that use them
-        return fit_calibration(task, sums, images)
+        return fit_calibration(task, sums, map_sums, images)
 
     model.model.fit_calibration = count
     Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu").fit(
@@ -340,9 +340,9 @@ def test_held_out_calibration_fits_the_statistics_on_images_the_flow_never_train
     calibrated: list[int] = []
     fit_calibration = model.model.fit_calibration
 
-    def count(task, sums, images):
+    def count(task, sums, map_sums, images):
         calibrated.append(images)
-        return fit_calibration(task, sums, images)
+        return fit_calibration(task, sums, map_sums, images)
 
     model.model.fit_calibration = count
     datamodule = _tasks(tiny_mvtec_root)[0]

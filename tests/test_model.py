@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -616,6 +617,11 @@ def test_score_calibration_standardises_each_position_by_the_tasks_training_imag
         calibration = inner.calibrations[index]
         torch.testing.assert_close(calibration.mean, nll.mean(0), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(calibration.std, nll.std(0), rtol=1e-4, atol=1e-4)
+        likelihood = -torch.exp(-nll / inner.embed_dim)  # the map value's statistics, from the same images
+        torch.testing.assert_close(calibration.map_mean, likelihood.mean(0), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(calibration.map_std, likelihood.std(0), rtol=1e-4, atol=1e-6)
+        overall = torch.stack([likelihood.mean(), likelihood.std()])
+        torch.testing.assert_close(calibration.map_overall, overall, rtol=1e-4, atol=1e-6)
         assert len(spy.seen) == 1  # fitted before the validation that sets the task's thresholds
         assert same_bits(spy.seen[0], torch.stack([calibration.mean, calibration.std]))
         if index == 0:
@@ -643,9 +649,8 @@ def test_score_calibration_is_a_scoring_setting_and_old_checkpoints_score_raw(tm
     model = small_model()
     model.add_task("a")
     grid = model.grid
-    model.fit_calibration(
-        0, [(torch.full(grid, 20.0, dtype=torch.float64), torch.full(grid, 202.0, dtype=torch.float64))], 2
-    )
+    sums = [(torch.full(grid, 20.0, dtype=torch.float64), torch.full(grid, 202.0, dtype=torch.float64))]
+    model.fit_calibration(0, sums, sums, 2)
     torch.testing.assert_close(model.calibrations[0].mean, torch.full(grid, 10.0))
     torch.testing.assert_close(model.calibrations[0].std, torch.full(grid, math.sqrt(2.0)))  # (202 - 200) / (2 - 1)
     state = model.state_dict()
@@ -660,7 +665,7 @@ def test_score_calibration_is_a_scoring_setting_and_old_checkpoints_score_raw(tm
     assert same_bits(fresh.calibrate(nll, 0), nll)  # unfitted: the identity
     assert same_bits(fresh.calibrate(nll, torch.zeros(2, dtype=torch.long)), nll)
     with pytest.raises(ValueError, match="at least 2 training images, got 1"):
-        model.fit_calibration(0, [(torch.zeros(grid, dtype=torch.float64), torch.zeros(grid, dtype=torch.float64))], 1)
+        model.fit_calibration(0, sums, sums, 1)
     with pytest.raises(ValueError, match="score_calibration must be 'none', 'position' or 'held_out', got 'pixel'"):
         small_model(score_calibration="pixel")
 
@@ -1075,7 +1080,10 @@ def test_oracle_routing_callback_gives_each_test_batch_its_true_task(
         ({"image_size": 16}, "image_size"),
         ({"score_aggregation_top_k": 0}, "score_aggregation_top_k"),
         ({"anomaly_map_sigma": -1.0}, r"anomaly_map_sigma must be >= 0 \(0: no blur\), got -1.0"),
-        ({"anomaly_map_value": "nll"}, "anomaly_map_value must be 'score' or 'likelihood', got 'nll'"),
+        (
+            {"anomaly_map_value": "nll"},
+            "anomaly_map_value must be 'score', 'likelihood' or 'calibrated_likelihood', got 'nll'",
+        ),
         ({"lr": 0.0}, "lr must be > 0"),
         ({"max_epochs": 0}, "max_epochs"),
         ({"average_last": 1.5}, r"average_last must be in \[0, 1\] \(0: off\), got 1.5"),
@@ -1296,12 +1304,14 @@ def test_statistics_fitted_with_other_scoring_settings_are_refused_until_validat
     fitted = continual_run.model.post_processor.task_stats.clone()
     model = MoleFlow.load_from_checkpoint(continual_run.checkpoint, map_location="cpu", anomaly_map_value="score")
     model.eval()
-    assert model.stale_statistics() == {task: [("anomaly_map_value", "likelihood")] for task in range(3)}
+    assert model.stale_statistics() == {task: [("anomaly_map_value", "calibrated_likelihood")] for task in range(3)}
     held_out = MoleFlow.load_from_checkpoint(continual_run.checkpoint, map_location="cpu", score_calibration="held_out")
     assert held_out.stale_statistics() == {}  # standardised either way: only the images that fitted it differ
     images = random_images(model.model.image_size[0])
     # the checkpoint's pixel statistics are those of the likelihood maps: normalising score maps with them is wrong
-    with pytest.raises(ValueError, match=r"task 1 '[^']+' with anomaly_map_value='likelihood' \(now 'score'\)"):
+    with pytest.raises(
+        ValueError, match=r"task 1 '[^']+' with anomaly_map_value='calibrated_likelihood' \(now 'score'\)"
+    ):
         model.score_images(images, tasks=1)
     first = continual_run.categories[0]
     make_engine(tmp_path, callbacks=[OracleRouting(0)]).validate(model, make_datamodule(continual_run.root, first))
@@ -1368,14 +1378,14 @@ def test_a_checkpoint_that_predates_anomaly_map_value_keeps_the_maps_its_statist
     continual_run: ContinualRun, tmp_path: Path
 ) -> None:
     """Written before ``anomaly_map_value`` (and the records of what each task's statistics were fitted with), a
-    checkpoint mapped the patch scores: it loads with ``score``, not today's default ``likelihood``."""
+    checkpoint mapped the patch scores: it loads with ``score``, not today's default ``calibrated_likelihood``."""
     checkpoint = torch.load(continual_run.checkpoint, map_location="cpu", weights_only=False)
     del checkpoint["hyper_parameters"]["anomaly_map_value"]
     del checkpoint["state_dict"]["post_processor._extra_state"]
     old = tmp_path / "old.ckpt"
     torch.save(checkpoint, old)
     assert MoleFlow.load_from_checkpoint(continual_run.checkpoint, map_location="cpu").model.anomaly_map_value == (
-        "likelihood"
+        "calibrated_likelihood"
     )
     assert MoleFlow.load_from_checkpoint(old, map_location="cpu").model.anomaly_map_value == "score"
     continued = MoleFlow.continue_from(old)
@@ -1384,6 +1394,29 @@ def test_a_checkpoint_that_predates_anomaly_map_value_keeps_the_maps_its_statist
     chosen = MoleFlow.continue_from(old, anomaly_map_value="likelihood")  # a value given wins, and is seen as new
     assert chosen.model.anomaly_map_value == "likelihood"
     assert chosen.stale_statistics() == {task: [("anomaly_map_value", "score")] for task in range(3)}
+
+
+def test_a_checkpoint_without_the_map_statistics_keeps_mapping_its_tasks_likelihood(
+    continual_run: ContinualRun, tmp_path: Path
+) -> None:
+    """Written before ``calibrated_likelihood`` (its tasks' map statistics never fitted), a checkpoint's tasks keep the
+    likelihood maps their statistics were fitted on, also when the new map is asked for; new tasks get it."""
+    checkpoint = torch.load(continual_run.checkpoint, map_location="cpu", weights_only=False)
+    checkpoint["hyper_parameters"]["anomaly_map_value"] = "likelihood"
+    for record in checkpoint["state_dict"]["post_processor._extra_state"]["fitted_with"]:
+        record["anomaly_map_value"] = "likelihood"
+    for key in [key for key in checkpoint["state_dict"] if key.split(".")[-1].startswith("map_")]:
+        del checkpoint["state_dict"][key]
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    assert MoleFlow.load_from_checkpoint(old, map_location="cpu").model.anomaly_map_value == "likelihood"
+    asked = MoleFlow.continue_from(old, anomaly_map_value="calibrated_likelihood")
+    assert asked.stale_statistics() == {}  # the old tasks still map (and were fitted on) their likelihood
+    assert [asked.model.scoring_settings(task)["anomaly_map_value"] for task in range(3)] == ["likelihood"] * 3
+    current = MoleFlow.load_from_checkpoint(continual_run.checkpoint, map_location="cpu")
+    assert [current.model.scoring_settings(task)["anomaly_map_value"] for task in range(3)] == [
+        "calibrated_likelihood"
+    ] * 3
 
 
 def test_checkpoint_round_trip_in_new_process(
@@ -1776,19 +1809,33 @@ def test_stage_layout_reads_each_stage_on_its_own_grid_from_the_embedding() -> N
         assert same_bits(path.select(patches), expected)  # the stage's own cells, not an interpolation of them
 
 
-def test_stage_layout_averages_each_stages_calibrated_scores_on_the_finest_grid() -> None:
+def stage_model_with(tasks: str, perturbed: bool = True, **overrides: Any) -> MoleFlowModel:
+    """:func:`stage_model` in eval mode with a task per letter of ``tasks``, its flow part perturbed (seed 0)."""
     torch.manual_seed(0)
-    model = stage_model(anomaly_map_value="score")
-    for name in "ab":
+    model = stage_model(**overrides)
+    for name in tasks:
         model.add_task(name)
-    perturb(model)
-    model.eval()
-    generator = torch.Generator().manual_seed(3)
-    for path in model.paths:  # every stage's statistics fitted, differently per task
-        for task in range(2):
+    if perturbed:
+        perturb(model)
+    return model.eval()
+
+
+def fit_random_statistics(model: MoleFlowModel, tasks: Sequence[int], seed: int = 3) -> None:
+    """Fit every path's score and map statistics of ``tasks`` from random sums over 5 images, different per task."""
+    generator = torch.Generator().manual_seed(seed)
+    for path in model.paths:
+        for task in tasks:
             mean = torch.randn(path.grid, generator=generator, dtype=torch.float64)
-            total = 5 * mean
-            path.calibrations[task].fit(total, 5 * (mean.square() + 1.0), 5)
+            map_mean = -torch.rand(path.grid, generator=generator, dtype=torch.float64)
+            spread = 0.01 + 0.1 * torch.rand(path.grid, generator=generator, dtype=torch.float64)
+            path.calibrations[task].fit(
+                (5 * mean, 5 * (mean.square() + 1.0)), (5 * map_mean, 5 * (map_mean.square() + spread)), 5
+            )
+
+
+def test_stage_layout_averages_each_stages_calibrated_scores_on_the_finest_grid() -> None:
+    model = stage_model_with("ab", anomaly_map_value="score")
+    fit_random_statistics(model, [0, 1])  # every stage's statistics fitted, differently per task
     images = random_images(32, batch=3)
     tasks = torch.tensor([1, 0, 1])
     with torch.no_grad():
@@ -1815,14 +1862,55 @@ def test_stage_layout_averages_each_stages_calibrated_scores_on_the_finest_grid(
     assert model.scoring_settings(0)["score_calibration"] == "none"
 
 
-def test_stage_layout_gathered_pass_equals_each_task_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The exportable pass (each image's experts gathered) scores a mixed batch as the per-task passes do."""
-    torch.manual_seed(0)
-    model = stage_model(anomaly_map_value="likelihood")
-    for name in "abc":
-        model.add_task(name)
-    perturb(model)
-    model.eval()
+def test_calibrated_likelihood_caps_each_likelihood_by_its_positional_standard_score_on_the_overall_scale() -> None:
+    model = stage_model_with("ab")  # the default map value
+    assert model.anomaly_map_value == "calibrated_likelihood"
+    fit_random_statistics(model, [0, 1])
+    images = random_images(32, batch=3)
+    tasks = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        predictions, _ = model.predict(images, tasks)
+        patches, _ = model.embed(images)
+        expected: dict[str, list[torch.Tensor]] = {"min": [], "overall": [], "position": []}
+        for index, path in enumerate(model.paths):
+            stage: dict[str, list[torch.Tensor]] = {key: [] for key in expected}
+            for i, task in enumerate(tasks.tolist()):
+                nll = model.patch_nll(*model.encode(patches[i : i + 1], task, index)).view(path.grid)
+                value = -torch.exp(-nll / path.dim)
+                c = path.calibrations[task]
+                # the positional standard score on the task's overall scale
+                stage["position"].append(c.map_overall[0] + c.map_overall[1] * (value - c.map_mean) / c.map_std)
+                stage["overall"].append(value)
+                stage["min"].append(torch.minimum(value, stage["position"][-1]))
+            for key, values in stage.items():
+                upsampled = nn.functional.interpolate(torch.stack(values)[:, None], size=(8, 8), mode="bilinear")
+                expected[key].append(upsampled[:, 0])
+        maps = {key: model.anomaly_map_generator(torch.stack(v).mean(0), (32, 32)) for key, v in expected.items()}
+    torch.testing.assert_close(predictions.anomaly_map, maps["min"])
+    for alone in ("overall", "position"):  # both take part: the likelihood as it is, and its positional score
+        assert not torch.allclose(predictions.anomaly_map, maps[alone])
+    assert model.scoring_settings(0)["anomaly_map_value"] == "calibrated_likelihood"
+
+    # a task without the map statistics (learned before they existed) maps its likelihood, and says so
+    old = {k: v for k, v in model.state_dict().items() if not k.split(".")[-1].startswith("map_")}
+    loaded = stage_model_with("ab", perturbed=False)
+    loaded.load_state_dict(old)
+    assert loaded.scoring_settings(0)["anomaly_map_value"] == "likelihood"
+    assert loaded.scoring_settings(0)["score_calibration"] == "position"  # the score statistics still load
+    plain = stage_model_with("ab", perturbed=False, anomaly_map_value="likelihood")
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        old_map = loaded.predict(images, tasks)[0].anomaly_map
+        torch.testing.assert_close(old_map, plain.predict(images, tasks)[0].anomaly_map)
+    assert not torch.allclose(old_map, predictions.anomaly_map)
+
+
+@pytest.mark.parametrize("map_value", ["calibrated_likelihood", "likelihood", "score"])
+def test_stage_layout_gathered_pass_equals_each_task_alone(monkeypatch: pytest.MonkeyPatch, map_value: str) -> None:
+    """The exportable pass (each image's experts and statistics gathered) scores a mixed batch as the per-task passes
+    do (task 1's statistics left unfitted: the identity)."""
+    model = stage_model_with("abc", anomaly_map_value=map_value)
+    fit_random_statistics(model, [0, 2])
     images = random_images(32, batch=4)
     tasks = torch.tensor([2, 0, 1, 2])
     with torch.no_grad():

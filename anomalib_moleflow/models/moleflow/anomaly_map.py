@@ -54,14 +54,24 @@ def top_k_image_score(patch_scores: torch.Tensor, k: int) -> torch.Tensor:
     return flat.topk(min(k, flat.shape[1]), dim=1).values.mean(dim=1)
 
 
+def _moments(total: torch.Tensor, total_squares: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and sample standard deviation from float64 sums over ``count`` values (a never-varying one floored)."""
+    mean = total / count
+    std = ((total_squares - count * mean.square()) / (count - 1)).clamp_min(0).sqrt()
+    return mean, std.clamp_min(1e-3 * float(std.mean()) + 1e-12)  # a position that never varied must not blow up
+
+
 class PositionCalibration(nn.Module):
-    """One task's per-position standardisation of its patch scores, from the task's own good training images.
+    """One task's statistics of its patch scores and map values, from the task's own good training images.
 
     A density scores a patch by how rare it is among all of the task's patches, wherever they lie; on an aligned
     product some places (a part's rim, a fold, the image border) hold rare patches in every good image, and those are
     its false positives. ``(score - mean) / std`` at each grid position, both over the task's training images (Padim's
     per-position principle, applied to the flow's score), removes them; where a product is not aligned the
     statistics are the same at every position and the map only shifts and scales. Unfitted, it is the identity.
+
+    The map value (each patch's likelihood, :func:`likelihood_map_value`) keeps its own statistics, at each position
+    and over all of them, for :meth:`calibrate_map`.
 
     Args:
         grid: The patch grid ``(h, w)``.
@@ -71,37 +81,63 @@ class PositionCalibration(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.zeros(grid))
         self.register_buffer("std", torch.ones(grid))
+        self.register_buffer("map_mean", torch.zeros(grid))
+        self.register_buffer("map_std", torch.ones(grid))
+        self.register_buffer("map_overall", torch.tensor([0.0, 1.0]))  # mean, std over every position
         #: Whether :meth:`fit` set the statistics (loaded ones count, unless they are the identity's).
         self.fitted = False
+        #: Whether the map value's statistics are set (a checkpoint written before they existed has none).
+        self.map_fitted = False
         self.register_load_state_dict_pre_hook(_identity_when_missing)
         self.register_load_state_dict_post_hook(_fitted_unless_identity)
 
-    def fit(self, total: torch.Tensor, total_squares: torch.Tensor, count: int) -> None:
-        """Set the statistics from sums over ``count`` ≥ 2 images' ``(h, w)`` patch scores (float64 sums)."""
+    def fit(
+        self,
+        scores: tuple[torch.Tensor, torch.Tensor],
+        map_values: tuple[torch.Tensor, torch.Tensor],
+        count: int,
+    ) -> None:
+        """Set the statistics from float64 sums ``(total, total_squares)`` over ``count`` ≥ 2 images' ``(h, w)``
+        patch scores and map values."""
         if count < 2:
             msg = f"Per-position score statistics need at least 2 training images, got {count}."
             raise ValueError(msg)
-        mean = total / count
-        variance = ((total_squares - count * mean.square()) / (count - 1)).clamp_min(0)
-        std = variance.sqrt()
-        floor = 1e-3 * float(std.mean()) + 1e-12  # a position whose score never varied must not blow up
-        self.mean.copy_(mean.to(self.mean))
-        self.std.copy_(std.clamp_min(floor).to(self.std))
-        self.fitted = True
+        for (mean, std), (total, total_squares) in ((("mean", "std"), scores), (("map_mean", "map_std"), map_values)):
+            fitted_mean, fitted_std = _moments(total, total_squares, count)
+            getattr(self, mean).copy_(fitted_mean)
+            getattr(self, std).copy_(fitted_std)
+        total, total_squares = map_values
+        self.map_overall.copy_(torch.stack(_moments(total.sum(), total_squares.sum(), count * total.numel())))
+        self.fitted = self.map_fitted = True
 
     def forward(self, patch_scores: torch.Tensor) -> torch.Tensor:
         """Standardise ``(b, h, w)`` patch scores position by position."""
         return (patch_scores - self.mean) / self.std
 
+    def calibrate_map(self, values: torch.Tensor) -> torch.Tensor:
+        """``(b, h, w)`` map values, each capped by what its standard score at its own position is on the task's overall
+        scale: ``min(v, mean + std * (v - mean_p) / std_p)`` (``mean``, ``std`` over every position; ``_p``: at the
+        patch's own).
+
+        A patch stays high only where it is unusual both for the product and for its place: a rare patch where such
+        patches always lie (a rim, a thread) is explained by its position, a patch at an unusual place on a product
+        that is not aligned (the part shifted) by the product as a whole. The map keeps the likelihood's own scale, so
+        the stages weigh in as they do in the plain likelihood map. Unfitted (the identity's statistics), the values
+        as they are.
+        """
+        mean, std = self.map_overall[0], self.map_overall[1]
+        return torch.minimum(values, mean + std * (values - self.map_mean) / self.map_std)
+
 
 def _fitted_unless_identity(module: nn.Module, incompatible_keys: object) -> None:
-    """After loading: the calibration is fitted unless it holds the identity's statistics (unfitted when saved)."""
+    """After loading: the statistics are fitted unless they hold the identity's (unfitted when saved)."""
     del incompatible_keys
     module.fitted = not (bool((module.mean == 0).all()) and bool((module.std == 1).all()))
+    module.map_fitted = not (bool((module.map_mean == 0).all()) and bool((module.map_std == 1).all()))
 
 
 def _identity_when_missing(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
-    """A checkpoint written before the calibration existed loads it unfitted (its task scores as it did)."""
+    """A checkpoint written before the statistics existed loads them unfitted (its task scores as it did)."""
     del args
-    for name in ("mean", "std"):
+    for name in ("mean", "std", "map_mean", "map_std", "map_overall"):
         state_dict.setdefault(f"{prefix}{name}", getattr(module, name).clone())

@@ -38,6 +38,7 @@ from anomalib_moleflow.compat import compile_cache_limit, extra_state_key, is_co
 from anomalib_moleflow.distributed import gather_objects, world_size
 from anomalib_moleflow.metrics import default_evaluator
 
+from .anomaly_map import likelihood_map_value
 from .callbacks import (
     FitScope,
     TaskScoreCalibration,
@@ -186,9 +187,13 @@ class MoleFlow(AnomalibModule):
             ``held_out``: the same, with statistics from :data:`CALIBRATION_SHARE` of the task's good training images
             held out of its training (unseen images, as the test's); ``none``: the flow's NLL (the study's). Any
             checkpoint loads with any of them.
-        anomaly_map_value: ``likelihood`` (the default): the anomaly map upsamples and blurs each patch's likelihood
-            per dimension, ``-exp(-NLL / D)`` (anomalib's Fastflow's map value); ``score``: the patch scores (the
-            study's). The image score is the patch scores' either way; any checkpoint loads with either.
+        anomaly_map_value: ``calibrated_likelihood`` (the default): the anomaly map upsamples and blurs each patch's
+            likelihood per dimension, ``-exp(-NLL / D)``, capped by its standard score at its own position over the
+            task's training images, put on the task's overall scale
+            (:meth:`~.anomaly_map.PositionCalibration.calibrate_map`; a task without these statistics, learned before
+            them, maps its likelihood); ``likelihood``: that likelihood as
+            it is (anomalib's Fastflow's map value); ``score``: the patch scores (the study's). The image score is the
+            patch scores' either way; any checkpoint loads with any of them.
         freeze_base: Freeze the shared base after the first task (``False``: sequential fine-tuning).
         task_separated: A whole flow per task (the parameter-hungry upper bound).
         lr: Adam learning rate.
@@ -253,7 +258,7 @@ class MoleFlow(AnomalibModule):
         score_aggregation_top_k: int = 3,
         anomaly_map_sigma: float = 4.0,
         score_calibration: ScoreCalibration = "position",
-        anomaly_map_value: AnomalyMapValue = "likelihood",
+        anomaly_map_value: AnomalyMapValue = "calibrated_likelihood",
         freeze_base: bool = True,
         task_separated: bool = False,
         lr: float = 3e-3,
@@ -741,7 +746,8 @@ class MoleFlow(AnomalibModule):
         """
         cache = training_cache(self)
         grids = [path.grid for path in self.model.paths]
-        sums = [(torch.zeros(grid, dtype=torch.float64), torch.zeros(grid, dtype=torch.float64)) for grid in grids]
+        # per path: sums and sums of squares of the patch NLLs, then of their likelihood map values
+        sums = [[torch.zeros(grid, dtype=torch.float64) for _ in range(4)] for grid in grids]
         count = 0
         pre_process = getattr(self.pre_processor, "on_train_batch_start", None)
         training = self.training
@@ -758,18 +764,16 @@ class MoleFlow(AnomalibModule):
                     if not bool(kept.any()):
                         continue
                     outputs = self.model.train_patches(patches[kept], task)
-                    for (total, total_squares), (nll, _), (height, width) in zip(sums, outputs, grids, strict=True):
-                        scores = rearrange(nll.double().cpu(), "b (h w) -> b h w", h=height, w=width)
-                        total += scores.sum(0)
-                        total_squares += scores.square().sum(0)
+                    for path_sums, (nll, _), path in zip(sums, outputs, self.model.paths, strict=True):
+                        scores = rearrange(nll.double().cpu(), "b (h w) -> b h w", h=path.grid[0], w=path.grid[1])
+                        for index, values in enumerate((scores, likelihood_map_value(scores, path.dim))):
+                            path_sums[2 * index] += values.sum(0)
+                            path_sums[2 * index + 1] += values.square().sum(0)
                     count += int(kept.sum())
         finally:
             self.train(training)
         shares = gather_objects((sums, count))
-        sums = [
-            (sum(share[0][index][0] for share in shares), sum(share[0][index][1] for share in shares))
-            for index in range(len(grids))
-        ]
+        sums = [[sum(share[0][path][i] for share in shares) for i in range(4)] for path in range(len(grids))]
         count = sum(share[1] for share in shares)
         if count < 2:
             logger.warning(
@@ -779,7 +783,7 @@ class MoleFlow(AnomalibModule):
                 count,
             )
             return
-        self.model.fit_calibration(task, sums, count)
+        self.model.fit_calibration(task, [tuple(p[:2]) for p in sums], [tuple(p[2:]) for p in sums], count)
 
     def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """One step of the training task: tail-aware NLL + log-det regularisation; feeds the router."""

@@ -39,9 +39,11 @@ RouterCovariance = Literal["task", "pooled"]
 #: ``position`` (standardised at each grid position by the task's good training images' mean and spread there) or
 #: ``held_out`` (the same, with the statistics of a share of the good training images the flow is not trained on).
 ScoreCalibration = Literal["none", "position", "held_out"]
-#: What the anomaly map upsamples and blurs: ``score`` (each patch's score, calibrated as ``score_calibration`` says)
-#: or ``likelihood`` (each patch's likelihood per dimension, ``-exp(-NLL / D)``: anomalib's Fastflow's map value).
-AnomalyMapValue = Literal["score", "likelihood"]
+#: What the anomaly map upsamples and blurs: ``score`` (each patch's score, calibrated as ``score_calibration`` says),
+#: ``likelihood`` (each patch's likelihood per dimension, ``-exp(-NLL / D)``: anomalib's Fastflow's map value) or
+#: ``calibrated_likelihood`` (that likelihood, capped by its standard score at its own position over the task's training
+#: images, put on the task's overall scale).
+AnomalyMapValue = Literal["score", "likelihood", "calibrated_likelihood"]
 #: How the density is laid out over the backbone's stages: ``joint`` (one over all stages' channels on the finest
 #: grid, the study's) or ``stage`` (one per stage on its own grid; their scores averaged, as anomalib's Fastflow).
 FlowLayout = Literal["joint", "stage"]
@@ -80,10 +82,13 @@ class ArchitectureSettings:
             deviation of the task's good training images' scores there, fitted after the task trains;
             docs/quality.md 0i), or held_out (the same statistics from a fifth of the good training images, held
             out of the flow's training so that they score like unseen good images).
-        anomaly_map_value: What the anomaly map upsamples and blurs: likelihood (the default: each patch's likelihood
-            per dimension, -exp(-NLL / D), anomalib's Fastflow's map value; it caps a few patches' extreme NLLs
-            before the blur mixes neighbours; docs/quality.md 0j, 0k) or score (each patch's score, as
-            score_calibration makes it; the study's). The image score stays the patch scores' top-k mean either way.
+        anomaly_map_value: What the anomaly map upsamples and blurs: calibrated_likelihood (the default: each patch's
+            likelihood per dimension, capped by its standard score at its own position over the task's good training
+            images, put on the task's overall scale, so that only a patch unusual both for the product and for its
+            place stands out; docs/quality.md 0l), likelihood (-exp(-NLL / D) as it is, anomalib's Fastflow's map
+            value; it caps a few patches' extreme NLLs before the blur mixes neighbours; docs/quality.md 0j, 0k) or
+            score (each patch's score, as score_calibration makes it; the study's). The image score stays the patch
+            scores' top-k mean either way.
         task_separated: One whole flow per task instead of a shared base (the parameter-hungry upper bound).
         router_eps: Relative ridge of each task's own router covariance (its unknown-product threshold; its route with
             router_covariance task).
@@ -122,7 +127,7 @@ class ArchitectureSettings:
     score_aggregation_top_k: int = 3
     anomaly_map_sigma: float = 4.0
     score_calibration: ScoreCalibration = "position"
-    anomaly_map_value: AnomalyMapValue = "likelihood"
+    anomaly_map_value: AnomalyMapValue = "calibrated_likelihood"
     task_separated: bool = False
     router_eps: float = 0.01
     router_embedding: RouterEmbedding = "max"

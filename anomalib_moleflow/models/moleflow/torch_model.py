@@ -195,6 +195,18 @@ class FlowPath(nn.Module):
             return (scores - mean) / std
         return self.calibrations[task](scores)
 
+    def calibrate_map(self, values: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
+        """``(b, h_p, w_p)`` likelihood map values as :meth:`PositionCalibration.calibrate_map` makes them."""
+        if not isinstance(task, torch.Tensor):
+            return self.calibrations[task].calibrate_map(values)
+        # an exported graph: each image's statistics gathered (an unfitted task's are the identity's)
+        mean, std, overall = (
+            torch.stack([getattr(c, name) for c in self.calibrations])[task]
+            for name in ("map_mean", "map_std", "map_overall")
+        )
+        overall = overall[:, :, None, None]
+        return torch.minimum(values, overall[:, 0] + overall[:, 1] * (values - mean) / std)
+
     def task_parameters(self, task: int, trained_only: bool = True) -> list[nn.Parameter]:
         """Parameters the path holds for ``task`` alone (see :meth:`MoleFlowModel.task_parameters`)."""
         params = [*self.whitening[task].parameters(), *self.dias[task].parameters()]
@@ -289,9 +301,12 @@ class MoleFlowModel(nn.Module):
             training images' statistics there (:meth:`fit_calibration`; an unfitted task scores raw); ``held_out``:
             the same (which images the statistics come from is the training's business); ``none``: the flow's NLL.
             A scoring setting: every task keeps its statistics either way.
-        anomaly_map_value: ``likelihood`` (the default): the map upsamples and blurs each patch's likelihood per
-            dimension, ``-exp(-NLL / D)`` (anomalib's Fastflow's map value); ``score``: the patch scores (the study's).
-            The image score is the patch scores' either way. A scoring setting.
+        anomaly_map_value: ``calibrated_likelihood`` (the default): the map upsamples and blurs each patch's
+            likelihood per dimension, ``-exp(-NLL / D)``, capped by its standard score at its own position over the
+            task's good training images, put on the task's overall scale (:meth:`PositionCalibration.calibrate_map`,
+            fitted with the score statistics); ``likelihood``: that likelihood as it is (anomalib's Fastflow's map
+            value); ``score``: the patch scores (the study's). The image score is the patch scores' either way. A
+            scoring setting.
         task_separated: One whole flow per task instead of a shared base.
         router_eps: Relative ridge of each task's own router covariance.
         router_embedding: The router's image embedding: ``mean`` or ``max`` of the patch embeddings over the grid.
@@ -332,7 +347,7 @@ class MoleFlowModel(nn.Module):
         score_aggregation_top_k: int = 3,
         anomaly_map_sigma: float = 4.0,
         score_calibration: ScoreCalibration = "position",
-        anomaly_map_value: AnomalyMapValue = "likelihood",
+        anomaly_map_value: AnomalyMapValue = "calibrated_likelihood",
         task_separated: bool = False,
         router_eps: float = 0.01,
         router_embedding: RouterEmbedding = "max",
@@ -519,12 +534,18 @@ class MoleFlowModel(nn.Module):
         for path in self.paths:
             path.whitening[task].finalize()
 
-    def fit_calibration(self, task: int, sums: Sequence[tuple[torch.Tensor, torch.Tensor]], count: int) -> None:
-        """Fit ``task``'s per-position score statistics from float64 sums of its ``count`` good training images' patch
-        NLLs (:meth:`train_patches` with the task's final weights): ``(total, total_squares)`` per path, each of the
-        path's ``(h_p, w_p)``."""
-        for path, (total, total_squares) in zip(self.paths, sums, strict=True):
-            path.calibrations[task].fit(total, total_squares, count)
+    def fit_calibration(
+        self,
+        task: int,
+        sums: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        map_sums: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        count: int,
+    ) -> None:
+        """Fit ``task``'s score statistics from float64 sums over its ``count`` good training images (scored by
+        :meth:`train_patches` with the task's final weights): ``(total, total_squares)`` per path, each of the path's
+        ``(h_p, w_p)``, of the patch NLLs (``sums``) and of their :func:`likelihood_map_value` (``map_sums``)."""
+        for path, scores, map_values in zip(self.paths, sums, map_sums, strict=True):
+            path.calibrations[task].fit(scores, map_values, count)
 
     def calibrate(self, scores: torch.Tensor, task: int | torch.Tensor, path: int = 0) -> torch.Tensor:
         """``(b, h_p, w_p)`` patch NLLs of one path as the task's patch scores (calibrated unless
@@ -605,9 +626,13 @@ class MoleFlowModel(nn.Module):
                 "anomaly_map_value": self.anomaly_map_value,
             }
         calibrated = values["score_calibration"] != "none" and all(p.calibrations[task].fitted for p in self.paths)
+        map_value = values["anomaly_map_value"]
+        if map_value == "calibrated_likelihood" and not all(p.calibrations[task].map_fitted for p in self.paths):
+            map_value = "likelihood"
         return {
             **{name: values[name] for name in SCORING_SETTINGS},
             "score_calibration": "position" if calibrated else "none",
+            "anomaly_map_value": map_value,
         }
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -743,9 +768,8 @@ class MoleFlowModel(nn.Module):
             raise RuntimeError(msg)
         routed = self.route(self.router.embed(patches), tasks)
         scores, map_values = [], []
-        for index, path in enumerate(self.paths):
-            nll, score = self._path_scores(patches, routed.task, index)
-            map_value = likelihood_map_value(nll, path.dim) if self.anomaly_map_value == "likelihood" else score
+        for index in range(len(self.paths)):
+            score, map_value = self._path_scores(patches, routed.task, index)
             scores.append(self._on_grid(score))
             map_values.append(self._on_grid(map_value))
         # the stages' scores on an equal footing: each is calibrated per position (or a per-dimension likelihood)
@@ -757,23 +781,35 @@ class MoleFlowModel(nn.Module):
     def _path_scores(
         self, patches: torch.Tensor, image_tasks: torch.Tensor, path: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One path's patch NLLs and calibrated scores ``(b, h_p, w_p)``, each image with its task's expert."""
+        """One path's patch scores and map values ``(b, h_p, w_p)``, each image with its task's expert."""
         height, width = self.paths[path].grid
         if self.task_separated or not torch.compiler.is_exporting():
             # Eager: one pass per task present, with plain linears (gathering per-image weights was slower on CPU).
             shape = (patches.shape[0], height, width)
-            nll = patches.new_zeros(shape, dtype=torch.float32)  # float32 also under mixed precision
-            scores = torch.zeros_like(nll)
+            scores = patches.new_zeros(shape, dtype=torch.float32)  # float32 also under mixed precision
+            map_values = torch.zeros_like(scores)
             for task in image_tasks.unique().tolist():
                 selected = image_tasks == task
                 z, log_det = self.encode(patches[selected], task, path)
-                nll[selected] = rearrange(self.patch_nll(z, log_det).float(), "(b h w) -> b h w", h=height, w=width)
-                scores[selected] = self.calibrate(nll[selected], task, path)
-            return nll, scores
+                nll = rearrange(self.patch_nll(z, log_det).float(), "(b h w) -> b h w", h=height, w=width)
+                scores[selected], map_values[selected] = self._score_and_map(nll, task, path)
+            return scores, map_values
         # An exported graph cannot branch on the routed tasks: one pass, each image's expert weights gathered.
         z, log_det = self.encode(patches, image_tasks, path)
         nll = rearrange(self.patch_nll(z, log_det).float(), "(b h w) -> b h w", h=height, w=width)
-        return nll, self.calibrate(nll, image_tasks, path)
+        return self._score_and_map(nll, image_tasks, path)
+
+    def _score_and_map(
+        self, nll: torch.Tensor, task: int | torch.Tensor, path: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(b, h_p, w_p)`` patch NLLs of one path as its patch scores and its map values (``anomaly_map_value``)."""
+        score = self.calibrate(nll, task, path)
+        if self.anomaly_map_value == "score":
+            return score, score
+        likelihood = likelihood_map_value(nll, self.paths[path].dim)
+        if self.anomaly_map_value == "likelihood":
+            return score, likelihood
+        return score, self.paths[path].calibrate_map(likelihood, task)
 
     def _on_grid(self, values: torch.Tensor) -> torch.Tensor:
         """``(b, h_p, w_p)`` values of a path on the finest grid ``(b, h, w)`` (bilinear, as the map upsamples)."""

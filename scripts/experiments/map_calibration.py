@@ -1,0 +1,157 @@
+"""Each stage's likelihood map calibrated by the task's training images, several ways (issue 20; docs/quality.md 0l).
+
+A research script, not a test. Section 0k's harness found each stage's likelihood standardised per position raising
+BSData's pixel AP and lowering MPDD's. This loads a trained continual checkpoint with one flow per stage, scores every
+product with its own expert (training and test images), and reports, per product, the image AUROC of three image
+scores (top 3 of the stages' mean patch score: the calibrated NLL, the model's; the NLL standardised per position;
+the smaller of its overall and per-position standard scores) and, on the products with masks, pixel AUROC / AP of
+the raw blurred map of each stage's map value ``v = -exp(-NLL / D)`` made one of these ways (``mu``, ``sigma`` over
+all positions of the training images; ``mu_p``, ``sigma_p`` at one position):
+
+- ``likelihood``: ``v`` (the model's ``anomaly_map_value: likelihood``); ``global``: ``(v - mu) / sigma``;
+- ``position``: ``z_p = (v - mu_p) / sigma_p``; ``position_eb``: each ``sigma_p^2`` shrunk towards their mean by the
+  empirical-Bayes weight (the share of their spread that the sampling noise ``2 s^4 / (n - 1)`` explains);
+  ``position_3x3``, ``position_5x5``: ``mu_p``, ``sigma_p`` over each position's neighbourhood;
+- ``scale_only``: ``(v - mu) / sigma_p``; ``sum``: ``z + z_p``; ``min``: ``min(z, z_p)``;
+- ``calibrated_likelihood``: ``min(v, mu + sigma * z_p)``, the model's ``anomaly_map_value: calibrated_likelihood``;
+- ``score``: each stage's calibrated NLL (``anomaly_map_value: score``).
+
+Each row also gives, per stage, the empirical-Bayes weight and the split-half reliability of the ``sigma_p`` map.
+
+    python scripts/experiments/map_calibration.py --checkpoint results/quality/seed_0/rows/moleflow/model.ckpt \
+        --root ./datasets --data real,elpv_bench
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from einops import rearrange
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from patch_score import checkpoint_parser, datasets, load_checkpoint, load_split, metrics, to_map, top_k
+
+from anomalib_moleflow.models.moleflow.anomaly_map import likelihood_map_value
+
+
+def stage_values(model: object, images: torch.Tensor, task: int) -> list[dict[str, torch.Tensor]]:
+    """Per path: NLL, likelihood value and calibrated score ``(b, h_p, w_p)`` of ``images`` under ``task``."""
+    out: list[dict[str, list[torch.Tensor]]] = [{"nll": [], "score": []} for _ in model.paths]
+    with torch.no_grad():
+        for batch in images.split(32):
+            patches, _ = model.embed(batch)
+            for index, path in enumerate(model.paths):
+                z, log_det = model.encode(patches, task, index)
+                nll = rearrange(model.patch_nll(z, log_det), "(b h w) -> b h w", b=batch.shape[0], h=path.grid[0])
+                out[index]["nll"].append(nll)
+                out[index]["score"].append(model.calibrate(nll, task, index))
+    result = []
+    for index, path in enumerate(model.paths):
+        nll = torch.cat(out[index]["nll"])
+        result.append(
+            {"nll": nll, "score": torch.cat(out[index]["score"]), "likelihood": likelihood_map_value(nll, path.dim)}
+        )
+    return result
+
+
+def shrunk_variance(values: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Each position's variance over ``values`` ``(n, h, w)``, shrunk towards the mean variance; and the weight."""
+    n = values.shape[0]
+    var = values.var(0)
+    noise = (2 * var.pow(2) / (n - 1)).mean()  # sampling variance of a Gaussian sample variance
+    spread = var.var()
+    weight = float((noise / spread.clamp_min(1e-12)).clamp(0, 1))
+    return (1 - weight) * var + weight * var.mean(), weight
+
+
+def pooled_stats(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std ``(h, w)`` over the training images and each position's ``k x k`` neighbourhood."""
+    first = F.avg_pool2d(F.pad(values[:, None], [k // 2] * 4, mode="replicate"), k, stride=1)[:, 0].mean(0)
+    second = F.avg_pool2d(F.pad(values[:, None].pow(2), [k // 2] * 4, mode="replicate"), k, stride=1)[:, 0].mean(0)
+    return first, (second - first.pow(2)).clamp_min(1e-16).sqrt()
+
+
+def split_half_reliability(values: torch.Tensor) -> float:
+    """Spearman-Brown reliability of the per-position std map ``(h, w)`` of ``values`` ``(n, h, w)``: the correlation
+    of two random halves' maps, stepped up to the full count."""
+    order = torch.randperm(values.shape[0], generator=torch.Generator().manual_seed(0))
+    half = values.shape[0] // 2
+    first, second = values[order[:half]].std(0).flatten(), values[order[half:]].std(0).flatten()
+    r = float(torch.corrcoef(torch.stack([first, second]))[0, 1])
+    return 2 * r / (1 + r)
+
+
+def main() -> None:
+    parser = checkpoint_parser(__doc__.splitlines()[0], data="real")
+    parser.add_argument("--sigmas", default="4")
+    args = parser.parse_args()
+    model = load_checkpoint(args.checkpoint).model
+    sigmas = [float(s) for s in args.sigmas.split(",")]
+    print(
+        "| product | map | blur sigma | img AUROC | pix AUROC | pix AP | EB weight, split-half reliability per stage |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    products = {name: dm for family in args.data.split(",") for name, dm in datasets(family, args.root).items()}
+    for name, datamodule in products.items():
+        task = model.task_names.index(name)
+        split = load_split(datamodule, args.image_size)
+        train, test = stage_values(model, split["train"], task), stage_values(model, split["test"], task)
+        maps: dict[str, list[torch.Tensor]] = defaultdict(list)
+        image_scores: dict[str, list[torch.Tensor]] = defaultdict(list)
+        notes = []
+        for tr, te in zip(train, test, strict=True):
+            nll_fit = tr["nll"]
+            nll_z = (te["nll"] - nll_fit.mean()) / nll_fit.std()
+            nll_zp = (te["nll"] - nll_fit.mean(0)) / nll_fit.std(0).clamp_min(1e-8)
+            for key, stage_score in {
+                "score": te["score"],
+                "nll_zp": nll_zp,
+                "min": torch.minimum(nll_z, nll_zp),
+            }.items():
+                image_scores[key].append(
+                    F.interpolate(stage_score[:, None], size=model.grid, mode="bilinear", align_corners=False)[:, 0]
+                )
+            fit, value = tr["likelihood"], te["likelihood"]
+            mean, std = fit.mean(0), fit.std(0).clamp_min(1e-8)
+            var_eb, weight = shrunk_variance(fit)
+            notes.append(f"{weight:.2f}, {split_half_reliability(fit):.2f}")
+            global_z, position_z = (value - fit.mean()) / fit.std(), (value - mean) / std
+            for key, stage_map in {
+                "likelihood": value,
+                "global": global_z,
+                "position": position_z,
+                "position_eb": (value - mean) / var_eb.sqrt().clamp_min(1e-8),
+                **{f"position_{k}x{k}": (value - m) / s for k in (3, 5) for m, s in [pooled_stats(fit, k)]},
+                "scale_only": (value - fit.mean()) / std,
+                "sum": global_z + position_z,
+                "min": torch.minimum(global_z, position_z),
+                # the same on the stage's own scale (the stages weigh in as in the plain likelihood): the model's
+                "calibrated_likelihood": fit.mean() + fit.std() * torch.minimum(global_z, position_z),
+                "score": te["score"],
+            }.items():
+                maps[key].append(
+                    F.interpolate(stage_map[:, None], size=model.grid, mode="bilinear", align_corners=False)[:, 0]
+                )
+        image_score = top_k(torch.stack(image_scores["score"]).mean(0))
+        for key, values in image_scores.items():  # the image score: top 3 of the stages' mean patch score
+            result = metrics(torch.zeros(0), top_k(torch.stack(values).mean(0)), {**split, "mask": None})
+            print(f"| {name} | image score: {key} | | {result['img_auroc']:.2f} | | | |", flush=True)
+        if "mask" not in split:
+            continue
+        for key, values in maps.items():
+            value = torch.stack(values).mean(0)
+            for sigma in sigmas:
+                result = metrics(to_map(model, value, args.image_size, sigma), image_score, split)
+                pixel = f"{result.get('pix_auroc', float('nan')):.2f} | {result.get('pix_ap', float('nan')):.2f}"
+                print(
+                    f"| {name} | {key} | {sigma:g} | {result['img_auroc']:.2f} | {pixel} | {' / '.join(notes)} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
