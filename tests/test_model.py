@@ -1400,7 +1400,7 @@ def test_a_checkpoint_without_the_map_statistics_keeps_mapping_its_tasks_likelih
     continual_run: ContinualRun, tmp_path: Path
 ) -> None:
     """Written before ``calibrated_likelihood`` (its tasks' map statistics never fitted), a checkpoint's tasks keep the
-    likelihood maps their statistics were fitted on, also when the new map is asked for; new tasks get it."""
+    likelihood maps their statistics were fitted on, also when the new map is asked for (for the tasks learned next)."""
     checkpoint = torch.load(continual_run.checkpoint, map_location="cpu", weights_only=False)
     checkpoint["hyper_parameters"]["anomaly_map_value"] = "likelihood"
     for record in checkpoint["state_dict"]["post_processor._extra_state"]["fitted_with"]:
@@ -1411,6 +1411,7 @@ def test_a_checkpoint_without_the_map_statistics_keeps_mapping_its_tasks_likelih
     torch.save(checkpoint, old)
     assert MoleFlow.load_from_checkpoint(old, map_location="cpu").model.anomaly_map_value == "likelihood"
     asked = MoleFlow.continue_from(old, anomaly_map_value="calibrated_likelihood")
+    assert asked.model.anomaly_map_value == "calibrated_likelihood"  # the value given wins
     assert asked.stale_statistics() == {}  # the old tasks still map (and were fitted on) their likelihood
     assert [asked.model.scoring_settings(task)["anomaly_map_value"] for task in range(3)] == ["likelihood"] * 3
     current = MoleFlow.load_from_checkpoint(continual_run.checkpoint, map_location="cpu")
@@ -1897,6 +1898,9 @@ def test_calibrated_likelihood_caps_each_likelihood_by_its_positional_standard_s
     loaded.load_state_dict(old)
     assert loaded.scoring_settings(0)["anomaly_map_value"] == "likelihood"
     assert loaded.scoring_settings(0)["score_calibration"] == "position"  # the score statistics still load
+    model.load_state_dict(old)  # into a fitted model too: the missing statistics are the identity's, not kept
+    assert model.scoring_settings(0)["anomaly_map_value"] == "likelihood"
+    assert same_bits(model.paths[0].calibrations[1].map_std, torch.ones(model.paths[0].grid))
     plain = stage_model_with("ab", perturbed=False, anomaly_map_value="likelihood")
     plain.load_state_dict(model.state_dict())
     with torch.no_grad():

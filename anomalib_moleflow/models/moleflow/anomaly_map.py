@@ -137,7 +137,9 @@ def _fitted_unless_identity(module: nn.Module, incompatible_keys: object) -> Non
 
 
 def _identity_when_missing(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
-    """A checkpoint written before the statistics existed loads them unfitted (its task scores as it did)."""
+    """A checkpoint written before the statistics existed loads them unfitted (its task scores as it did), also into a
+    module that was fitted before."""
     del args
+    identity = PositionCalibration(tuple(module.mean.shape)).to(module.mean.device)
     for name in ("mean", "std", "map_mean", "map_std", "map_overall"):
-        state_dict.setdefault(f"{prefix}{name}", getattr(module, name).clone())
+        state_dict.setdefault(f"{prefix}{name}", getattr(identity, name))

@@ -766,9 +766,9 @@ class MoleFlow(AnomalibModule):
                     outputs = self.model.train_patches(patches[kept], task)
                     for path_sums, (nll, _), path in zip(sums, outputs, self.model.paths, strict=True):
                         scores = rearrange(nll.double().cpu(), "b (h w) -> b h w", h=path.grid[0], w=path.grid[1])
-                        for index, values in enumerate((scores, likelihood_map_value(scores, path.dim))):
-                            path_sums[2 * index] += values.sum(0)
-                            path_sums[2 * index + 1] += values.square().sum(0)
+                        for slot, values in enumerate((scores, likelihood_map_value(scores, path.dim))):
+                            path_sums[2 * slot] += values.sum(0)
+                            path_sums[2 * slot + 1] += values.square().sum(0)
                     count += int(kept.sum())
         finally:
             self.train(training)
@@ -777,7 +777,8 @@ class MoleFlow(AnomalibModule):
         count = sum(share[1] for share in shares)
         if count < 2:
             logger.warning(
-                "Task %d '%s': %d training image(s), too few for per-position score statistics; it scores raw NLL.",
+                "Task %d '%s': %d training image(s), too few for per-position statistics; it scores raw NLL "
+                "and maps the plain likelihood.",
                 task,
                 self.model.task_names[task],
                 count,
