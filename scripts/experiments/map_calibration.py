@@ -14,12 +14,16 @@ all positions of the training images; ``mu_p``, ``sigma_p`` at one position):
   ``position_3x3``, ``position_5x5``: ``mu_p``, ``sigma_p`` over each position's neighbourhood;
 - ``scale_only``: ``(v - mu) / sigma_p``; ``sum``: ``z + z_p``; ``min``: ``min(z, z_p)``;
 - ``calibrated_likelihood``: ``min(v, mu + sigma * z_p)``, the model's ``anomaly_map_value: calibrated_likelihood``;
+  ``calibrated_likelihood_eb``: the same with ``mu_p`` and ``sigma_p`` shrunk towards ``mu`` and ``sigma`` by their
+  empirical-Bayes weights;
 - ``score``: each stage's calibrated NLL (``anomaly_map_value: score``).
 
 Each row also gives, per stage, the empirical-Bayes weight and the split-half reliability of the ``sigma_p`` map.
 
     python scripts/experiments/map_calibration.py --checkpoint results/quality/seed_0/rows/moleflow/model.ckpt \
         --root ./datasets --data real,elpv_bench
+    python scripts/experiments/map_calibration.py --checkpoint results/demo/model.ckpt --data demo_run \
+        --root ./datasets/moleflow_demo --image_size 160     # the offline demo's four generated tasks
 """
 
 from __future__ import annotations
@@ -68,6 +72,29 @@ def shrunk_variance(values: torch.Tensor) -> tuple[torch.Tensor, float]:
     return (1 - weight) * var + weight * var.mean(), weight
 
 
+def shrunk_statistics(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each position's mean and std over ``values`` ``(n, h, w)``, both shrunk towards their value over all positions
+    by the empirical-Bayes weight of their own sampling noise (``s^2 / n`` for a mean, ``2 s^4 / (n - 1)`` for a
+    variance) against their spread over the positions."""
+    n = values.shape[0]
+    mean, var = values.mean(0), values.var(0)
+    mean_weight = float(((var / n).mean() / mean.var().clamp_min(1e-12)).clamp(0, 1))
+    shrunk_var, _ = shrunk_variance(values)
+    return (1 - mean_weight) * mean + mean_weight * values.mean(), shrunk_var.sqrt().clamp_min(1e-8)
+
+
+def demo_run(root: Path) -> dict[str, object]:
+    """The offline demo's four generated tasks (``configs/continual/demo.yaml``; run it with ``--image_size 160``)."""
+    from anomalib_moleflow.data import SyntheticMVTecAD
+
+    return {
+        c: SyntheticMVTecAD(
+            root=root, category=c, image_size=128, n_train=40, n_test_good=10, n_test_defect=6, num_workers=0
+        )
+        for c in ("woven", "wood", "pill", "screw")
+    }
+
+
 def pooled_stats(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std ``(h, w)`` over the training images and each position's ``k x k`` neighbourhood."""
     first = F.avg_pool2d(F.pad(values[:, None], [k // 2] * 4, mode="replicate"), k, stride=1)[:, 0].mean(0)
@@ -95,7 +122,11 @@ def main() -> None:
         "| product | map | blur sigma | img AUROC | pix AUROC | pix AP | EB weight, split-half reliability per stage |"
     )
     print("|---|---|---|---|---|---|---|")
-    products = {name: dm for family in args.data.split(",") for name, dm in datasets(family, args.root).items()}
+    products = {
+        name: dm
+        for family in args.data.split(",")
+        for name, dm in (demo_run(args.root) if family == "demo_run" else datasets(family, args.root)).items()
+    }
     for name, datamodule in products.items():
         task = model.task_names.index(name)
         split = load_split(datamodule, args.image_size)
@@ -131,6 +162,9 @@ def main() -> None:
                 "min": torch.minimum(global_z, position_z),
                 # the same on the stage's own scale (the stages weigh in as in the plain likelihood): the model's
                 "calibrated_likelihood": fit.mean() + fit.std() * torch.minimum(global_z, position_z),
+                "calibrated_likelihood_eb": torch.minimum(
+                    value, fit.mean() + fit.std() * (value - shrunk_statistics(fit)[0]) / shrunk_statistics(fit)[1]
+                ),
                 "score": te["score"],
             }.items():
                 maps[key].append(
