@@ -180,7 +180,6 @@ def test_configs_with_recorded_tables_keep_the_layout_and_map_they_were_recorded
 
 @pytest.mark.parametrize("config", ["configs/moleflow.yaml"])
 def test_main_config_matches_the_constructor_defaults(config: str) -> None:
-
     init_args = _config_section(config, ("model", "init_args"))
     import inspect
 

@@ -149,6 +149,7 @@ def main() -> None:
             fit, value = tr["likelihood"], te["likelihood"]
             mean, std = fit.mean(0), fit.std(0).clamp_min(1e-8)
             var_eb, weight = shrunk_variance(fit)
+            mean_eb, std_eb = shrunk_statistics(fit)
             notes.append(f"{weight:.2f}, {split_half_reliability(fit):.2f}")
             global_z, position_z = (value - fit.mean()) / fit.std(), (value - mean) / std
             for key, stage_map in {
@@ -162,9 +163,7 @@ def main() -> None:
                 "min": torch.minimum(global_z, position_z),
                 # the same on the stage's own scale (the stages weigh in as in the plain likelihood): the model's
                 "calibrated_likelihood": fit.mean() + fit.std() * torch.minimum(global_z, position_z),
-                "calibrated_likelihood_eb": torch.minimum(
-                    value, fit.mean() + fit.std() * (value - shrunk_statistics(fit)[0]) / shrunk_statistics(fit)[1]
-                ),
+                "calibrated_likelihood_eb": torch.minimum(value, fit.mean() + fit.std() * (value - mean_eb) / std_eb),
                 "score": te["score"],
             }.items():
                 maps[key].append(

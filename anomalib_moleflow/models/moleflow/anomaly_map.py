@@ -61,6 +61,14 @@ def _moments(total: torch.Tensor, total_squares: torch.Tensor, count: int) -> tu
     return mean, std.clamp_min(1e-3 * float(std.mean()) + 1e-12)  # a position that never varied must not blow up
 
 
+def position_capped(
+    values: torch.Tensor, mean_p: torch.Tensor, std_p: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """``(b, h, w)`` map values, each capped by its standard score at its own position (``mean_p``, ``std_p``) put on
+    the overall scale (``mean``, ``std``): ``min(v, mean + std * (v - mean_p) / std_p)``; all arguments broadcast."""
+    return torch.minimum(values, mean + std * (values - mean_p) / std_p)
+
+
 class PositionCalibration(nn.Module):
     """One task's statistics of its patch scores and map values, from the task's own good training images.
 
@@ -125,8 +133,7 @@ class PositionCalibration(nn.Module):
         the stages weigh in as they do in the plain likelihood map. Unfitted (the identity's statistics), the values
         as they are.
         """
-        mean, std = self.map_overall[0], self.map_overall[1]
-        return torch.minimum(values, mean + std * (values - self.map_mean) / self.map_std)
+        return position_capped(values, self.map_mean, self.map_std, self.map_overall[0], self.map_overall[1])
 
 
 def _fitted_unless_identity(module: nn.Module, incompatible_keys: object) -> None:

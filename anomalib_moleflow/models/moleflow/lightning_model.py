@@ -746,8 +746,8 @@ class MoleFlow(AnomalibModule):
         """
         cache = training_cache(self)
         grids = [path.grid for path in self.model.paths]
-        # per path: sums and sums of squares of the patch NLLs, then of their likelihood map values
-        sums = [[torch.zeros(grid, dtype=torch.float64) for _ in range(4)] for grid in grids]
+        # per path: (sum, sum of squares) of the patch NLLs, and of their likelihood map values
+        sums = [[[torch.zeros(grid, dtype=torch.float64) for _ in range(2)] for _ in range(2)] for grid in grids]
         count = 0
         pre_process = getattr(self.pre_processor, "on_train_batch_start", None)
         training = self.training
@@ -766,14 +766,19 @@ class MoleFlow(AnomalibModule):
                     outputs = self.model.train_patches(patches[kept], task)
                     for path_sums, (nll, _), path in zip(sums, outputs, self.model.paths, strict=True):
                         scores = rearrange(nll.double().cpu(), "b (h w) -> b h w", h=path.grid[0], w=path.grid[1])
-                        for slot, values in enumerate((scores, likelihood_map_value(scores, path.dim))):
-                            path_sums[2 * slot] += values.sum(0)
-                            path_sums[2 * slot + 1] += values.square().sum(0)
+                        for (total, squares), values in zip(
+                            path_sums, (scores, likelihood_map_value(scores, path.dim)), strict=True
+                        ):
+                            total += values.sum(0)
+                            squares += values.square().sum(0)
                     count += int(kept.sum())
         finally:
             self.train(training)
         shares = gather_objects((sums, count))
-        sums = [[sum(share[0][path][i] for share in shares) for i in range(4)] for path in range(len(grids))]
+        sums = [
+            [tuple(sum(share[0][path][kind][i] for share in shares) for i in range(2)) for kind in range(2)]
+            for path in range(len(grids))
+        ]
         count = sum(share[1] for share in shares)
         if count < 2:
             logger.warning(
@@ -784,7 +789,7 @@ class MoleFlow(AnomalibModule):
                 count,
             )
             return
-        self.model.fit_calibration(task, [tuple(p[:2]) for p in sums], [tuple(p[2:]) for p in sums], count)
+        self.model.fit_calibration(task, [scores for scores, _ in sums], [values for _, values in sums], count)
 
     def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """One step of the training task: tail-aware NLL + log-det regularisation; feeds the router."""

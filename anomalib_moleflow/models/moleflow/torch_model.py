@@ -12,7 +12,13 @@ from anomalib.data import InferenceBatch
 from einops import rearrange, repeat
 from torch import nn
 
-from .anomaly_map import AnomalyMapGenerator, PositionCalibration, likelihood_map_value, top_k_image_score
+from .anomaly_map import (
+    AnomalyMapGenerator,
+    PositionCalibration,
+    likelihood_map_value,
+    position_capped,
+    top_k_image_score,
+)
 from .components.adapters import WhiteningAdapter, check_whitening_norm, per_image_whitening
 from .components.backbone import build_feature_extractor
 from .components.coupling import MoLEFlow
@@ -205,7 +211,7 @@ class FlowPath(nn.Module):
             for name in ("map_mean", "map_std", "map_overall")
         )
         overall = overall[:, :, None, None]
-        return torch.minimum(values, overall[:, 0] + overall[:, 1] * (values - mean) / std)
+        return position_capped(values, mean, std, overall[:, 0], overall[:, 1])
 
     def task_parameters(self, task: int, trained_only: bool = True) -> list[nn.Parameter]:
         """Parameters the path holds for ``task`` alone (see :meth:`MoleFlowModel.task_parameters`)."""
