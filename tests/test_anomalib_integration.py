@@ -203,7 +203,7 @@ def test_main_config_matches_the_constructor_defaults(config: str) -> None:
     assert defaults["patch_size"] == 1
     assert defaults["whitening_norm"] == "image"
     assert (init_args["router_embedding"], init_args["router_covariance"]) == ("mean", "task")
-    assert (defaults["router_embedding"], defaults["router_covariance"]) == ("max", "pooled")
+    assert (defaults["router_embedding"], defaults["router_covariance"]) == ("quadrant_max", "pooled")
     assert (init_args["lr"], defaults["lr"]) == (3e-4, 3e-3)
     assert (init_args["average_last"], defaults["average_last"]) == (0.0, 0.5)
     assert (init_args["score_calibration"], defaults["score_calibration"]) == ("none", "position")

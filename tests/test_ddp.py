@@ -22,6 +22,7 @@ import yaml
 from anomalib_moleflow.data.synthetic import SyntheticConfig, generate_dataset
 from anomalib_moleflow.engine.options import check_devices
 from anomalib_moleflow.metrics import METRICS
+from anomalib_moleflow.reports.results import read_csv
 
 from conftest import TINY_CATEGORIES, TINY_MODEL_KWARGS
 
@@ -73,7 +74,14 @@ def test_ddp_metrics_and_routing_equal_one_process(runs: tuple[Path, Path]) -> N
     assert two["routing_matrix"] == one["routing_matrix"]
     for task in ("00_" + TINY_CATEGORIES[0], "01_" + TINY_CATEGORIES[1]):
         csv = Path("tasks") / task / "test" / task[3:] / "routing.csv"
-        assert (runs[1] / csv).read_text() == (runs[0] / csv).read_text()  # every image, in order, written once
+        rows_one, rows_two = (read_csv(run / csv) for run in runs)
+        # every image, in order, written once, to the same task; the distance up to float32 rounding (each process
+        # embeds other batches, and the backbone's kernels round batches of other sizes differently)
+        assert [(r["image_path"], r["routed_task"], r["unknown_product"]) for r in rows_two] == [
+            (r["image_path"], r["routed_task"], r["unknown_product"]) for r in rows_one
+        ]
+        distances_one, distances_two = ([float(r["router_distance"]) for r in rows] for rows in (rows_one, rows_two))
+        assert distances_two == pytest.approx(distances_one, rel=1e-5)
 
 
 def test_ddp_checkpoint_loads_in_one_process_with_the_combined_statistics(runs: tuple[Path, Path]) -> None:

@@ -1170,12 +1170,32 @@ def test_pooled_covariance_routes_look_alike_products_with_few_images() -> None:
     assert accuracy["pooled"] > accuracy["task"] + 0.2
 
 
-def test_router_embedding_is_the_max_or_the_mean_over_the_grid() -> None:
+def test_router_embedding_is_the_max_the_mean_or_the_quadrants_max_over_the_grid() -> None:
     patches = torch.arange(2 * 3 * 4 * 8, dtype=torch.float32).view(2, 3, 4, 8)
     torch.testing.assert_close(MahalanobisRouter(8, embedding="max").embed(patches), patches[:, -1, -1])
     torch.testing.assert_close(MahalanobisRouter(8, embedding="mean").embed(patches), patches.mean(dim=(1, 2)))
+    # rows 0-1 and 1-2 (the odd middle row in both halves), columns 0-1 and 2-3: each quadrant's max is its last cell
+    corners = patches[:, [1, 1, 2, 2], [1, 3, 1, 3]]
+    torch.testing.assert_close(MahalanobisRouter(8, embedding="quadrant_max").embed(patches), corners.mean(1))
     with pytest.raises(ValueError, match="router_covariance"):
         MahalanobisRouter(8, covariance="shared")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="router_embedding must be one of"):
+        MahalanobisRouter(8, embedding="median")  # type: ignore[arg-type]
+
+
+def test_quadrant_max_embedding_gives_one_region_a_quarter_of_the_max() -> None:
+    """A strong response in one place sets the whole max embedding, a quarter of the quadrants' (docs/quality.md 0d):
+    the route of an image with a large defect is less the defect's."""
+    generator = torch.Generator().manual_seed(0)
+    patches = torch.rand(1, 8, 8, 4, generator=generator)
+    spot = patches.clone()
+    spot[0, 6, 1, 2] = 10.0  # one patch in the lower left quadrant, channel 2
+    routers = {pooling: MahalanobisRouter(4, embedding=pooling) for pooling in ("max", "quadrant_max")}
+    shift = {pooling: router.embed(spot) - router.embed(patches) for pooling, router in routers.items()}
+    lower_left_max = patches[0, 4:, :4, 2].max()
+    torch.testing.assert_close(shift["max"][0, 2], 10.0 - patches[0, ..., 2].max())
+    torch.testing.assert_close(shift["quadrant_max"][0, 2], (10.0 - lower_left_max) / 4)
+    assert shift["quadrant_max"][0, [0, 1, 3]].abs().max() == 0
 
 
 def test_router_sends_each_category_to_its_task(

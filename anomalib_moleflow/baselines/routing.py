@@ -50,7 +50,7 @@ class TaskRouter(nn.Module):
         embed_dim: int | None = None,
         patch_size: int = 1,
         eps: float = 0.01,
-        embedding: RouterEmbedding = "max",
+        embedding: RouterEmbedding = "quadrant_max",
         covariance: RouterCovariance = "pooled",
     ) -> None:
         super().__init__()

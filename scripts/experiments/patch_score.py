@@ -80,6 +80,17 @@ def datasets(name: str, root: Path) -> dict[str, object]:
             c: ELPV(root=root / "elpv_q", category=c, n_train=200, n_test_good=100, n_test_defect=100, num_workers=0)
             for c in ("mono", "poly")
         }
+    if name.startswith("elpv_all"):  # ``elpv_allS``: 150 training cells per type as the benchmark, every other
+        # cell a test cell (split seed S): the largest routing test the data allow
+        from anomalib_moleflow.data.elpv import ELPV
+
+        seed = int(name.removeprefix("elpv_all") or 0)
+        return {
+            f"{c}_all{seed}": ELPV(
+                root=root / f"elpv_all{seed}", category=c, n_train=150, split_seed=seed, num_workers=0
+            )
+            for c in ("mono", "poly")
+        }
     if name == "elpv_bench":  # the split of configs/benchmark/quality.yaml
         from anomalib_moleflow.data.elpv import ELPV
 

@@ -5,6 +5,8 @@ router (a Gaussian per task, ridge ``eps`` relative to the mean variance, Mahala
 of every task and routes every test image. Prints the routing accuracy per task and candidate.
 
     python scripts/experiments/routing.py --data elpv,real
+    python scripts/experiments/routing.py --data elpv_bench,real --flow_layout stage --root ./datasets --eps 0.3 \
+        --rules pooled_lw --candidates max,quadrant_max,local_max_mean3   # docs/quality.md 0d, the embedding's regions
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from patch_score import ONE_FLOW, datasets, load_split
 
-from anomalib_moleflow.models.moleflow.components.embedding import PatchEmbedding
+from anomalib_moleflow.models.moleflow.components.router import image_embedding
 from anomalib_moleflow.models.moleflow.torch_model import MoleFlowModel
 from anomalib_moleflow.runtime import pick_threads
 
@@ -40,6 +42,18 @@ def _grid2(p: torch.Tensor) -> torch.Tensor:
     """Means of the four quadrants, concatenated."""
     pooled = torch.nn.functional.adaptive_avg_pool2d(p.permute(0, 3, 1, 2), 2)
     return pooled.flatten(1)
+
+
+def _grid_max(cells: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Each channel's max over each of ``cells x cells`` regions, concatenated: the max embedding with the layout
+    (where in the image each response is strongest) kept, for aligned products whose look differs by place."""
+    return lambda p: torch.nn.functional.adaptive_max_pool2d(p.permute(0, 3, 1, 2), cells).flatten(1)
+
+
+def _local_max_mean(cells: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Each channel's max over each of ``cells x cells`` regions, averaged over the regions: D numbers like the max,
+    but a region's strongest response counts only for that region."""
+    return lambda p: torch.nn.functional.adaptive_max_pool2d(p.permute(0, 3, 1, 2), cells).mean(dim=(2, 3))
 
 
 def _max(p: torch.Tensor) -> torch.Tensor:
@@ -67,6 +81,14 @@ CANDIDATES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "mean+std": _mean_std,
     "mean+logstd": _mean_std_log,
     "quadrants": _grid2,
+    "quadrant_max": lambda p: image_embedding(p, "quadrant_max"),  # the model's default = local_max_mean2
+    "quadrant_max_concat": _grid_max(2),  # 4 D numbers
+    "grid3_max_concat": _grid_max(3),  # 9 D numbers
+    **{f"local_max_mean{k}": _local_max_mean(k) for k in (3, 4, 7)},
+    # regional maxima at several scales averaged per scale, then over the scales (R-MAC's regions, Tolias et al. 2016)
+    "regions12": lambda p: (_max_only(p) + _local_max_mean(2)(p)) / 2,
+    "regions123": lambda p: (_max_only(p) + _local_max_mean(2)(p) + _local_max_mean(3)(p)) / 3,
+    "regions23": lambda p: (_local_max_mean(2)(p) + _local_max_mean(3)(p)) / 2,
     "mean+max": _max,
     "q0.9": _quantile(0.9),
     "q0.75": _quantile(0.75),
@@ -176,14 +198,24 @@ def main() -> None:
     parser.add_argument("--eps", default="0.01,0.1")
     parser.add_argument("--rules", default="distance,relative,gaussian,pooled")
     parser.add_argument("--candidates", default=",".join(CANDIDATES))
+    parser.add_argument(
+        "--flow_layout",
+        default="joint",
+        help="joint: stages blended bilinearly; stage: the model's "
+        "default, each stage pooled to its own channels and upsampled by nearest neighbour.",
+    )
     parser.add_argument("--patch_gauss", action="store_true", help="Also route by a Gaussian of each task's patches.")
     args = parser.parse_args()
     torch.set_num_threads(pick_threads())
     layers = args.layers.split(",")
     model = MoleFlowModel(  # only its feature extractor: the harness embeds the stages itself
-        backbone=args.backbone, layers=layers, image_size=args.image_size, embed_dim=args.embed_dim, **ONE_FLOW
+        backbone=args.backbone,
+        layers=layers,
+        image_size=args.image_size,
+        embed_dim=args.embed_dim,
+        **{**ONE_FLOW, "flow_layout": args.flow_layout},
     )
-    embedding = PatchEmbedding(args.embed_dim, patch_size=1)
+    embedding = model.patch_embedding
     names, train, test, labels = [], [], [], []
     for name in args.data.split(","):
         for category, datamodule in datasets(name, args.root).items():

@@ -6,7 +6,7 @@ flagged as an unknown product when m > ``unknown_factor``. The table shows, per 
 the learned products' test images, the smallest m of the left-out product's images, and for several factors the
 share of learned test images flagged (false alarms) and of left-out images flagged (detections)::
 
-    python scripts/experiments/unknown_products.py --config configs/benchmark/quality.yaml
+    python scripts/experiments/unknown_products.py --config configs/benchmark/quality.yaml [--embedding max]
 """
 
 from __future__ import annotations
@@ -35,11 +35,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="A benchmark config (its backbone, layers and tasks).")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--embedding", default=None, help="router_embedding (default: the config's, else the model's)")
     args = parser.parse_args()
     config = yaml.safe_load(Path(args.config).read_text())
     tasks = build_tasks(config["tasks"])
     patch_size = config.get("moleflow", {}).get("patch_size", 1)
-    router = TaskRouter(config["backbone"], config["layers"], config.get("pre_trained", True), patch_size=patch_size)
+    embedding = args.embedding or config.get("moleflow", {}).get("router_embedding", "quadrant_max")
+    router = TaskRouter(
+        config["backbone"],
+        config["layers"],
+        config.get("pre_trained", True),
+        patch_size=patch_size,
+        embedding=embedding,
+    )
     with torch_threads(args.threads):
         train, test = {}, {}
         for task in tasks:
@@ -61,7 +69,8 @@ def main() -> None:
             thresholds = torch.stack([p.threshold for p in router.router.prototypes]).double()
 
             def ratio(x: torch.Tensor, thresholds: torch.Tensor = thresholds) -> torch.Tensor:
-                return (router.router.distances(x).double() / thresholds).min(dim=1).values
+                # each task's own metric, as the model's test (the pooled one decides only the route)
+                return (router.router.own_distances(x).double() / thresholds).min(dim=1).values
 
             inside = torch.cat([ratio(test[name]) for name in learned])
             outside = ratio(test[left_out])

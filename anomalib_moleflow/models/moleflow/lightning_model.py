@@ -202,7 +202,8 @@ class MoleFlow(AnomalibModule):
             (:class:`~.callbacks.TaskWeightAveraging`; 0: the last step's weights).
         lora_alpha: LoRA alpha; defaults to ``lora_rank`` (scale 1).
         router_eps: Relative ridge of each task's own router covariance.
-        router_embedding: The router's image embedding: ``mean`` or ``max`` of the patch embeddings.
+        router_embedding: The router's image embedding: ``mean`` or ``max`` of the patch embeddings, or
+            ``quadrant_max`` (each channel's max in each quadrant of the grid, averaged over the four).
         router_covariance: Covariance of the route: each ``task``'s own, or ``pooled`` (Ledoit-Wolf, shared; LDA).
         unknown_factor: An image farther from every task than ``unknown_factor`` times the task's threshold (its
             training images' largest held-out router distance) is an unknown product; ``None``: never.
@@ -266,7 +267,7 @@ class MoleFlow(AnomalibModule):
         average_last: float = 0.5,
         lora_alpha: float | None = None,
         router_eps: float = 0.01,
-        router_embedding: RouterEmbedding = "max",
+        router_embedding: RouterEmbedding = "quadrant_max",
         router_covariance: RouterCovariance = "pooled",
         unknown_factor: float | None = 3.0,
         unknown_as_anomalous: bool = True,

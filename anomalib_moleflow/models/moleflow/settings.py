@@ -30,8 +30,9 @@ CompileMode = Literal["off", "default", "reduce-overhead", "max-autotune"]
 #: validation images, which needs defective ones) or ``good_fpr`` (from held-out good training images only, at
 #: ``target_fpr`` false positives: no defect image needed).
 ThresholdMode = Literal["f1", "good_fpr"]
-#: The router's image embedding: the ``mean`` or the ``max`` of the patch embeddings over the grid.
-RouterEmbedding = Literal["mean", "max"]
+#: The router's image embedding: the ``mean`` or the ``max`` of the patch embeddings over the grid, or
+#: ``quadrant_max``: each channel's max within each quadrant of the grid, averaged over the four quadrants.
+RouterEmbedding = Literal["mean", "max", "quadrant_max"]
 #: The covariance that decides the route: each ``task``'s own (ridged, the study's) or one ``pooled`` over the tasks
 #: (the mean of their Ledoit-Wolf estimates: linear discriminant analysis).
 RouterCovariance = Literal["task", "pooled"]
@@ -92,7 +93,9 @@ class ArchitectureSettings:
         task_separated: One whole flow per task instead of a shared base (the parameter-hungry upper bound).
         router_eps: Relative ridge of each task's own router covariance (its unknown-product threshold; its route with
             router_covariance task).
-        router_embedding: The router's image embedding: mean or max of the patch embeddings over the grid.
+        router_embedding: The router's image embedding: mean or max of the patch embeddings over the grid, or
+            quadrant_max (each channel's max in each quadrant of the grid, averaged over the four: a defect in one
+            quadrant sets a quarter of it, where it sets the whole max; docs/quality.md 0d).
         router_covariance: Covariance of the route: each task's own, or pooled (one Ledoit-Wolf covariance shared
             by the tasks, LDA).
         unknown_factor: An image farther from every task than unknown_factor times the task's threshold (its
@@ -130,7 +133,7 @@ class ArchitectureSettings:
     anomaly_map_value: AnomalyMapValue = "calibrated_likelihood"
     task_separated: bool = False
     router_eps: float = 0.01
-    router_embedding: RouterEmbedding = "max"
+    router_embedding: RouterEmbedding = "quadrant_max"
     router_covariance: RouterCovariance = "pooled"
     unknown_factor: float | None = 3.0
     exact_likelihood: bool = True

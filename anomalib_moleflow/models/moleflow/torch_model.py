@@ -315,7 +315,8 @@ class MoleFlowModel(nn.Module):
             scoring setting.
         task_separated: One whole flow per task instead of a shared base.
         router_eps: Relative ridge of each task's own router covariance.
-        router_embedding: The router's image embedding: ``mean`` or ``max`` of the patch embeddings over the grid.
+        router_embedding: The router's image embedding: ``mean`` or ``max`` of the patch embeddings over the grid, or
+            ``quadrant_max``, each channel's max in each quadrant of the grid averaged over the four.
         router_covariance: Covariance of the route: each ``task``'s own, or ``pooled`` over the tasks (see
             :class:`MahalanobisRouter`).
         unknown_factor: An image whose router distance exceeds ``unknown_factor`` times every task's threshold (the
@@ -356,7 +357,7 @@ class MoleFlowModel(nn.Module):
         anomaly_map_value: AnomalyMapValue = "calibrated_likelihood",
         task_separated: bool = False,
         router_eps: float = 0.01,
-        router_embedding: RouterEmbedding = "max",
+        router_embedding: RouterEmbedding = "quadrant_max",
         router_covariance: RouterCovariance = "pooled",
         unknown_factor: float | None = 3.0,
         exact_likelihood: bool = True,

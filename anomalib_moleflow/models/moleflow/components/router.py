@@ -1,9 +1,10 @@
 """Mahalanobis task router: one Gaussian prototype per task over image-level embeddings.
 
 Two choices, both settings of the model: the image embedding (``mean`` or ``max`` of the patch embeddings over the
-grid) and the covariance that decides the route (``task``: each task's own, ridged, as the study; ``pooled``: one
-covariance shared by all tasks, the mean of each task's Ledoit-Wolf estimate, i.e. linear discriminant analysis).
-Each task's own covariance always sets its unknown-product threshold.
+grid, or ``quadrant_max``: each channel's max within each quadrant, averaged over the quadrants) and the covariance
+that decides the route (``task``: each task's own, ridged, as the study; ``pooled``: one covariance shared by all
+tasks, the mean of each task's Ledoit-Wolf estimate, i.e. linear discriminant analysis). Each task's own covariance
+always sets its unknown-product threshold.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 
 import torch
 from torch import nn
@@ -246,12 +247,25 @@ class RoutingRecorder:
 
 
 def image_embedding(patches: torch.Tensor, pooling: RouterEmbedding = "mean") -> torch.Tensor:
-    """The image-level embedding the router works on: ``(b, h, w, d) -> (b, d)``, the mean or the max over the grid.
+    """The image-level embedding the router works on: ``(b, h, w, d) -> (b, d)``.
 
-    The max keeps, for every channel, its strongest response anywhere in the image: what tells apart two products
-    that differ in a local texture (two cell types of one solar panel), which the mean over the grid washes out.
+    ``mean`` or ``max`` over the grid, or ``quadrant_max``: each channel's max within each quadrant of the grid
+    (``h/2 x w/2``; an odd side's middle row or column belongs to both halves, as in adaptive max pooling), averaged
+    over the four. The max keeps, for every channel, its strongest response anywhere in the image: what tells apart
+    two products that differ in a local texture (two cell types of one solar panel), which the mean over the grid
+    washes out. But a single region also sets it: a defect, a crack that blacks out part of the image, can give the
+    max of an image the look of another product. Per quadrant, one region sets a quarter of the embedding, and a
+    response counts fully only where the whole image holds it (regional max pooling, as in image retrieval's R-MAC).
     """
-    return patches.mean(dim=(1, 2)) if pooling == "mean" else patches.amax(dim=(1, 2))
+    if pooling == "mean":
+        return patches.mean(dim=(1, 2))
+    if pooling == "max":
+        return patches.amax(dim=(1, 2))
+    height, width = patches.shape[1:3]
+    # Slices of the static shape and amax: the same regions as adaptive_max_pool2d, with only plain ops to export.
+    rows = (slice(0, (height + 1) // 2), slice(height // 2, height))
+    columns = (slice(0, (width + 1) // 2), slice(width // 2, width))
+    return torch.stack([patches[:, r, c].amax(dim=(1, 2)) for r in rows for c in columns]).mean(0)
 
 
 class MahalanobisRouter(nn.Module):
@@ -260,7 +274,8 @@ class MahalanobisRouter(nn.Module):
     Args:
         dim: Embedding size D.
         eps: Relative ridge of each task's own covariance.
-        embedding: Image embedding (``mean`` or ``max`` of the patch embeddings).
+        embedding: Image embedding (``mean``, ``max`` or ``quadrant_max`` of the patch embeddings; see
+            :func:`image_embedding`).
         covariance: Covariance of the route: each ``task``'s own, or one ``pooled`` over the fitted tasks (the mean of
             their Ledoit-Wolf covariances). With a few hundred images per task in hundreds of dimensions, each task's
             own covariance is a noisy estimate, and comparing distances under different noisy metrics misroutes
@@ -268,11 +283,15 @@ class MahalanobisRouter(nn.Module):
     """
 
     def __init__(
-        self, dim: int, eps: float = 0.01, embedding: RouterEmbedding = "max", covariance: RouterCovariance = "pooled"
+        self,
+        dim: int,
+        eps: float = 0.01,
+        embedding: RouterEmbedding = "quadrant_max",
+        covariance: RouterCovariance = "pooled",
     ) -> None:
         super().__init__()
-        if embedding not in ("mean", "max"):
-            msg = f"router_embedding must be 'mean' or 'max', got {embedding!r}."
+        if embedding not in get_args(RouterEmbedding):
+            msg = f"router_embedding must be one of {list(get_args(RouterEmbedding))}, got {embedding!r}."
             raise ValueError(msg)
         if covariance not in ("task", "pooled"):
             msg = f"router_covariance must be 'task' or 'pooled', got {covariance!r}."
@@ -307,6 +326,10 @@ class MahalanobisRouter(nn.Module):
         columns = [torch.where(p.count > 0, p.distance(embeddings, precision), float("inf")) for p in self.prototypes]
         return torch.stack(columns, dim=1)
 
+    def own_distances(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Distances ``(n, tasks)`` in each task's own metric, which its unknown-product threshold is measured in."""
+        return self._distances(embeddings)
+
     def distances(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Distances ``(n, tasks)`` that decide the route (``inf`` where a prototype is not fitted)."""
         return self._distances(embeddings, None if self.covariance == "task" else self.pooled_precision)
@@ -328,7 +351,7 @@ class MahalanobisRouter(nn.Module):
         Returns:
             The task of each image and its distance to that task in the task's own covariance.
         """
-        own = self._distances(embeddings)  # inf for a prototype not fitted yet (the task being learned)
+        own = self.own_distances(embeddings)  # inf for a prototype not fitted yet (the task being learned)
         if tasks is not None:
             tasks = tasks.to(embeddings.device).long()
             return Routed(tasks, own.gather(1, tasks[:, None])[:, 0], torch.zeros_like(tasks, dtype=torch.bool))
