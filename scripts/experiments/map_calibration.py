@@ -115,6 +115,9 @@ def split_half_reliability(values: torch.Tensor) -> float:
 def main() -> None:
     parser = checkpoint_parser(__doc__.splitlines()[0], data="real")
     parser.add_argument("--sigmas", default="4")
+    parser.add_argument(
+        "--combine", default="mean", help="how the stages' maps make one: mean (the model's), max, or both: mean,max"
+    )
     args = parser.parse_args()
     model = load_checkpoint(args.checkpoint).model
     sigmas = [float(s) for s in args.sigmas.split(",")]
@@ -176,14 +179,17 @@ def main() -> None:
         if "mask" not in split:
             continue
         for key, values in maps.items():
-            value = torch.stack(values).mean(0)
-            for sigma in sigmas:
-                result = metrics(to_map(model, value, args.image_size, sigma), image_score, split)
-                pixel = f"{result.get('pix_auroc', float('nan')):.2f} | {result.get('pix_ap', float('nan')):.2f}"
-                print(
-                    f"| {name} | {key} | {sigma:g} | {result['img_auroc']:.2f} | {pixel} | {' / '.join(notes)} |",
-                    flush=True,
-                )
+            for combine in args.combine.split(","):
+                stacked = torch.stack(values)
+                value = stacked.mean(0) if combine == "mean" else stacked.amax(0)
+                label = key if combine == "mean" else f"{key}, stages' max"
+                for sigma in sigmas:
+                    result = metrics(to_map(model, value, args.image_size, sigma), image_score, split)
+                    pixel = f"{result.get('pix_auroc', float('nan')):.2f} | {result.get('pix_ap', float('nan')):.2f}"
+                    print(
+                        f"| {name} | {label} | {sigma:g} | {result['img_auroc']:.2f} | {pixel} | {' / '.join(notes)} |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":
