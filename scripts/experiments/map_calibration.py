@@ -22,6 +22,8 @@ Each row also gives, per stage, the empirical-Bayes weight and the split-half re
 
     python scripts/experiments/map_calibration.py --checkpoint results/quality/seed_0/rows/moleflow/model.ckpt \
         --root ./datasets --data real,elpv_bench
+    python scripts/experiments/map_calibration.py --checkpoint results/quality/seed_0/rows/moleflow/model.ckpt \
+        --root ./datasets --combine mean,max,min   # the stages' maps averaged (the model's), or their max or min
     python scripts/experiments/map_calibration.py --checkpoint results/demo/model.ckpt --data demo_run \
         --root ./datasets/moleflow_demo --image_size 160     # the offline demo's four generated tasks
 """
@@ -116,7 +118,7 @@ def main() -> None:
     parser = checkpoint_parser(__doc__.splitlines()[0], data="real")
     parser.add_argument("--sigmas", default="4")
     parser.add_argument(
-        "--combine", default="mean", help="how the stages' maps make one: mean (the model's), max, or both: mean,max"
+        "--combine", default="mean", help="how the stages' maps make one: mean (the model's), max, min; or a list"
     )
     args = parser.parse_args()
     model = load_checkpoint(args.checkpoint).model
@@ -181,8 +183,8 @@ def main() -> None:
         for key, values in maps.items():
             for combine in args.combine.split(","):
                 stacked = torch.stack(values)
-                value = stacked.mean(0) if combine == "mean" else stacked.amax(0)
-                label = key if combine == "mean" else f"{key}, stages' max"
+                value = {"mean": stacked.mean(0), "max": stacked.amax(0), "min": stacked.amin(0)}[combine]
+                label = key if combine == "mean" else f"{key}, stages' {combine}"
                 for sigma in sigmas:
                     result = metrics(to_map(model, value, args.image_size, sigma), image_score, split)
                     pixel = f"{result.get('pix_auroc', float('nan')):.2f} | {result.get('pix_ap', float('nan')):.2f}"
