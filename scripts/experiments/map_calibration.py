@@ -181,9 +181,9 @@ def main() -> None:
         if "mask" not in split:
             continue
         for key, values in maps.items():
+            stacked = torch.stack(values)
             for combine in args.combine.split(","):
-                stacked = torch.stack(values)
-                value = {"mean": stacked.mean(0), "max": stacked.amax(0), "min": stacked.amin(0)}[combine]
+                value = {"mean": torch.mean, "max": torch.amax, "min": torch.amin}[combine](stacked, 0)
                 label = key if combine == "mean" else f"{key}, stages' {combine}"
                 for sigma in sigmas:
                     result = metrics(to_map(model, value, args.image_size, sigma), image_score, split)

@@ -290,12 +290,13 @@ class MahalanobisRouter(nn.Module):
         covariance: RouterCovariance = "pooled",
     ) -> None:
         super().__init__()
-        if embedding not in get_args(RouterEmbedding):
-            msg = f"router_embedding must be one of {list(get_args(RouterEmbedding))}, got {embedding!r}."
-            raise ValueError(msg)
-        if covariance not in ("task", "pooled"):
-            msg = f"router_covariance must be 'task' or 'pooled', got {covariance!r}."
-            raise ValueError(msg)
+        for name, value, choices in (
+            ("router_embedding", embedding, RouterEmbedding),
+            ("router_covariance", covariance, RouterCovariance),
+        ):
+            if value not in get_args(choices):
+                msg = f"{name} must be one of {list(get_args(choices))}, got {value!r}."
+                raise ValueError(msg)
         self.dim = dim
         self.eps = eps
         self.embedding = embedding
