@@ -23,11 +23,12 @@ from anomalib_moleflow.models import MoleFlow
 from anomalib_moleflow.runtime import torch_threads
 
 
-def embeddings(router: TaskRouter, datamodule: object, split: str, image_size: int) -> torch.Tensor:
-    """Image embeddings ``(n, d)`` of one split's images."""
+def embeddings(router: TaskRouter, datamodule: object, split: str, image_size: int) -> tuple[torch.Tensor, list[str]]:
+    """Image embeddings ``(n, d)`` of one split's images, and their paths."""
     transform = MoleFlow.configure_pre_processor((image_size, image_size)).transform
     loader = getattr(datamodule, f"{split}_dataloader")()
-    return torch.cat([router.embed(transform(batch.image)) for batch in loader])
+    batches = [(router.embed(transform(batch.image)), list(batch.image_path)) for batch in loader]
+    return torch.cat([embedded for embedded, _ in batches]), [path for _, paths in batches for path in paths]
 
 
 def main() -> None:
@@ -40,13 +41,14 @@ def main() -> None:
     config = yaml.safe_load(Path(args.config).read_text())
     tasks = build_tasks(config["tasks"])
     patch_size = config.get("moleflow", {}).get("patch_size", 1)
-    embedding = args.embedding or config.get("moleflow", {}).get("router_embedding", "quadrant_max")
+    # --embedding, else the config's, else the router's own default
+    embedding = args.embedding or config.get("moleflow", {}).get("router_embedding")
     router = TaskRouter(
         config["backbone"],
         config["layers"],
         config.get("pre_trained", True),
         patch_size=patch_size,
-        embedding=embedding,
+        **({"embedding": embedding} if embedding else {}),
     )
     with torch_threads(args.threads):
         train, test = {}, {}
@@ -54,7 +56,7 @@ def main() -> None:
             task.datamodule.prepare_data()
             task.datamodule.setup()
             train[task.name] = embeddings(router, task.datamodule, "train", config["image_size"])
-            test[task.name] = embeddings(router, task.datamodule, "test", config["image_size"])
+            test[task.name], _ = embeddings(router, task.datamodule, "test", config["image_size"])
         factors = (1.5, 2.0, 3.0, 5.0)
         head = " | ".join(f"flagged at {f:g}: learned / left out" for f in factors)
         print(f"| left out | learned: largest m | left out: smallest m | {head} |")
@@ -64,7 +66,8 @@ def main() -> None:
             router.router.prototypes = torch.nn.ModuleList()
             for name in learned:
                 router.router.add_task()
-                router.router.prototypes[-1].accumulate(train[name])
+                # keyed by path, as in training: the threshold's held-out folds do not follow the loader's shuffling
+                router.router.prototypes[-1].accumulate(*train[name])
                 router.router.finalize(len(router.router.prototypes) - 1)
             thresholds = torch.stack([p.threshold for p in router.router.prototypes]).double()
 
