@@ -56,6 +56,11 @@ def _local_max_mean(cells: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda p: torch.nn.functional.adaptive_max_pool2d(p.permute(0, 3, 1, 2), cells).mean(dim=(2, 3))
 
 
+def _quadrant_max(p: torch.Tensor) -> torch.Tensor:
+    """The model's default embedding (``_local_max_mean(2)``)."""
+    return image_embedding(p, "quadrant_max")
+
+
 def _max(p: torch.Tensor) -> torch.Tensor:
     return torch.cat([p.mean(dim=(1, 2)), p.flatten(1, 2).amax(dim=1)], dim=1)
 
@@ -81,14 +86,14 @@ CANDIDATES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "mean+std": _mean_std,
     "mean+logstd": _mean_std_log,
     "quadrants": _grid2,
-    "quadrant_max": lambda p: image_embedding(p, "quadrant_max"),  # the model's default = local_max_mean2
+    "quadrant_max": _quadrant_max,
     "quadrant_max_concat": _grid_max(2),  # 4 D numbers
     "grid3_max_concat": _grid_max(3),  # 9 D numbers
     **{f"local_max_mean{k}": _local_max_mean(k) for k in (3, 4, 7)},
     # regional maxima at several scales averaged per scale, then over the scales (R-MAC's regions, Tolias et al. 2016)
-    "regions12": lambda p: (_max_only(p) + _local_max_mean(2)(p)) / 2,
-    "regions123": lambda p: (_max_only(p) + _local_max_mean(2)(p) + _local_max_mean(3)(p)) / 3,
-    "regions23": lambda p: (_local_max_mean(2)(p) + _local_max_mean(3)(p)) / 2,
+    "regions12": lambda p: (_max_only(p) + _quadrant_max(p)) / 2,
+    "regions123": lambda p: (_max_only(p) + _quadrant_max(p) + _local_max_mean(3)(p)) / 3,
+    "regions23": lambda p: (_quadrant_max(p) + _local_max_mean(3)(p)) / 2,
     "mean+max": _max,
     "q0.9": _quantile(0.9),
     "q0.75": _quantile(0.75),
@@ -208,7 +213,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(pick_threads())
     layers = args.layers.split(",")
-    model = MoleFlowModel(  # only its feature extractor: the harness embeds the stages itself
+    model = MoleFlowModel(  # only its feature extractor and patch embedding: the routers are the harness's own
         backbone=args.backbone,
         layers=layers,
         image_size=args.image_size,
