@@ -220,6 +220,16 @@ def test_shipped_configs_parse() -> None:
     assert (mvtec.backbone, list(mvtec.layers), mvtec.image_size) == ("wide_resnet50_2", ["layer2", "layer3"], 224)
 
 
+def test_a_whitening_norm_per_stage_comes_from_the_command_line_typed() -> None:
+    parser = benchmark_parser()
+    config = str(REPO / "configs" / "benchmark" / "quality.yaml")
+    parsed = parser.parse_args(["--config", config, "--moleflow.whitening_norm", "[image, patch]"])
+    assert list(parsed.moleflow.whitening_norm) == ["image", "patch"]
+    assert parser.parse_args(["--config", config]).moleflow.whitening_norm == "image"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--config", config, "--moleflow.whitening_norm", "[image, channel]"])
+
+
 def test_cli_runs_a_yaml_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from anomalib_moleflow.cli.main import main
 

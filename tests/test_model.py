@@ -1981,6 +1981,47 @@ def test_stage_layout_gives_every_stage_its_own_expert_and_trains_only_the_task(
         torch.testing.assert_close(path.calibrations[1].std, nll.std(0), rtol=1e-4, atol=1e-4)
 
 
+def test_whitening_norm_per_stage_reaches_its_own_stage_only_and_is_checked(
+    tmp_path: Path, tiny_model_kwargs: dict[str, Any]
+) -> None:
+    mixed_settings = {"whitening_norm": ["image", "patch"], "use_pos_embedding": False}  # no code added to the gain
+    torch.manual_seed(0)
+    mixed = stage_model(**mixed_settings)
+    torch.manual_seed(0)
+    per_image = stage_model(use_pos_embedding=False)
+    for model in (mixed, per_image):
+        model.add_task("a")
+    assert [path.whitening[0].norm for path in mixed.paths] == ["image", "patch"]
+    assert [path.whitening[0].norm for path in per_image.paths] == ["image", "image"]
+    assert mixed.settings["whitening_norm"] == ["image", "patch"]
+    patches = random_patches(mixed)
+    louder = patches.clone()
+    louder[0, :2, :2, 8:] *= 3.0  # one coarse cell (a 2 x 2 block of the finest grid) three times as strong
+    with torch.no_grad():
+        fine, coarse = (mixed.flow_inputs(patches, 0, index)[0] for index in (0, 1))
+        torch.testing.assert_close(fine, per_image.flow_inputs(patches, 0, 0)[0])  # the fine stage as before
+        assert not torch.allclose(coarse, per_image.flow_inputs(patches, 0, 1)[0], atol=1e-3)
+        torch.testing.assert_close(mixed.flow_inputs(louder, 0, 1)[0], coarse, rtol=0, atol=1e-4)  # its norm
+        reference = per_image.flow_inputs(patches, 0, 1)[0]
+        assert not torch.allclose(per_image.flow_inputs(louder, 0, 1)[0], reference, atol=1e-3)  # per image: seen
+    # a checkpoint keeps the list, and a model with one value for all refuses it
+    path = tmp_path / "mixed.pt"
+    torch.save(mixed.state_dict(), path)
+    stage_model(**mixed_settings).load_state_dict(torch.load(path, weights_only=False))
+    with pytest.raises(ValueError, match=r"whitening_norm: checkpoint \['image', 'patch'\] vs model image"):
+        stage_model(use_pos_embedding=False).load_state_dict(torch.load(path, weights_only=False))
+    with pytest.raises(ValueError, match="needs flow_layout='stage'"):
+        stage_model(flow_layout="joint", **mixed_settings)
+    with pytest.raises(ValueError, match=r"one value per stage of layers \['layer1', 'layer2'\]: 2 values, got 3"):
+        stage_model(whitening_norm=["image", "patch", "patch"])
+    with pytest.raises(ValueError, match="whitening_norm must be one of"):
+        stage_model(whitening_norm=["image", "channel"])
+    # the statistics epoch runs when any stage normalises by position
+    kwargs = {**tiny_model_kwargs, "flow_layout": "stage"}
+    assert MoleFlow(**kwargs, whitening_norm=["image", "position"]).statistics_epochs == 1
+    assert MoleFlow(**kwargs, whitening_norm=["image", "patch"]).statistics_epochs == 0
+
+
 def test_a_stage_checkpoint_loads_only_as_one_and_old_joint_state_dicts_load_into_the_first_path() -> None:
     stage = stage_model()
     stage.add_task("a")

@@ -173,7 +173,8 @@ class MoleFlow(AnomalibModule):
         use_lora: Low-rank experts; ``False``: per-task full-rank linear.
         use_whitening_adapter: Per-task whitening adapter.
         whitening_norm: The whitening LayerNorm normalises each ``image`` (its patches and channels together, as
-            anomalib's Fastflow) or each ``patch`` (the study's); see :class:`MoleFlowModel`.
+            anomalib's Fastflow) or each ``patch`` (the study's), or one of these per stage (``flow_layout="stage"``);
+            see :class:`MoleFlowModel`.
         use_pos_embedding: 2D sinusoidal positional embedding.
         spatial_context_kernel: Shared spatial context kernel (0: off).
         scale_context_kernel: Scale context kernel inside each coupling subnet (0: off).
@@ -249,7 +250,7 @@ class MoleFlow(AnomalibModule):
         lora_rank: int = 64,
         use_lora: bool = True,
         use_whitening_adapter: bool = True,
-        whitening_norm: WhiteningNorm = "image",
+        whitening_norm: WhiteningNorm | Sequence[WhiteningNorm] = "image",
         use_pos_embedding: bool = True,
         spatial_context_kernel: int = 3,
         scale_context_kernel: int = 5,
@@ -447,7 +448,9 @@ class MoleFlow(AnomalibModule):
     def statistics_epochs(self) -> int:
         """Epochs before training that only collect statistics: 1 for ``whitening_norm="position"`` (its statistics
         must be known before the flow sees a normalised patch), else 0."""
-        return int(self.model.use_whitening_adapter and self.model.whitening_norm == "position")
+        return int(
+            self.model.use_whitening_adapter and any(path.whitening_norm == "position" for path in self.model.paths)
+        )
 
     @property
     def learning_type(self) -> LearningType:

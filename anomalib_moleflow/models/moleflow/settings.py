@@ -71,7 +71,9 @@ class ArchitectureSettings:
         use_whitening_adapter: Per-task whitening adapter.
         whitening_norm: What the whitening adapter normalises: each image (its patches and channels together, as
             anomalib's Fastflow), each patch (the study's), or each position and channel with the task's training
-            statistics there (position; fitted in one extra first epoch).
+            statistics there (position; fitted in one extra first epoch); or one of these per stage of layers, with
+            flow_layout stage (e.g. [image, patch]: the coarse stage's patches alone, its pattern without its level;
+            docs/quality.md 0m).
         use_pos_embedding: Add the 2D sinusoidal positional embedding.
         spatial_context_kernel: Kernel of the shared spatial context (0: off, else odd).
         scale_context_kernel: Kernel of the scale context in each coupling subnet (0: off, else odd).
@@ -123,7 +125,7 @@ class ArchitectureSettings:
     lora_alpha: float | None = None
     use_lora: bool = True
     use_whitening_adapter: bool = True
-    whitening_norm: WhiteningNorm = "image"
+    whitening_norm: WhiteningNorm | Sequence[WhiteningNorm] = "image"
     use_pos_embedding: bool = True
     spatial_context_kernel: int = 3
     scale_context_kernel: int = 5

@@ -53,6 +53,28 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def stage_whitening_norms(
+    whitening_norm: WhiteningNorm | Sequence[WhiteningNorm], layers: list[str], flow_layout: str
+) -> list[WhiteningNorm]:
+    """The whitening norm of each flow path: one value for all, or one per stage of ``layers`` (``stage`` layout)."""
+    if isinstance(whitening_norm, str):
+        check_whitening_norm(whitening_norm)
+        return [whitening_norm] * len(layers)
+    norms = list(whitening_norm)
+    _check(
+        flow_layout == "stage",
+        f"whitening_norm {norms} gives one value per stage, which needs flow_layout='stage' (one flow per stage); "
+        "with flow_layout='joint' give one value.",
+    )
+    _check(
+        len(norms) == len(layers),
+        f"whitening_norm gives one value per stage of layers {layers}: {len(layers)} values, got {len(norms)}.",
+    )
+    for norm in norms:
+        check_whitening_norm(norm)
+    return norms
+
+
 def _check_choice(name: str, value: object, choices: Any) -> None:
     """``value`` must be one of the ``Literal`` ``choices``: "name must be 'a', 'b' or 'c', got ..."."""
     allowed = get_args(choices)
@@ -297,7 +319,9 @@ class MoleFlowModel(nn.Module):
         use_whitening_adapter: Per-task whitening adapter.
         whitening_norm: What the whitening adapter's LayerNorm normalises over: ``image`` (each image's patches and
             channels together, as anomalib's Fastflow) or ``patch`` (each patch alone, the study's), which removes
-            every patch's magnitude, a defect cue (``docs/quality.md``).
+            every patch's magnitude, a defect cue (``docs/quality.md``); or, with ``flow_layout="stage"``, one value
+            per stage of ``layers`` (e.g. ``["image", "patch"]``: the coarse stage's patches alone, docs/quality.md
+            0m).
         use_pos_embedding: Add the 2D sinusoidal positional embedding.
         spatial_context_kernel: Kernel of the shared spatial context (0: off, else odd).
         scale_context_kernel: Kernel of the scale context in each coupling subnet (0: off, else odd).
@@ -347,7 +371,7 @@ class MoleFlowModel(nn.Module):
         lora_alpha: float | None = None,
         use_lora: bool = True,
         use_whitening_adapter: bool = True,
-        whitening_norm: WhiteningNorm = "image",
+        whitening_norm: WhiteningNorm | Sequence[WhiteningNorm] = "image",
         use_pos_embedding: bool = True,
         spatial_context_kernel: int = 3,
         scale_context_kernel: int = 5,
@@ -393,7 +417,7 @@ class MoleFlowModel(nn.Module):
             position_condition >= 0 and position_condition % 4 == 0,
             f"position_condition must be 0 or a positive multiple of 4, got {position_condition}.",
         )
-        check_whitening_norm(whitening_norm)  # now, not when the first task adds its adapter
+        norms = stage_whitening_norms(whitening_norm, list(layers), flow_layout)  # now, not at the first task
         for name, kernel in (
             ("spatial_context_kernel", spatial_context_kernel),
             ("scale_context_kernel", scale_context_kernel),
@@ -409,6 +433,7 @@ class MoleFlowModel(nn.Module):
         #: Every constructor argument (``embed_dim`` and ``lora_alpha`` resolved): the checkpoint fingerprint's source.
         self.settings: dict[str, Any] = {
             **model_settings(locals()),
+            "whitening_norm": whitening_norm if isinstance(whitening_norm, str) else list(whitening_norm),
             "embed_dim": embed_dim,
             "layers": list(layers),
             "lora_alpha": float(lora_alpha if lora_alpha is not None else lora_rank),
@@ -421,7 +446,7 @@ class MoleFlowModel(nn.Module):
         self.lora_alpha = self.settings["lora_alpha"]
         self.use_lora = use_lora
         self.use_whitening_adapter = use_whitening_adapter
-        self.whitening_norm = whitening_norm
+        self.whitening_norm = self.settings["whitening_norm"]
         self.spatial_context_kernel = spatial_context_kernel
         self.scale_context_kernel = scale_context_kernel
         self.score_aggregation_top_k = score_aggregation_top_k
@@ -450,7 +475,6 @@ class MoleFlowModel(nn.Module):
         }
         path = {
             "flow": flow,
-            "whitening_norm": whitening_norm,
             "use_whitening_adapter": use_whitening_adapter,
             "use_pos_embedding": use_pos_embedding,
             "dia_blocks": dia_blocks,
@@ -460,11 +484,14 @@ class MoleFlowModel(nn.Module):
         #: The densities: one over the whole embedding (``joint``), or one per stage (``stage``).
         self.paths = nn.ModuleList()
         if dims is None:
-            self.paths.append(FlowPath(embed_dim, self.grid, 0, None, None, **path))
+            self.paths.append(FlowPath(embed_dim, self.grid, 0, None, None, whitening_norm=norms[0], **path))
         else:
             for index, (dim, (height, width)) in enumerate(zip(dims, probe, strict=True)):
                 rows, cols = _first_rows(height, self.grid[0]), _first_rows(width, self.grid[1])
-                self.paths.append(FlowPath(dim, (height, width), sum(dims[:index]), rows, cols, **path))
+                start = sum(dims[:index])
+                self.paths.append(
+                    FlowPath(dim, (height, width), start, rows, cols, whitening_norm=norms[index], **path)
+                )
         self.register_load_state_dict_pre_hook(_into_first_path)
 
         self.router = MahalanobisRouter(embed_dim, router_eps, router_embedding, router_covariance)
