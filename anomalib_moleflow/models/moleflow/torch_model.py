@@ -68,7 +68,8 @@ def stage_whitening_norms(
     )
     _check(
         len(norms) == len(layers),
-        f"whitening_norm gives one value per stage of layers {layers}: {len(layers)} values, got {len(norms)}.",
+        f"whitening_norm gives one value per stage of layers {layers}: {len(layers)} values, got {len(norms)}; "
+        "give one per stage, or one value for all.",
     )
     for norm in norms:
         check_whitening_norm(norm)
