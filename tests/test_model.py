@@ -413,6 +413,27 @@ def test_image_whitening_keeps_each_patch_magnitude_and_removes_the_image_gain()
         torch.testing.assert_close(image(louder)[1], image(x)[1])  # every image is normalised on its own
 
 
+def test_floored_patch_whitening_keeps_a_flat_patch_small_and_removes_the_image_gain() -> None:
+    """``patch_floored``: each patch centred alone, divided by sqrt(its variance + its image's mean patch variance)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 4, 8)
+    floored, patch = WhiteningAdapter(8, "patch_floored"), WhiteningAdapter(8, "patch")
+    flat = x.clone()
+    flat[0, 1, 2] *= 0.01  # one nearly flat patch
+    louder = x.clone()
+    louder[0, 1, 2] *= 3.0
+    with torch.no_grad():
+        torch.testing.assert_close(floored(2.5 * x + 0.7), floored(x), rtol=0, atol=1e-4)  # gain, offset gone
+        assert floored(flat)[0, 1, 2].norm() < 0.05 * patch(flat)[0, 1, 2].norm()  # not blown up to unit scale
+        assert floored(louder)[0, 1, 2].norm() > 1.2 * floored(x)[0, 1, 2].norm()  # part of the magnitude kept
+        torch.testing.assert_close(patch(louder)[0, 1, 2], patch(x)[0, 1, 2], rtol=0, atol=1e-4)
+        torch.testing.assert_close(floored(louder)[1], floored(x)[1])  # the floor is each image's own
+        centred = x - x.mean(-1, keepdim=True)
+        variance = centred.square().mean(-1, keepdim=True)
+        expected = centred / (variance + variance.mean(dim=(1, 2), keepdim=True) + 1e-5).sqrt()
+        torch.testing.assert_close(floored(x), expected, rtol=0, atol=1e-5)
+
+
 def test_whitening_norm_is_checked_and_reaches_every_task() -> None:
     with pytest.raises(ValueError, match="whitening_norm must be one of"):
         small_model(whitening_norm="channel")

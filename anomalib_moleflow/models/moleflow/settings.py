@@ -16,10 +16,11 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 #: What the whitening adapter normalises: ``image`` (each image's patches and channels together, as anomalib's
-#: Fastflow), ``patch`` (each patch alone, the study's; it removes every patch's magnitude) or ``position`` (each
-#: position and channel with the task's training statistics there: a product's appearance at each place; see
-#: docs/quality.md).
-WhiteningNorm = Literal["image", "patch", "position"]
+#: Fastflow), ``patch`` (each patch alone, the study's; it removes every patch's magnitude), ``patch_floored`` (each
+#: patch centred alone and divided by the square root of its variance plus its image's mean patch variance: a typical
+#: patch loses most of its magnitude, a flat one keeps it; docs/quality.md 0m) or ``position`` (each position and
+#: channel with the task's training statistics there: a product's appearance at each place; see docs/quality.md).
+WhiteningNorm = Literal["image", "patch", "patch_floored", "position"]
 #: Training feature cache: ``auto`` (memory, or a memory-mapped file when large), ``memory``, ``disk``, ``off``.
 CacheMode = Literal["auto", "memory", "disk", "off"]
 #: Storage type of the feature cache.

@@ -134,6 +134,13 @@ def whiten(
         raise ValueError(msg)
     if norm == "position":
         return (x - position_mean) / position_std * gamma + beta
+    if norm == "patch_floored":
+        # A per-patch LayerNorm whose variance is floored by the image's mean patch variance, so that a flat patch
+        # (a dark pit's surroundings, a uniform background) is not blown up to unit scale; no library offers it.
+        centred = x - x.mean(dim=-1, keepdim=True)
+        variance = centred.square().mean(dim=-1, keepdim=True)  # (b, h, w, 1)
+        floor = variance.mean(dim=(1, 2), keepdim=True)  # (b, 1, 1, 1)
+        return centred * torch.rsqrt(variance + floor + 1e-5) * gamma + beta
     return F.layer_norm(x, x.shape[-3:] if norm == "image" else x.shape[-1:]) * gamma + beta
 
 
