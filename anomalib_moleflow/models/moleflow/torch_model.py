@@ -447,7 +447,6 @@ class MoleFlowModel(nn.Module):
         self.lora_alpha = self.settings["lora_alpha"]
         self.use_lora = use_lora
         self.use_whitening_adapter = use_whitening_adapter
-        self.whitening_norm = self.settings["whitening_norm"]
         self.spatial_context_kernel = spatial_context_kernel
         self.scale_context_kernel = scale_context_kernel
         self.score_aggregation_top_k = score_aggregation_top_k
