@@ -225,6 +225,11 @@ def test_a_whitening_norm_per_stage_comes_from_the_command_line_typed() -> None:
     config = str(REPO / "configs" / "benchmark" / "quality.yaml")
     parsed = parser.parse_args(["--config", config, "--moleflow.whitening_norm", "[image, patch]"])
     assert list(parsed.moleflow.whitening_norm) == ["image", "patch"]
+    two_norms = parser.parse_args(["--config", config, "--moleflow.whitening_norm", "[image, [image, patch_floored]]"])
+    assert [n if isinstance(n, str) else list(n) for n in two_norms.moleflow.whitening_norm] == [
+        "image",
+        ["image", "patch_floored"],
+    ]
     assert parser.parse_args(["--config", config]).moleflow.whitening_norm == "image"
     with pytest.raises(SystemExit):
         parser.parse_args(["--config", config, "--moleflow.whitening_norm", "[image, channel]"])

@@ -2043,6 +2043,45 @@ def test_whitening_norm_per_stage_reaches_its_own_stage_only_and_is_checked(
     assert MoleFlow(**kwargs, whitening_norm=["image", "patch"]).statistics_epochs == 0
 
 
+def test_a_stage_with_several_whitening_norms_has_a_flow_per_norm_averaged_before_the_stages(tmp_path: Path) -> None:
+    settings = {"whitening_norm": ["image", ["image", "patch_floored"]], "anomaly_map_value": "likelihood"}
+    model = stage_model_with("ab", **settings)
+    assert model.path_stages == [0, 1, 1]
+    assert [path.whitening[1].norm for path in model.paths] == ["image", "image", "patch_floored"]
+    assert model.settings["whitening_norm"] == ["image", ["image", "patch_floored"]]
+    assert model.paths[1].grid == model.paths[2].grid == (4, 4)
+    fit_random_statistics(model, [0, 1])
+    images = random_images(32, batch=3)
+    tasks = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        predictions, _ = model.predict(images, tasks)
+        patches, _ = model.embed(images)
+        scores, maps = zip(*(model._path_scores(patches, tasks, index) for index in range(3)), strict=True)
+        scores, maps = [model._on_grid(v) for v in scores], [model._on_grid(v) for v in maps]
+        # the coarse stage's two flows see the same cells differently
+        assert not torch.allclose(maps[1], maps[2], atol=1e-4)
+        score = (scores[0] + (scores[1] + scores[2]) / 2) / 2  # not the mean of the three paths
+        value = (maps[0] + (maps[1] + maps[2]) / 2) / 2
+    expected_score = top_k_image_score(score, model.score_aggregation_top_k)
+    torch.testing.assert_close(predictions.pred_score, expected_score, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        predictions.anomaly_map, model.anomaly_map_generator(value, (32, 32)), rtol=1e-5, atol=1e-5
+    )
+    # every path has its own trained parts for each task, and a checkpoint loads only into the same layout
+    assert all(len(path.whitening) == 2 and len(path.calibrations) == 2 for path in model.paths)
+    path = tmp_path / "two_norms.pt"
+    torch.save(model.state_dict(), path)
+    stage_model(**settings).load_state_dict(torch.load(path, weights_only=False))
+    with pytest.raises(ValueError, match=r"whitening_norm: checkpoint \['image', \['image', 'patch_floored'\]\]"):
+        stage_model(whitening_norm=["image", "patch_floored"]).load_state_dict(torch.load(path, weights_only=False))
+    with pytest.raises(ValueError, match=r"stage layer2 the norms \['image', 'image'\]: give each of its flows"):
+        stage_model(whitening_norm=["image", ["image", "image"]])
+    with pytest.raises(ValueError, match=r"stage layer1 the norms \[\]"):
+        stage_model(whitening_norm=[[], "image"])
+    with pytest.raises(ValueError, match="whitening_norm must be one of"):
+        stage_model(whitening_norm=["image", ["image", "channel"]])
+
+
 def test_a_stage_checkpoint_loads_only_as_one_and_old_joint_state_dicts_load_into_the_first_path() -> None:
     stage = stage_model()
     stage.add_task("a")

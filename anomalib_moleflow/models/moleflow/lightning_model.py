@@ -66,7 +66,7 @@ from .settings import (
     RouterEmbedding,
     ScoreCalibration,
     ThresholdMode,
-    WhiteningNorm,
+    WhiteningNorms,
     defaults,
     differences,
     names,
@@ -173,8 +173,8 @@ class MoleFlow(AnomalibModule):
         use_lora: Low-rank experts; ``False``: per-task full-rank linear.
         use_whitening_adapter: Per-task whitening adapter.
         whitening_norm: The whitening LayerNorm normalises each ``image`` (its patches and channels together, as
-            anomalib's Fastflow) or each ``patch`` (the study's), or one of these per stage (``flow_layout="stage"``);
-            see :class:`MoleFlowModel`.
+            anomalib's Fastflow) or each ``patch`` (the study's), or one of these per stage (``flow_layout="stage"``),
+            or several for one stage (a flow per norm); see :class:`MoleFlowModel`.
         use_pos_embedding: 2D sinusoidal positional embedding.
         spatial_context_kernel: Shared spatial context kernel (0: off).
         scale_context_kernel: Scale context kernel inside each coupling subnet (0: off).
@@ -250,7 +250,7 @@ class MoleFlow(AnomalibModule):
         lora_rank: int = 64,
         use_lora: bool = True,
         use_whitening_adapter: bool = True,
-        whitening_norm: WhiteningNorm | Sequence[WhiteningNorm] = "image",
+        whitening_norm: WhiteningNorms = "image",
         use_pos_embedding: bool = True,
         spatial_context_kernel: int = 3,
         scale_context_kernel: int = 5,

@@ -21,6 +21,9 @@ from typing import Any, Literal
 #: patch loses most of its magnitude, a flat one keeps it; docs/quality.md 0m) or ``position`` (each position and
 #: channel with the task's training statistics there: a product's appearance at each place; see docs/quality.md).
 WhiteningNorm = Literal["image", "patch", "patch_floored", "position"]
+#: ``whitening_norm``: one value for every stage, or one per stage of ``layers`` (``flow_layout="stage"``), where a
+#: stage's value may be a list: one flow on that stage per norm, their scores and maps averaged (docs/quality.md 0n).
+WhiteningNorms = WhiteningNorm | Sequence[WhiteningNorm | Sequence[WhiteningNorm]]
 #: Training feature cache: ``auto`` (memory, or a memory-mapped file when large), ``memory``, ``disk``, ``off``.
 CacheMode = Literal["auto", "memory", "disk", "off"]
 #: Storage type of the feature cache.
@@ -74,7 +77,9 @@ class ArchitectureSettings:
             anomalib's Fastflow), each patch (the study's), or each position and channel with the task's training
             statistics there (position; fitted in one extra first epoch); or one of these per stage of layers, with
             flow_layout stage (e.g. [image, patch]: the coarse stage's patches alone, its pattern without its level;
-            docs/quality.md 0m).
+            docs/quality.md 0m), where a stage's value may be a list: one flow on that stage per norm, their scores
+            and maps averaged (e.g. [image, [image, patch_floored]]: the coarse stage seen with and without its
+            level; docs/quality.md 0n).
         use_pos_embedding: Add the 2D sinusoidal positional embedding.
         spatial_context_kernel: Kernel of the shared spatial context (0: off, else odd).
         scale_context_kernel: Kernel of the scale context in each coupling subnet (0: off, else odd).
@@ -126,7 +131,7 @@ class ArchitectureSettings:
     lora_alpha: float | None = None
     use_lora: bool = True
     use_whitening_adapter: bool = True
-    whitening_norm: WhiteningNorm | Sequence[WhiteningNorm] = "image"
+    whitening_norm: WhiteningNorms = "image"
     use_pos_embedding: bool = True
     spatial_context_kernel: int = 3
     scale_context_kernel: int = 5
@@ -293,6 +298,7 @@ __all__ = [
     "ThresholdMode",
     "TrainingSettings",
     "WhiteningNorm",
+    "WhiteningNorms",
     "defaults",
     "differences",
     "names",

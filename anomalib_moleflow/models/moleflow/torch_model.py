@@ -36,6 +36,7 @@ from .settings import (
     RouterEmbedding,
     ScoreCalibration,
     WhiteningNorm,
+    WhiteningNorms,
     differences,
     select,
 )
@@ -53,27 +54,38 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def stage_whitening_norms(
-    whitening_norm: WhiteningNorm | Sequence[WhiteningNorm], layers: list[str], flow_layout: str
-) -> list[WhiteningNorm]:
-    """The whitening norm of each flow path: one value for all, or one per stage of ``layers`` (``stage`` layout)."""
+def plain_norms(whitening_norm: Sequence[WhiteningNorm | Sequence[WhiteningNorm]]) -> list[str | list[str]]:
+    """Per-stage whitening norms as plain lists (how settings and checkpoints keep them)."""
+    return [value if isinstance(value, str) else list(value) for value in whitening_norm]
+
+
+def stage_whitening_norms(whitening_norm: WhiteningNorms, layers: list[str], flow_layout: str) -> list[list[str]]:
+    """Each stage's flows' whitening norms: one value for all, or one per stage of ``layers`` (``stage`` layout),
+    where a stage's value may be a list (one flow on the stage per norm)."""
     if isinstance(whitening_norm, str):
         check_whitening_norm(whitening_norm)
-        return [whitening_norm] * len(layers)
-    norms = list(whitening_norm)
+        return [[whitening_norm] for _ in layers]
+    values = plain_norms(whitening_norm)
     _check(
         flow_layout == "stage",
-        f"whitening_norm {norms} gives one value per stage, which needs flow_layout='stage' (one flow per stage); "
+        f"whitening_norm {values} gives one value per stage, which needs flow_layout='stage' (one flow per stage); "
         "with flow_layout='joint' give one value.",
     )
     _check(
-        len(norms) == len(layers),
-        f"whitening_norm gives one value per stage of layers {layers}: {len(layers)} values, got {len(norms)}; "
+        len(values) == len(layers),
+        f"whitening_norm gives one value per stage of layers {layers}: {len(layers)} values, got {len(values)}; "
         "give one per stage, or one value for all.",
     )
-    for norm in norms:
-        check_whitening_norm(norm)
-    return norms
+    stages = [[value] if isinstance(value, str) else value for value in values]
+    for layer, norms in zip(layers, stages, strict=True):
+        for norm in norms:
+            check_whitening_norm(norm)
+        _check(
+            len(norms) >= 1 and len(set(norms)) == len(norms),
+            f"whitening_norm gives stage {layer} the norms {norms}: give each of its flows a different norm, at least "
+            "one (a list makes one flow per norm on the stage).",
+        )
+    return stages
 
 
 def _check_choice(name: str, value: object, choices: Any) -> None:
@@ -322,7 +334,8 @@ class MoleFlowModel(nn.Module):
             channels together, as anomalib's Fastflow) or ``patch`` (each patch alone, the study's), which removes
             every patch's magnitude, a defect cue (``docs/quality.md``); or, with ``flow_layout="stage"``, one value
             per stage of ``layers`` (e.g. ``["image", "patch"]``: the coarse stage's patches alone, docs/quality.md
-            0m).
+            0m), where a stage's value may be a list: one flow on the stage per norm, their scores and maps averaged
+            before the stages' mean (e.g. ``["image", ["image", "patch_floored"]]``, docs/quality.md 0n).
         use_pos_embedding: Add the 2D sinusoidal positional embedding.
         spatial_context_kernel: Kernel of the shared spatial context (0: off, else odd).
         scale_context_kernel: Kernel of the scale context in each coupling subnet (0: off, else odd).
@@ -372,7 +385,7 @@ class MoleFlowModel(nn.Module):
         lora_alpha: float | None = None,
         use_lora: bool = True,
         use_whitening_adapter: bool = True,
-        whitening_norm: WhiteningNorm | Sequence[WhiteningNorm] = "image",
+        whitening_norm: WhiteningNorms = "image",
         use_pos_embedding: bool = True,
         spatial_context_kernel: int = 3,
         scale_context_kernel: int = 5,
@@ -434,7 +447,7 @@ class MoleFlowModel(nn.Module):
         #: Every constructor argument (``embed_dim`` and ``lora_alpha`` resolved): the checkpoint fingerprint's source.
         self.settings: dict[str, Any] = {
             **model_settings(locals()),
-            "whitening_norm": whitening_norm if isinstance(whitening_norm, str) else list(whitening_norm),
+            "whitening_norm": whitening_norm if isinstance(whitening_norm, str) else plain_norms(whitening_norm),
             "embed_dim": embed_dim,
             "layers": list(layers),
             "lora_alpha": float(lora_alpha if lora_alpha is not None else lora_rank),
@@ -483,15 +496,18 @@ class MoleFlowModel(nn.Module):
         }
         #: The densities: one over the whole embedding (``joint``), or one per stage (``stage``).
         self.paths = nn.ModuleList()
+        #: The stage of each path (a stage with several whitening norms has a path per norm).
+        self.path_stages: list[int] = []
         if dims is None:
-            self.paths.append(FlowPath(embed_dim, self.grid, 0, None, None, whitening_norm=norms[0], **path))
+            self.paths.append(FlowPath(embed_dim, self.grid, 0, None, None, whitening_norm=norms[0][0], **path))
+            self.path_stages.append(0)
         else:
             for index, (dim, (height, width)) in enumerate(zip(dims, probe, strict=True)):
                 rows, cols = _first_rows(height, self.grid[0]), _first_rows(width, self.grid[1])
                 start = sum(dims[:index])
-                self.paths.append(
-                    FlowPath(dim, (height, width), start, rows, cols, whitening_norm=norms[index], **path)
-                )
+                for norm in norms[index]:
+                    self.paths.append(FlowPath(dim, (height, width), start, rows, cols, whitening_norm=norm, **path))
+                    self.path_stages.append(index)
         self.register_load_state_dict_pre_hook(_into_first_path)
 
         self.router = MahalanobisRouter(embed_dim, router_eps, router_embedding, router_covariance)
@@ -807,7 +823,7 @@ class MoleFlowModel(nn.Module):
             scores.append(self._on_grid(score))
             map_values.append(self._on_grid(map_value))
         # the stages' scores on an equal footing: each is calibrated per position (or a per-dimension likelihood)
-        score_map, map_value = _mean(scores), _mean(map_values)
+        score_map, map_value = self._stages_mean(scores), self._stages_mean(map_values)
         anomaly_map = self.anomaly_map_generator(map_value, output_size)
         pred_score = top_k_image_score(score_map, self.score_aggregation_top_k)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map), routed
@@ -844,6 +860,11 @@ class MoleFlowModel(nn.Module):
         if self.anomaly_map_value == "likelihood":
             return score, likelihood
         return score, self.paths[path].calibrate_map(likelihood, task)
+
+    def _stages_mean(self, values: list[torch.Tensor]) -> torch.Tensor:
+        """The mean over the stages of each stage's paths' mean, of one ``(b, h, w)`` tensor per path."""
+        stages = sorted(set(self.path_stages))
+        return _mean([_mean([v for v, s in zip(values, self.path_stages, strict=True) if s == i]) for i in stages])
 
     def _on_grid(self, values: torch.Tensor) -> torch.Tensor:
         """``(b, h_p, w_p)`` values of a path on the finest grid ``(b, h, w)`` (bilinear, as the map upsamples)."""
