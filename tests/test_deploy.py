@@ -117,13 +117,24 @@ def test_onnx_export_of_a_two_task_model_matches_pytorch(
     _assert_matches_pytorch(model, onnx_export, root)
 
 
-def test_onnx_export_with_one_joint_flow_matches_pytorch(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The study's layout (``flow_layout="joint"``, score maps): one density over both stages on the finest grid."""
+@pytest.mark.parametrize(
+    ("settings", "grids"),
+    [
+        # the study's layout (score maps): one density over both stages on the finest grid
+        ({"flow_layout": "joint", "anomaly_map_value": "score"}, [(16, 16)]),
+        # two flows on the coarse stage, averaged before the stages
+        ({"whitening_norm": ["image", ["image", "patch_floored"]]}, [(16, 16), (8, 8), (8, 8)]),
+    ],
+    ids=["joint", "two_norms_on_a_stage"],
+)
+def test_onnx_export_of_other_flow_layouts_matches_pytorch(
+    tmp_path_factory: pytest.TempPathFactory, settings: dict[str, object], grids: list[tuple[int, int]]
+) -> None:
     root = tmp_path_factory.mktemp("deploy_joint_data")
     generate_dataset(root, TINY_CATEGORIES, SyntheticConfig(image_size=64, n_train=16, n_test_good=4, n_test_defect=2))
     seed_everything(0, verbose=False)
-    model = MoleFlow(**{**TINY_MODEL_KWARGS, "flow_layout": "joint", "anomaly_map_value": "score"})
-    assert [path.grid for path in model.model.paths] == [(16, 16)]
+    model = MoleFlow(**{**TINY_MODEL_KWARGS, **settings})
+    assert [path.grid for path in model.model.paths] == grids
     tasks = [MVTecAD(root=root, category=c, train_batch_size=4, eval_batch_size=8, num_workers=0) for c in LEARNED]
     output = tmp_path_factory.mktemp("deploy_joint_run")
     ContinualEngine(output_dir=output, enable_progress_bar=False, overlays_per_task=0).run(model, tasks)
