@@ -192,13 +192,17 @@ def test_compile_mode_trains_the_same_weights_and_keeps_checkpoint_keys(
 
 
 def test_unknown_compile_mode_is_refused() -> None:
-    with pytest.raises(ValueError, match="compile_mode must be one of"):
+    with pytest.raises(
+        ValueError, match="compile_mode must be 'off', 'default', 'reduce-overhead' or 'max-autotune', got"
+    ):
         MoleFlow(**{**TINY_MODEL_KWARGS, "compile_mode": "fast"})
 
 
-@pytest.mark.parametrize(("name", "value"), [("feature_cache", "ram"), ("feature_cache_dtype", "bfloat16")])
-def test_unknown_cache_settings_are_refused(name: str, value: str) -> None:
-    with pytest.raises(ValueError, match=f"Unknown {name} '{value}'"):
+@pytest.mark.parametrize(
+    ("name", "value"), [("feature_cache", "ram"), ("feature_cache_dtype", "bfloat16"), ("threshold", "youden")]
+)
+def test_unknown_cache_and_threshold_settings_are_refused(name: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"{name} must be '.+' or '.+', got '{value}'"):
         MoleFlow(**{**TINY_MODEL_KWARGS, name: value})
 
 

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import IO, Any, NamedTuple, get_args
+from typing import IO, Any, NamedTuple
 
 import torch
 from anomalib import LearningType
@@ -67,6 +67,7 @@ from .settings import (
     ScoreCalibration,
     ThresholdMode,
     WhiteningNorms,
+    check_choice,
     defaults,
     differences,
     names,
@@ -288,10 +289,10 @@ class MoleFlow(AnomalibModule):
         _check(lr > 0, f"lr must be > 0, got {lr}.")
         _check(max_epochs >= 1, f"max_epochs must be >= 1, got {max_epochs}.")
         _check(0.0 <= average_last <= 1.0, f"average_last must be in [0, 1] (0: off), got {average_last}.")
-        _check(feature_cache in get_args(CacheMode), f"Unknown feature_cache {feature_cache!r}.")
-        _check(feature_cache_dtype in get_args(CacheDtype), f"Unknown feature_cache_dtype {feature_cache_dtype!r}.")
-        _check(compile_mode in get_args(CompileMode), f"compile_mode must be one of {get_args(CompileMode)}.")
-        _check(threshold in get_args(ThresholdMode), f"threshold must be one of {get_args(ThresholdMode)}.")
+        check_choice("feature_cache", feature_cache, CacheMode)
+        check_choice("feature_cache_dtype", feature_cache_dtype, CacheDtype)
+        check_choice("compile_mode", compile_mode, CompileMode)
+        check_choice("threshold", threshold, ThresholdMode)
         _check(0.0 < target_fpr < 0.5, f"target_fpr must be in (0, 0.5), got {target_fpr}.")
         if pre_processor is True:
             pre_processor = self.configure_pre_processor((image_size, image_size))

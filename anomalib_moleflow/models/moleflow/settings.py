@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 #: What the whitening adapter normalises: ``image`` (each image's patches and channels together, as anomalib's
 #: Fastflow), ``patch`` (each patch alone, the study's; it removes every patch's magnitude), ``patch_floored`` (each
@@ -265,6 +265,16 @@ def plain(value: Any) -> Any:
     return normalise(value)
 
 
+def check_choice(name: str, value: object, choices: Any) -> None:
+    """Raise a ValueError unless ``value`` is one of the ``Literal`` ``choices``: "name must be 'a', 'b' or 'c', got
+    ...", the one wording of every choice the model checks."""
+    allowed = get_args(choices)
+    if value not in allowed:
+        listed = f"{', '.join(map(repr, allowed[:-1]))} or {allowed[-1]!r}"
+        msg = f"{name} must be {listed}, got {value!r}."
+        raise ValueError(msg)
+
+
 def differences(saved: Any, current: Any, path: str = "") -> list[tuple[str, Any, Any]]:
     """``(key, saved value, current value)`` of every leaf that differs between two settings trees (nested dicts).
 
@@ -299,6 +309,7 @@ __all__ = [
     "TrainingSettings",
     "WhiteningNorm",
     "WhiteningNorms",
+    "check_choice",
     "defaults",
     "differences",
     "names",

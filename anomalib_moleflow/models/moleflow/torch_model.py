@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, get_args
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -19,7 +19,7 @@ from .anomaly_map import (
     position_capped,
     top_k_image_score,
 )
-from .components.adapters import WhiteningAdapter, check_whitening_norm, per_image_whitening
+from .components.adapters import WhiteningAdapter, per_image_whitening
 from .components.backbone import build_feature_extractor
 from .components.coupling import MoLEFlow
 from .components.dia import DeepInvertibleAdapter, per_image_dia
@@ -37,6 +37,7 @@ from .settings import (
     ScoreCalibration,
     WhiteningNorm,
     WhiteningNorms,
+    check_choice,
     differences,
     select,
 )
@@ -63,7 +64,7 @@ def stage_whitening_norms(whitening_norm: WhiteningNorms, layers: list[str], flo
     """Each stage's flows' whitening norms: one value for all, or one per stage of ``layers`` (``stage`` layout),
     where a stage's value may be a list (one flow on the stage per norm)."""
     if isinstance(whitening_norm, str):
-        check_whitening_norm(whitening_norm)
+        check_choice("whitening_norm", whitening_norm, WhiteningNorm)
         return [[whitening_norm] for _ in layers]
     values = plain_norms(whitening_norm)
     _check(
@@ -79,20 +80,13 @@ def stage_whitening_norms(whitening_norm: WhiteningNorms, layers: list[str], flo
     stages = [[value] if isinstance(value, str) else value for value in values]
     for layer, norms in zip(layers, stages, strict=True):
         for norm in norms:
-            check_whitening_norm(norm)
+            check_choice("whitening_norm", norm, WhiteningNorm)
         _check(
             len(norms) >= 1 and len(set(norms)) == len(norms),
             f"whitening_norm gives stage {layer} the norms {norms}: give each of its flows a different norm, at least "
             "one (a list makes one flow per norm on the stage).",
         )
     return stages
-
-
-def _check_choice(name: str, value: object, choices: Any) -> None:
-    """``value`` must be one of the ``Literal`` ``choices``: "name must be 'a', 'b' or 'c', got ..."."""
-    allowed = get_args(choices)
-    listed = f"{', '.join(map(repr, allowed[:-1]))} or {allowed[-1]!r}"
-    _check(value in allowed, f"{name} must be {listed}, got {value!r}.")
 
 
 def model_settings(arguments: Mapping[str, Any]) -> dict[str, Any]:
@@ -439,9 +433,9 @@ class MoleFlowModel(nn.Module):
             _check(kernel == 0 or (kernel > 0 and kernel % 2 == 1), f"{name} must be 0 (off) or odd, got {kernel}.")
         _check(score_aggregation_top_k >= 1, f"score_aggregation_top_k must be >= 1, got {score_aggregation_top_k}.")
         _check(anomaly_map_sigma >= 0, f"anomaly_map_sigma must be >= 0 (0: no blur), got {anomaly_map_sigma}.")
-        _check_choice("score_calibration", score_calibration, ScoreCalibration)
-        _check_choice("anomaly_map_value", anomaly_map_value, AnomalyMapValue)
-        _check_choice("flow_layout", flow_layout, FlowLayout)
+        check_choice("score_calibration", score_calibration, ScoreCalibration)
+        check_choice("anomaly_map_value", anomaly_map_value, AnomalyMapValue)
+        check_choice("flow_layout", flow_layout, FlowLayout)
         _check(router_eps > 0, f"router_eps must be > 0, got {router_eps}.")
         _check(unknown_factor is None or unknown_factor > 0, f"unknown_factor must be > 0, got {unknown_factor}.")
         #: Every constructor argument (``embed_dim`` and ``lora_alpha`` resolved): the checkpoint fingerprint's source.

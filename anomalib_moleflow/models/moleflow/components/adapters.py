@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, get_args
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from einops import rearrange
 from torch import nn
 
-from ..settings import WhiteningNorm
+from ..settings import WhiteningNorm, check_choice
 
 #: Variance floor of ``position`` normalisation, relative to each channel's mean variance over the grid (a position
 #: whose feature never varies in training, e.g. a saturated background, must not turn noise into huge deviations).
 POSITION_VARIANCE_FLOOR = 0.01
-
-
-def check_whitening_norm(norm: str) -> None:
-    """Raise a ValueError naming the choices unless ``norm`` is a :data:`WhiteningNorm`."""
-    if norm not in get_args(WhiteningNorm):
-        msg = f"whitening_norm must be one of {get_args(WhiteningNorm)}, got {norm!r}."
-        raise ValueError(msg)
 
 
 # gamma = 0.5 + 1.5 * sigmoid(raw) equals 1 when sigmoid(raw) = 1/3, i.e. raw = -log 2.
@@ -45,7 +38,7 @@ class WhiteningAdapter(nn.Module):
 
     def __init__(self, dim: int, norm: WhiteningNorm = "image", grid: tuple[int, int] = (1, 1)) -> None:
         super().__init__()
-        check_whitening_norm(norm)
+        check_choice("whitening_norm", norm, WhiteningNorm)
         self.dim = dim
         self.norm = norm
         self.gamma_raw = nn.Parameter(torch.full((dim,), _GAMMA_IDENTITY_RAW))

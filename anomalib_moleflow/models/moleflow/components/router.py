@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, NamedTuple, get_args
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from ..settings import RouterCovariance, RouterEmbedding
+from ..settings import RouterCovariance, RouterEmbedding, check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -294,9 +294,7 @@ class MahalanobisRouter(nn.Module):
             ("router_embedding", embedding, RouterEmbedding),
             ("router_covariance", covariance, RouterCovariance),
         ):
-            if value not in get_args(choices):
-                msg = f"{name} must be one of {list(get_args(choices))}, got {value!r}."
-                raise ValueError(msg)
+            check_choice(name, value, choices)
         self.dim = dim
         self.eps = eps
         self.embedding = embedding
