@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from anomalib.data import InferenceBatch
 from einops import rearrange
 from lightning.pytorch import Callback, seed_everything
 from torch import nn
@@ -1876,14 +1877,24 @@ def fit_random_statistics(model: MoleFlowModel, tasks: Sequence[int], seed: int 
             )
 
 
-def test_stage_layout_averages_each_stages_calibrated_scores_on_the_finest_grid() -> None:
-    model = stage_model_with("ab", anomaly_map_value="score")
-    fit_random_statistics(model, [0, 1])  # every stage's statistics fitted, differently per task
+def predicted_with_given_tasks(
+    model: MoleFlowModel,
+) -> tuple[torch.Tensor, torch.Tensor, InferenceBatch, torch.Tensor]:
+    """Every path's statistics of tasks 0 and 1 fitted (:func:`fit_random_statistics`), then three random 32 px images
+    predicted with the tasks ``[1, 0, 1]`` given: the images, the tasks, the predictions and the patch embeddings."""
+    fit_random_statistics(model, [0, 1])
     images = random_images(32, batch=3)
     tasks = torch.tensor([1, 0, 1])
     with torch.no_grad():
         predictions, _ = model.predict(images, tasks)
         patches, _ = model.embed(images)
+    return images, tasks, predictions, patches
+
+
+def test_stage_layout_averages_each_stages_calibrated_scores_on_the_finest_grid() -> None:
+    model = stage_model_with("ab", anomaly_map_value="score")
+    _, tasks, predictions, patches = predicted_with_given_tasks(model)
+    with torch.no_grad():
         expected_scores = []
         for index, path in enumerate(model.paths):
             nll = torch.stack(
@@ -1908,12 +1919,8 @@ def test_stage_layout_averages_each_stages_calibrated_scores_on_the_finest_grid(
 def test_calibrated_likelihood_caps_each_likelihood_by_its_positional_standard_score_on_the_overall_scale() -> None:
     model = stage_model_with("ab")  # the default map value
     assert model.anomaly_map_value == "calibrated_likelihood"
-    fit_random_statistics(model, [0, 1])
-    images = random_images(32, batch=3)
-    tasks = torch.tensor([1, 0, 1])
+    images, tasks, predictions, patches = predicted_with_given_tasks(model)
     with torch.no_grad():
-        predictions, _ = model.predict(images, tasks)
-        patches, _ = model.embed(images)
         expected: dict[str, list[torch.Tensor]] = {"min": [], "overall": [], "position": []}
         for index, path in enumerate(model.paths):
             stage: dict[str, list[torch.Tensor]] = {key: [] for key in expected}
@@ -2050,12 +2057,8 @@ def test_a_stage_with_several_whitening_norms_has_a_flow_per_norm_averaged_befor
     assert [path.whitening[1].norm for path in model.paths] == ["image", "image", "patch_floored"]
     assert model.settings["whitening_norm"] == ["image", ["image", "patch_floored"]]
     assert model.paths[1].grid == model.paths[2].grid == (4, 4)
-    fit_random_statistics(model, [0, 1])
-    images = random_images(32, batch=3)
-    tasks = torch.tensor([1, 0, 1])
+    _, tasks, predictions, patches = predicted_with_given_tasks(model)
     with torch.no_grad():
-        predictions, _ = model.predict(images, tasks)
-        patches, _ = model.embed(images)
         scores, maps = zip(*(model._path_scores(patches, tasks, index) for index in range(3)), strict=True)
         scores, maps = [model._on_grid(v) for v in scores], [model._on_grid(v) for v in maps]
         # the coarse stage's two flows see the same cells differently
