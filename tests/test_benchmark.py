@@ -231,8 +231,30 @@ def test_a_whitening_norm_per_stage_comes_from_the_command_line_typed() -> None:
         ["image", "patch_floored"],
     ]
     assert parser.parse_args(["--config", config]).moleflow.whitening_norm == "image"
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--config", config, "--moleflow.whitening_norm", "[image, channel]"])
+
+
+@pytest.mark.parametrize(
+    ("whitening_norm", "refusal"),
+    [
+        ("[layer1, channel]", "must be 'image', 'patch', 'patch_floored' or 'position', got 'layer1'"),
+        ("[image, image, image]", "one value per stage of layers"),
+    ],
+)
+def test_a_moleflow_row_the_model_refuses_stops_the_benchmark_before_any_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], whitening_norm: str, refusal: str
+) -> None:
+    from anomalib_moleflow.cli.main import main
+
+    config = tiny_config(tmp_path / "data", tmp_path / "out")
+    config.update(rows=["padim/separate", "moleflow"], overrides={})  # a baseline row would run first
+    config["moleflow"]["flow_layout"] = "stage"
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["benchmark", "--config", str(path), "--moleflow.whitening_norm", whitening_norm])
+    assert exit_info.value.code == 1
+    assert refusal in capsys.readouterr().err.strip().splitlines()[-1]  # one line, the model's own words
+    assert not (tmp_path / "out").exists()  # nothing ran, no output claimed
 
 
 def test_cli_runs_a_yaml_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -131,6 +131,24 @@ def test_a_diverging_run_is_one_line_and_writes_no_model(tiny_mvtec_root: Path, 
     assert not (tmp_path / "out" / "model.ckpt").exists()
 
 
+@pytest.mark.parametrize("whitening_norm", ["pach", "[image, [image, pach]]"])
+def test_a_misspelt_whitening_norm_is_one_line_naming_the_choices(
+    whitening_norm: str, tiny_mvtec_root: Path, tmp_path: Path
+) -> None:
+    """A nested list of names: jsonargparse would list its union's subtypes; the model names the four choices."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(_tiny_config(tiny_mvtec_root, flow_layout="stage")))
+    argv = ["continual", "--config", str(config), "--output", str(tmp_path / "out")]
+    completed = _cli([*argv, "--model.whitening_norm", whitening_norm], tmp_path)
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr
+    assert "Subtypes" not in completed.stderr
+    assert completed.stderr.strip().splitlines()[-1] == (
+        "moleflow continual: error: whitening_norm must be 'image', 'patch', 'patch_floored' or 'position', got 'pach'."
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_offline_weights_are_one_line(tiny_mvtec_root: Path, tmp_path: Path) -> None:
     config = tmp_path / "weights.yaml"
     config.write_text(yaml.safe_dump(_tiny_config(tiny_mvtec_root, pre_trained=True)))

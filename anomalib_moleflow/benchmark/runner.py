@@ -164,7 +164,8 @@ def run_benchmark(config: Mapping[str, Any] | Namespace) -> dict[str, Any]:
         :data:`~anomalib_moleflow.reports.COLUMNS` plus ``details``), ``tasks`` and the resolved config.
 
     Raises:
-        ValueError: If the config has no tasks or names unknown rows.
+        ValueError: If the config has no tasks, names unknown rows or gives a MoLE-Flow row settings its model
+            refuses (checked before any row runs).
         anomalib_moleflow.data.DatasetError: If a dataset is missing (before any row runs).
         FileExistsError: If the output folder holds an earlier benchmark and neither ``resume`` nor ``overwrite``
             is set.
@@ -183,6 +184,9 @@ def run_benchmark(config: Mapping[str, Any] | Namespace) -> dict[str, Any]:
     for task in tasks:
         for member in task.members:
             check_datamodule(member)
+    for row in rows:  # MoLE-Flow's own refusals (e.g. a whitening_norm for other layers) before hours of other rows
+        if row.model == "moleflow":
+            make_strategy(config, row, tasks, torch.device("cpu"))
     # Last of the checks, so that a config or dataset error never costs an earlier benchmark's outputs.
     claim_output_dir(config.output, BENCHMARK_OUTPUTS, config.resume, config.overwrite)
     release_large_frees()

@@ -15,7 +15,8 @@ all positions of the training images; ``mu_p``, ``sigma_p`` at one position):
 - ``scale_only``: ``(v - mu) / sigma_p``; ``sum``: ``z + z_p``; ``min``: ``min(z, z_p)``;
 - ``calibrated_likelihood``: ``min(v, mu + sigma * z_p)``, the model's ``anomaly_map_value: calibrated_likelihood``;
   ``calibrated_likelihood_eb``: the same with ``mu_p`` and ``sigma_p`` shrunk towards ``mu`` and ``sigma`` by their
-  empirical-Bayes weights;
+  empirical-Bayes weights; ``calibrated_likelihood_3x3``, ``calibrated_likelihood_5x5``: with ``mu_p`` and
+  ``sigma_p`` over each position's neighbourhood;
 - ``score``: each stage's calibrated NLL (``anomaly_map_value: score``).
 
 Each row also gives, per stage, the empirical-Bayes weight and the split-half reliability of the ``sigma_p`` map.
@@ -169,6 +170,11 @@ def main() -> None:
                 # the same on the stage's own scale (the stages weigh in as in the plain likelihood): the model's
                 "calibrated_likelihood": fit.mean() + fit.std() * torch.minimum(global_z, position_z),
                 "calibrated_likelihood_eb": torch.minimum(value, fit.mean() + fit.std() * (value - mean_eb) / std_eb),
+                **{
+                    f"calibrated_likelihood_{k}x{k}": torch.minimum(value, fit.mean() + fit.std() * (value - m) / s)
+                    for k in (3, 5)
+                    for m, s in [pooled_stats(fit, k)]
+                },
                 "score": te["score"],
             }.items():
                 maps[key].append(

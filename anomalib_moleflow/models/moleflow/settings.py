@@ -23,7 +23,9 @@ from typing import Any, Literal, get_args
 WhiteningNorm = Literal["image", "patch", "patch_floored", "position"]
 #: ``whitening_norm``: one value for every stage, or one per stage of ``layers`` (``flow_layout="stage"``), where a
 #: stage's value may be a list: one flow on that stage per norm, their scores and maps averaged (docs/quality.md 0n).
-WhiteningNorms = WhiteningNorm | Sequence[WhiteningNorm | Sequence[WhiteningNorm]]
+#: Each name is typed ``str`` and checked against :data:`WhiteningNorm` by the model (``check_choice``): a misspelt
+#: name then gets one line naming the choices, where jsonargparse answers a nested union of literals with its subtypes.
+WhiteningNorms = str | Sequence[str | Sequence[str]]
 #: Training feature cache: ``auto`` (memory, or a memory-mapped file when large), ``memory``, ``disk``, ``off``.
 CacheMode = Literal["auto", "memory", "disk", "off"]
 #: Storage type of the feature cache.
@@ -73,9 +75,10 @@ class ArchitectureSettings:
         lora_alpha: LoRA alpha (update scaled by alpha / rank); None: lora_rank.
         use_lora: Low-rank experts; false for per-task full-rank linears.
         use_whitening_adapter: Per-task whitening adapter.
-        whitening_norm: What the whitening adapter normalises: each image (its patches and channels together, as
-            anomalib's Fastflow), each patch (the study's), or each position and channel with the task's training
-            statistics there (position; fitted in one extra first epoch); or one of these per stage of layers, with
+        whitening_norm: What the whitening adapter normalises: image (its patches and channels together, as
+            anomalib's Fastflow), patch (each patch alone, the study's), patch_floored (each patch, its variance
+            floored by its image's mean patch variance) or position (each position and channel with the task's
+            training statistics there; fitted in one extra first epoch); or one of these per stage of layers, with
             flow_layout stage (e.g. [image, patch]: the coarse stage's patches alone, its pattern without its level;
             docs/quality.md 0m), where a stage's value may be a list: one flow on that stage per norm, their scores
             and maps averaged (e.g. [image, [image, patch_floored]]: the coarse stage seen with and without its
