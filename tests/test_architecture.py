@@ -13,7 +13,7 @@ ROOT = "anomalib_moleflow"
 
 #: Layers, bottom first. A module may import from its own component and from components of lower layers only.
 LAYERS: tuple[frozenset[str], ...] = (
-    frozenset({"io", "errors", "metrics", "compat", "runtime", "deploy", "distributed"}),
+    frozenset({"io", "errors", "parser", "metrics", "compat", "runtime", "deploy", "distributed"}),
     frozenset({"checkpoint"}),
     frozenset({"models", "data"}),
     frozenset({"baselines", "reports"}),

@@ -69,3 +69,36 @@ def test_every_model_option_has_its_help_line(capsys: pytest.CaptureFixture[str]
     assert not undocumented, undocumented
     assert "timm backbone name" in entries["backbone"]
     assert "Adam learning rate" in entries["lr"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["continual", "--model.lr", "abc"], "model.lr: expected float, got abc"),
+        (["continual", "--model.embed_dim", "abc"], "model.embed_dim: expected null or int, got abc"),
+        (
+            ["continual", "--model.router_embedding", "foo"],
+            "model.router_embedding: expected one of 'mean', 'max', 'quadrant_max', got foo",
+        ),
+        (["continual", "--no_such", "1"], "Unrecognized arguments: --no_such 1"),
+        (["continual", "--config", "/missing.yaml"], "config: File does not exist: '/missing.yaml'"),
+        (["benchmark", "--seeds", "x"], "seeds: expected null or list, got x"),
+        (["ablate", "--executor", "foo"], "executor: expected one of 'serial', 'ray', got foo"),
+        (["generate-demo", "--image_size", "x"], "image_size: expected int, got x"),
+    ],
+)
+def test_an_option_error_is_one_line_naming_the_option_and_what_it_takes(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    command = f"moleflow {argv[0]}"
+    assert capsys.readouterr().err.splitlines() == [f"{command}: error: {said} ({command} --help lists the options)"]
+
+
+def test_a_config_dict_with_a_wrong_value_is_refused_in_one_line() -> None:
+    from anomalib_moleflow.engine.runner import resolve
+
+    with pytest.raises(ValueError, match=r"^Invalid continual config: model.embed_dim: expected null or int, got abc$"):
+        resolve({"model": {"embed_dim": "abc"}})

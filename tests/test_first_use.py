@@ -221,8 +221,10 @@ def _suite(tmp_path: Path, runs: list[dict]) -> Path:
         ([{"name": "MAIN"}, {"name": "x", "sett": {"model.lr": 1}}], "sett"),
         ([{"name": "MAIN"}, {"name": "x", "set": {"seeed": 1}}], "seeed"),
         ([{"name": "MAIN"}, {"name": "x", "set": {"model.tail_wieght": 0.0}}], "tail_wieght"),
+        ([{"name": "MAIN"}, {"name": "x", "set": {"model.whitening_norm": "pach"}}], "got 'pach'"),
+        ([{"name": "MAIN"}, {"name": "x", "set": {"model.whitening_norm": ["image"] * 3}}], "got 3"),
     ],
-    ids=["row-key", "run-key", "model-key"],
+    ids=["row-key", "run-key", "model-key", "whitening-name", "whitening-count"],
 )
 def test_a_suite_with_a_typo_is_refused_before_any_run(
     runs: list[dict], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

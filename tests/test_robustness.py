@@ -75,7 +75,12 @@ def test_benchmark_into_an_earlier_benchmark_is_refused(tiny_mvtec_root: Path, t
     (tmp_path / "benchmark.json").write_text("{}")
     (tmp_path / "benchmark.yaml").write_text("mine")  # a user's file, not an output
     dataset = {"class_path": "anomalib.data.MVTecAD", "init_args": {"root": str(tiny_mvtec_root), "num_workers": 0}}
-    config = {"output": str(tmp_path), "rows": ["moleflow"], "tasks": {"dataset": dataset, "categories": ["woven"]}}
+    config = {
+        "output": str(tmp_path),
+        "rows": ["moleflow"],
+        "pre_trained": False,  # the MoLE-Flow row's model is built (and checked) before the output folder is claimed
+        "tasks": {"dataset": dataset, "categories": ["woven"]},
+    }
     with pytest.raises(FileExistsError, match="--overwrite"):
         run_benchmark(config)
     # With --overwrite, a dataset error still comes first and the earlier outputs stay.

@@ -9,10 +9,12 @@ from typing import Literal
 
 from jsonargparse import ArgumentParser
 
+from anomalib_moleflow.parser import OptionParser
+
 
 def ablate_parser() -> ArgumentParser:
     """Options of ``moleflow ablate``."""
-    parser = ArgumentParser(
+    parser = OptionParser(
         prog="moleflow ablate",
         description="Run an ablation or sweep suite (MAIN plus one override per run) into tables.",
     )

@@ -11,6 +11,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from anomalib_moleflow.baselines.settings import FastflowSettings, PadimSettings, PatchcoreSettings
 from anomalib_moleflow.engine.options import add_run_options
 from anomalib_moleflow.models.moleflow.settings import MoleFlowSettings
+from anomalib_moleflow.parser import OptionParser
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class RowSpec:
 
 def benchmark_parser(exit_on_error: bool = True) -> ArgumentParser:
     """Parser of ``moleflow benchmark`` (YAML configs use the same keys; no torch or anomalib import)."""
-    parser = ArgumentParser(
+    parser = OptionParser(
         exit_on_error=exit_on_error,
         prog="moleflow benchmark",
         description="MoLE-Flow vs anomalib's Fastflow, Patchcore and Padim (finetune / separate + router / joint) on "

@@ -6,13 +6,15 @@ from collections.abc import Sequence
 
 from jsonargparse import ArgumentParser
 
+from anomalib_moleflow.parser import OptionParser
+
 from .convert import convert_8bit
 from .synthetic.command import generate_demo
 
 
 def generate_demo_parser() -> ArgumentParser:
     """Options of ``moleflow generate-demo``."""
-    parser = ArgumentParser(
+    parser = OptionParser(
         prog="moleflow generate-demo",
         description="Generate the offline demo dataset (MVTec AD layout, images and masks).",
     )
@@ -28,7 +30,7 @@ def generate_demo_command(argv: Sequence[str]) -> str:
 
 def convert_parser() -> ArgumentParser:
     """Options of ``moleflow convert-8bit``."""
-    parser = ArgumentParser(
+    parser = OptionParser(
         prog="moleflow convert-8bit", description="Copy a dataset folder with its 16-bit images converted to 8 bits."
     )
     parser.add_function_arguments(convert_8bit, as_positional=True)

@@ -13,13 +13,14 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from anomalib_moleflow.checkpoint import check_checkpoint_path
 from anomalib_moleflow.deploy.inferencer import scoreable_files
 from anomalib_moleflow.models.moleflow.settings import CompileMode
+from anomalib_moleflow.parser import OptionParser
 
 from .options import PREDICT_OUTPUTS, ExportFormat, add_overwrite_option, check_export_format
 
 
 def predict_parser() -> ArgumentParser:
     """Options of ``moleflow predict``."""
-    parser = ArgumentParser(
+    parser = OptionParser(
         prog="moleflow predict", description="Score images of any of the learned products with a saved model."
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (same keys as the options).")
@@ -82,7 +83,7 @@ def predict_command(argv: Sequence[str]) -> str:
 
 def export_parser() -> ArgumentParser:
     """Options of ``moleflow export``."""
-    parser = ArgumentParser(
+    parser = OptionParser(
         prog="moleflow export", description="Export a saved model with every task into one artefact, and its loader."
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (same keys as the options).")

@@ -20,7 +20,8 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from anomalib_moleflow.distributed import is_rank_zero
 from anomalib_moleflow.io import claim_output_dir
-from anomalib_moleflow.models.moleflow.settings import MoleFlowSettings, names
+from anomalib_moleflow.models.moleflow.settings import MoleFlowSettings, names, stage_whitening_norms
+from anomalib_moleflow.parser import OptionParser, one_line
 
 from .options import RUN_OUTPUTS, add_run_options, apply_dotted, check_devices, split_dotted
 
@@ -70,7 +71,7 @@ def continual_parser(exit_on_error: bool = True) -> ArgumentParser:
     Args:
         exit_on_error: ``False`` to raise instead of exiting on a bad option (configs resolved by code).
     """
-    parser = ArgumentParser(
+    parser = OptionParser(
         prog="moleflow continual",
         description="Learn a task sequence with MoLE-Flow and report the study's metrics.",
         exit_on_error=exit_on_error,
@@ -116,17 +117,19 @@ def resolve(config: Mapping[str, Any] | Namespace) -> Namespace:
     """A continual config as its parsed, validated and completed namespace (the keys of :func:`continual_parser`).
 
     Raises:
-        ValueError: Naming the first unknown key or invalid value.
+        ValueError: Naming the first unknown key or invalid value (also a whitening_norm's names or count).
     """
     if isinstance(config, Namespace):
         return config
     parser = continual_parser(exit_on_error=False)
     try:
-        return parser.parse_object(dict(config))
-    except Exception as error:  # jsonargparse's ArgumentError: one line, the key and what is wrong
-        message = " ".join(str(error).split())
-        msg = f"Invalid continual config: {message}"
+        namespace = parser.parse_object(dict(config))
+    except Exception as error:  # jsonargparse's ArgumentError, as one line: the key and what is wrong
+        msg = f"Invalid continual config: {one_line(str(error))}"
         raise ValueError(msg) from error
+    model = namespace.model  # the names and the count of whitening_norm, typed str for the parser
+    stage_whitening_norms(model.whitening_norm, list(model.layers), model.flow_layout)
+    return namespace
 
 
 def _config_files(argv: Sequence[str]) -> list[Path]:

@@ -39,7 +39,9 @@ from .settings import (
     WhiteningNorms,
     check_choice,
     differences,
+    plain_norms,
     select,
+    stage_whitening_norms,
 )
 
 logger = logging.getLogger(__name__)
@@ -53,40 +55,6 @@ CHECKPOINT_FORMAT = 6
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
-
-
-def plain_norms(whitening_norm: Sequence[WhiteningNorm | Sequence[WhiteningNorm]]) -> list[str | list[str]]:
-    """Per-stage whitening norms as plain lists (how settings and checkpoints keep them)."""
-    return [value if isinstance(value, str) else list(value) for value in whitening_norm]
-
-
-def stage_whitening_norms(whitening_norm: WhiteningNorms, layers: list[str], flow_layout: str) -> list[list[str]]:
-    """Each stage's flows' whitening norms: one value for all, or one per stage of ``layers`` (``stage`` layout),
-    where a stage's value may be a list (one flow on the stage per norm)."""
-    if isinstance(whitening_norm, str):
-        check_choice("whitening_norm", whitening_norm, WhiteningNorm)
-        return [[whitening_norm] for _ in layers]
-    values = plain_norms(whitening_norm)
-    _check(
-        flow_layout == "stage",
-        f"whitening_norm {values} gives one value per stage, which needs flow_layout='stage' (one flow per stage); "
-        "with flow_layout='joint' give one value.",
-    )
-    _check(
-        len(values) == len(layers),
-        f"whitening_norm gives one value per stage of layers {layers}: {len(layers)} values, got {len(values)}; "
-        "give one per stage, or one value for all.",
-    )
-    stages = [[value] if isinstance(value, str) else value for value in values]
-    for layer, norms in zip(layers, stages, strict=True):
-        for norm in norms:
-            check_choice("whitening_norm", norm, WhiteningNorm)
-        _check(
-            len(norms) >= 1 and len(set(norms)) == len(norms),
-            f"whitening_norm gives stage {layer} the norms {norms}: give each of its flows a different norm, at least "
-            "one (a list makes one flow per norm on the stage).",
-        )
-    return stages
 
 
 def model_settings(arguments: Mapping[str, Any]) -> dict[str, Any]:
