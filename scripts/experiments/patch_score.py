@@ -735,11 +735,17 @@ def main() -> None:
         default="nll,quad",
         help="Patch scores to report: nll, quad, prob, nll_prob; KIND_pos: calibrated per position.",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: the cores not busy; a fixed count gives the same figures to the digit).",
+    )
     args = parser.parse_args()
     eval_epochs = {int(e) for e in args.eval_epochs.split(",") if e}
     kinds = set(args.kinds.split(","))
     sigmas = [args.sigma] + [float(v) for v in args.sigmas.split(",") if v]
-    torch.set_num_threads(pick_threads())
+    torch.set_num_threads(pick_threads(args.threads))
     layers = args.layers.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     rows: dict[str, list[dict[str, float]]] = {}
