@@ -67,6 +67,7 @@ from .settings import (
     ScoreCalibration,
     ThresholdMode,
     WhiteningNorms,
+    check,
     check_choice,
     defaults,
     differences,
@@ -82,11 +83,6 @@ NEWEST_TASK = -1
 
 #: ONNX opset of exports (the lowest that torch's exporter writes natively).
 ONNX_OPSET = 18
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 class _DropLitmodelsTip(logging.Filter):
@@ -286,14 +282,14 @@ class MoleFlow(AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        _check(lr > 0, f"lr must be > 0, got {lr}.")
-        _check(max_epochs >= 1, f"max_epochs must be >= 1, got {max_epochs}.")
-        _check(0.0 <= average_last <= 1.0, f"average_last must be in [0, 1] (0: off), got {average_last}.")
+        check(lr > 0, f"lr must be > 0, got {lr}.")
+        check(max_epochs >= 1, f"max_epochs must be >= 1, got {max_epochs}.")
+        check(0.0 <= average_last <= 1.0, f"average_last must be in [0, 1] (0: off), got {average_last}.")
         check_choice("feature_cache", feature_cache, CacheMode)
         check_choice("feature_cache_dtype", feature_cache_dtype, CacheDtype)
         check_choice("compile_mode", compile_mode, CompileMode)
         check_choice("threshold", threshold, ThresholdMode)
-        _check(0.0 < target_fpr < 0.5, f"target_fpr must be in (0, 0.5), got {target_fpr}.")
+        check(0.0 < target_fpr < 0.5, f"target_fpr must be in (0, 0.5), got {target_fpr}.")
         if pre_processor is True:
             pre_processor = self.configure_pre_processor((image_size, image_size))
         super().__init__(

@@ -278,12 +278,13 @@ def check_choice(name: str, value: object, choices: Any) -> None:
         raise ValueError(msg)
 
 
-def _require(condition: bool, message: str) -> None:
+def check(condition: bool, message: str) -> None:
+    """Raise a ValueError with ``message`` unless ``condition``: every setting the model refuses says so this way."""
     if not condition:
         raise ValueError(message)
 
 
-def plain_norms(whitening_norm: Sequence[WhiteningNorm | Sequence[WhiteningNorm]]) -> list[str | list[str]]:
+def plain_norms(whitening_norm: Sequence[str | Sequence[str]]) -> list[str | list[str]]:
     """Per-stage whitening norms as plain lists (how settings and checkpoints keep them)."""
     return [value if isinstance(value, str) else list(value) for value in whitening_norm]
 
@@ -295,12 +296,12 @@ def stage_whitening_norms(whitening_norm: WhiteningNorms, layers: list[str], flo
         check_choice("whitening_norm", whitening_norm, WhiteningNorm)
         return [[whitening_norm] for _ in layers]
     values = plain_norms(whitening_norm)
-    _require(
+    check(
         flow_layout == "stage",
         f"whitening_norm {values} gives one value per stage, which needs flow_layout='stage' (one flow per stage); "
         "with flow_layout='joint' give one value.",
     )
-    _require(
+    check(
         len(values) == len(layers),
         f"whitening_norm gives one value per stage of layers {layers}: {len(layers)} values, got {len(values)}; "
         "give one per stage, or one value for all.",
@@ -309,7 +310,7 @@ def stage_whitening_norms(whitening_norm: WhiteningNorms, layers: list[str], flo
     for layer, norms in zip(layers, stages, strict=True):
         for norm in norms:
             check_choice("whitening_norm", norm, WhiteningNorm)
-        _require(
+        check(
             len(norms) >= 1 and len(set(norms)) == len(norms),
             f"whitening_norm gives stage {layer} the norms {norms}: give each of its flows a different norm, at least "
             "one (a list makes one flow per norm on the stage).",
@@ -351,6 +352,7 @@ __all__ = [
     "TrainingSettings",
     "WhiteningNorm",
     "WhiteningNorms",
+    "check",
     "check_choice",
     "defaults",
     "differences",

@@ -37,6 +37,7 @@ from .settings import (
     ScoreCalibration,
     WhiteningNorm,
     WhiteningNorms,
+    check,
     check_choice,
     differences,
     plain_norms,
@@ -50,11 +51,6 @@ logger = logging.getLogger(__name__)
 #: 4: ``whitening_norm``, whose default ``image`` changes what a whitening adapter saved before means; 5: the
 #: whitening adapters' ``position`` statistics; 6: the router's Ledoit-Wolf covariances and ``router_embedding``).
 CHECKPOINT_FORMAT = 6
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 def model_settings(arguments: Mapping[str, Any]) -> dict[str, Any]:
@@ -71,7 +67,7 @@ def stage_dims(channels: Sequence[int], embed_dim: int) -> list[int]:
     total = sum(channels)
     dims = [4 * int(embed_dim * c / total // 4) for c in channels[:-1]]
     dims.append(embed_dim - sum(dims))
-    _check(
+    check(
         min(dims) >= 4,
         f"embed_dim {embed_dim} is too small to give each of the {len(channels)} stages ({list(channels)} channels) "
         "its own flow of at least 4 channels: raise embed_dim (or leave it None) or use flow_layout='joint'.",
@@ -366,8 +362,8 @@ class MoleFlowModel(nn.Module):
     ) -> None:
         super().__init__()
         layers = tuple(layers)
-        _check(len(layers) >= 1, "layers must name at least one backbone stage.")
-        _check(image_size >= 32, f"image_size must be >= 32, got {image_size}.")
+        check(len(layers) >= 1, "layers must name at least one backbone stage.")
+        check(image_size >= 32, f"image_size must be >= 32, got {image_size}.")
         feature_extractor = build_feature_extractor(backbone, layers, pre_trained)
         channels = sum(feature_extractor.out_dims)
         if embed_dim is None:
@@ -383,13 +379,13 @@ class MoleFlowModel(nn.Module):
                 list(layers),
                 default_embed_dim(channels),
             )
-        _check(embed_dim >= 4 and embed_dim % 4 == 0, f"embed_dim must be a positive multiple of 4, got {embed_dim}.")
-        _check(patch_size >= 1 and patch_size % 2 == 1, f"patch_size must be a positive odd number, got {patch_size}.")
-        _check(num_coupling_layers >= 0, f"num_coupling_layers must be >= 0, got {num_coupling_layers}.")
-        _check(dia_blocks >= 0, f"dia_blocks must be >= 0, got {dia_blocks}.")
-        _check(num_coupling_layers + dia_blocks > 0, "num_coupling_layers and dia_blocks cannot both be 0.")
-        _check(lora_rank >= 1, f"lora_rank must be >= 1, got {lora_rank}.")
-        _check(
+        check(embed_dim >= 4 and embed_dim % 4 == 0, f"embed_dim must be a positive multiple of 4, got {embed_dim}.")
+        check(patch_size >= 1 and patch_size % 2 == 1, f"patch_size must be a positive odd number, got {patch_size}.")
+        check(num_coupling_layers >= 0, f"num_coupling_layers must be >= 0, got {num_coupling_layers}.")
+        check(dia_blocks >= 0, f"dia_blocks must be >= 0, got {dia_blocks}.")
+        check(num_coupling_layers + dia_blocks > 0, "num_coupling_layers and dia_blocks cannot both be 0.")
+        check(lora_rank >= 1, f"lora_rank must be >= 1, got {lora_rank}.")
+        check(
             position_condition >= 0 and position_condition % 4 == 0,
             f"position_condition must be 0 or a positive multiple of 4, got {position_condition}.",
         )
@@ -398,14 +394,14 @@ class MoleFlowModel(nn.Module):
             ("spatial_context_kernel", spatial_context_kernel),
             ("scale_context_kernel", scale_context_kernel),
         ):
-            _check(kernel == 0 or (kernel > 0 and kernel % 2 == 1), f"{name} must be 0 (off) or odd, got {kernel}.")
-        _check(score_aggregation_top_k >= 1, f"score_aggregation_top_k must be >= 1, got {score_aggregation_top_k}.")
-        _check(anomaly_map_sigma >= 0, f"anomaly_map_sigma must be >= 0 (0: no blur), got {anomaly_map_sigma}.")
+            check(kernel == 0 or (kernel > 0 and kernel % 2 == 1), f"{name} must be 0 (off) or odd, got {kernel}.")
+        check(score_aggregation_top_k >= 1, f"score_aggregation_top_k must be >= 1, got {score_aggregation_top_k}.")
+        check(anomaly_map_sigma >= 0, f"anomaly_map_sigma must be >= 0 (0: no blur), got {anomaly_map_sigma}.")
         check_choice("score_calibration", score_calibration, ScoreCalibration)
         check_choice("anomaly_map_value", anomaly_map_value, AnomalyMapValue)
         check_choice("flow_layout", flow_layout, FlowLayout)
-        _check(router_eps > 0, f"router_eps must be > 0, got {router_eps}.")
-        _check(unknown_factor is None or unknown_factor > 0, f"unknown_factor must be > 0, got {unknown_factor}.")
+        check(router_eps > 0, f"router_eps must be > 0, got {router_eps}.")
+        check(unknown_factor is None or unknown_factor > 0, f"unknown_factor must be > 0, got {unknown_factor}.")
         #: Every constructor argument (``embed_dim`` and ``lora_alpha`` resolved): the checkpoint fingerprint's source.
         self.settings: dict[str, Any] = {
             **model_settings(locals()),
