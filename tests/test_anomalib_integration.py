@@ -97,11 +97,16 @@ def _anomalib(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([executable, *args], capture_output=True, text=True, cwd=cwd, check=False)
 
 
-def _config_section(config: str, section: tuple[str, ...]) -> dict:
-    """The settings under ``section`` (nested keys) of a YAML config of the repository."""
+def _load_config(config: str) -> dict:
+    """A YAML config of the repository."""
     import yaml
 
-    settings = yaml.safe_load((Path(__file__).resolve().parents[1] / config).read_text())
+    return yaml.safe_load((Path(__file__).resolve().parents[1] / config).read_text())
+
+
+def _config_section(config: str, section: tuple[str, ...]) -> dict:
+    """The settings under ``section`` (nested keys) of a YAML config of the repository."""
+    settings = _load_config(config)
     for key in section:
         settings = settings[key]
     return settings
@@ -166,8 +171,6 @@ def test_study_configs_keep_the_studys_training(config: str, section: tuple[str,
     [
         ("configs/continual/mvtec_dinov2.yaml", ("model",)),
         ("configs/benchmark/elpv_offline.yaml", ("moleflow",)),
-        ("configs/benchmark/product_line.yaml", ("moleflow",)),
-        ("configs/benchmark/product_line_masked.yaml", ("moleflow",)),
     ],
 )
 def test_configs_with_recorded_tables_keep_the_layout_and_map_they_were_recorded_with(
@@ -176,6 +179,19 @@ def test_configs_with_recorded_tables_keep_the_layout_and_map_they_were_recorded
     """Configs whose tables were recorded with one joint flow and score maps keep both after the defaults changed."""
     settings = _config_section(config, section)
     assert (settings["flow_layout"], settings["anomaly_map_value"]) == ("joint", "score")
+
+
+@pytest.mark.parametrize(
+    "config", ["configs/benchmark/product_line.yaml", "configs/benchmark/product_line_masked.yaml"]
+)
+def test_product_line_configs_train_as_the_quality_benchmark(config: str) -> None:
+    """A product line learned as one task compares with quality.yaml's two tasks: every other setting is the same."""
+    product_line, quality = (_load_config(name) for name in (config, "configs/benchmark/quality.yaml"))
+    assert product_line["moleflow"] == quality["moleflow"]
+    shared = ("backbone", "layers", "pre_trained", "image_size", "seeds")
+    assert {key: product_line[key] for key in shared} == {key: quality[key] for key in shared}
+    task_names = {spec.get("task", index) for index, spec in enumerate(product_line["tasks"])}
+    assert len(task_names) < len(quality["tasks"])  # two of the quality benchmark's tasks learned as one
 
 
 @pytest.mark.parametrize("config", ["configs/moleflow.yaml"])

@@ -27,6 +27,8 @@ Each row also gives, per stage, the empirical-Bayes weight and the split-half re
         --root ./datasets --combine mean,max,min   # the stages' maps averaged (the model's), or their max or min
     python scripts/experiments/map_calibration.py --checkpoint results/demo/model.ckpt --data demo_run \
         --root ./datasets/moleflow_demo --image_size 160     # the offline demo's four generated tasks
+    python scripts/experiments/map_calibration.py --task metal_surfaces --root ./datasets \
+        --checkpoint results/product_line_masked/seed_0/rows/moleflow/model.ckpt  # both through the one task
 """
 
 from __future__ import annotations
@@ -119,6 +121,9 @@ def main() -> None:
     parser = checkpoint_parser(__doc__.splitlines()[0], data="real")
     parser.add_argument("--sigmas", default="4")
     parser.add_argument(
+        "--task", default=None, help="score every product with this task's expert (a product line); default: its own"
+    )
+    parser.add_argument(
         "--combine", default="mean", help="how the stages' maps make one: mean (the model's), max, min; or a list"
     )
     args = parser.parse_args()
@@ -134,7 +139,7 @@ def main() -> None:
         for name, dm in (demo_run(args.root) if family == "demo_run" else datasets(family, args.root)).items()
     }
     for name, datamodule in products.items():
-        task = model.task_names.index(name)
+        task = model.task_names.index(args.task or name)
         split = load_split(datamodule, args.image_size)
         train, test = stage_values(model, split["train"], task), stage_values(model, split["test"], task)
         maps: dict[str, list[torch.Tensor]] = defaultdict(list)
