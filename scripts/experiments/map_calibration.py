@@ -161,6 +161,7 @@ def main() -> None:
             mean, std = fit.mean(0), fit.std(0).clamp_min(1e-8)
             var_eb, weight = shrunk_variance(fit)
             mean_eb, std_eb = shrunk_statistics(fit)
+            neighbourhoods = {k: pooled_stats(fit, k) for k in (3, 5)}  # mu_p, sigma_p over k x k positions
             notes.append(f"{weight:.2f}, {split_half_reliability(fit):.2f}")
             global_z, position_z = (value - fit.mean()) / fit.std(), (value - mean) / std
             for key, stage_map in {
@@ -168,7 +169,7 @@ def main() -> None:
                 "global": global_z,
                 "position": position_z,
                 "position_eb": (value - mean) / var_eb.sqrt().clamp_min(1e-8),
-                **{f"position_{k}x{k}": (value - m) / s for k in (3, 5) for m, s in [pooled_stats(fit, k)]},
+                **{f"position_{k}x{k}": (value - m) / s for k, (m, s) in neighbourhoods.items()},
                 "scale_only": (value - fit.mean()) / std,
                 "sum": global_z + position_z,
                 "min": torch.minimum(global_z, position_z),
@@ -177,8 +178,7 @@ def main() -> None:
                 "calibrated_likelihood_eb": torch.minimum(value, fit.mean() + fit.std() * (value - mean_eb) / std_eb),
                 **{
                     f"calibrated_likelihood_{k}x{k}": torch.minimum(value, fit.mean() + fit.std() * (value - m) / s)
-                    for k in (3, 5)
-                    for m, s in [pooled_stats(fit, k)]
+                    for k, (m, s) in neighbourhoods.items()
                 },
                 "score": te["score"],
             }.items():
