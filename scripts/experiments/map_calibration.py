@@ -19,6 +19,12 @@ all positions of the training images; ``mu_p``, ``sigma_p`` at one position):
   ``sigma_p`` over each position's neighbourhood;
 - ``score``: each stage's calibrated NLL (``anomaly_map_value: score``).
 
+``--temperatures 0.5,2`` adds ``likelihood_tT`` and ``calibrated_likelihood_tT``: the likelihood taken as
+``-exp(-NLL / (T D))`` (``T = 1`` is the model's; a smaller ``T`` caps extreme NLLs harder, a larger one is closer to
+the NLL itself). ``--combine`` also takes ``views_min`` (the smaller of a stage's flows where it has several views,
+then the stages' mean), ``wF`` (the first stage weighted ``F``), ``centred`` (each test image's median removed from
+its map) and ``image_z`` (and divided by its spread); ``--maps`` keeps only the named map values.
+
 Each row also gives, per stage, the empirical-Bayes weight and the split-half reliability of the ``sigma_p`` map.
 
     python scripts/experiments/map_calibration.py --checkpoint results/quality/seed_0/rows/moleflow/model.ckpt \
@@ -117,6 +123,38 @@ def split_half_reliability(values: torch.Tensor) -> float:
     return 2 * r / (1 + r)
 
 
+def capped_likelihood(fit_nll: torch.Tensor, nll: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The likelihood ``-exp(-NLL / scale)`` of ``nll`` and the same capped by its positional standard score, with
+    statistics from ``fit_nll`` (``scale = D`` is the model's ``calibrated_likelihood``)."""
+    fit, value = likelihood_map_value(fit_nll, scale), likelihood_map_value(nll, scale)
+    position = (value - fit.mean(0)) / fit.std(0).clamp_min(1e-8)
+    return value, torch.minimum(value, fit.mean() + fit.std() * position)
+
+
+def combined(stacked: torch.Tensor, how: str, path_stages: list[int]) -> torch.Tensor:
+    """The paths' maps ``(s, b, h, w)`` made one ``(b, h, w)``: ``mean`` (the model's), ``max``, ``min``;
+    ``views_min`` (the smaller of each stage's flows, where a stage has several views, then the stages' mean);
+    ``w0.67`` (the first stage weighted 0.67, the rest share the remainder); ``centred`` (the mean minus each image's
+    median: each test image's offset removed); ``image_z`` (the same divided by each image's spread)."""
+    if how in ("mean", "views_min"):  # each stage's flows' mean (or min), then the stages' mean: the model's
+        stages = [[i for i, s in enumerate(path_stages) if s == stage] for stage in sorted(set(path_stages))]
+        reduce = torch.mean if how == "mean" else torch.amin
+        return torch.stack([reduce(stacked[paths], 0) for paths in stages]).mean(0)
+    if how in ("max", "min"):
+        return {"max": torch.amax, "min": torch.amin}[how](stacked, 0)
+    if how.startswith("w"):
+        first = float(how[1:])
+        rest = (1 - first) / (stacked.shape[0] - 1)
+        return first * stacked[0] + rest * stacked[1:].sum(0)
+    mean = stacked.mean(0)
+    median = mean.flatten(1).median(1).values[:, None, None]
+    if how == "centred":
+        return mean - median
+    if how == "image_z":
+        return (mean - median) / mean.flatten(1).std(1)[:, None, None].clamp_min(1e-8)
+    raise ValueError(f"--combine: unknown {how!r}; use mean, max, min, views_min, wF, centred or image_z")
+
+
 def main() -> None:
     parser = checkpoint_parser(__doc__.splitlines()[0], data="real")
     parser.add_argument("--sigmas", default="4")
@@ -124,10 +162,17 @@ def main() -> None:
         "--task", default=None, help="score every product with this task's expert (a product line); default: its own"
     )
     parser.add_argument(
-        "--combine", default="mean", help="how the stages' maps make one: mean (the model's), max, min; or a list"
+        "--combine",
+        default="mean",
+        help="how the stages' maps make one: mean (the model's), max, min, wF, centred, image_z; or a list",
+    )
+    parser.add_argument("--maps", default=None, help="only these map values (a comma list); default: every one")
+    parser.add_argument(
+        "--temperatures", default="", help="also the likelihood -exp(-NLL / (t D)) and its capped map for each t"
     )
     args = parser.parse_args()
     model = load_checkpoint(args.checkpoint).model
+    temperatures = [float(t) for t in args.temperatures.split(",") if t]
     sigmas = [float(s) for s in args.sigmas.split(",")]
     print(
         "| product | map | blur sigma | img AUROC | pix AUROC | pix AP | EB weight, split-half reliability per stage |"
@@ -145,7 +190,7 @@ def main() -> None:
         maps: dict[str, list[torch.Tensor]] = defaultdict(list)
         image_scores: dict[str, list[torch.Tensor]] = defaultdict(list)
         notes = []
-        for tr, te in zip(train, test, strict=True):
+        for path, tr, te in zip(model.paths, train, test, strict=True):
             nll_fit = tr["nll"]
             nll_z = (te["nll"] - nll_fit.mean()) / nll_fit.std()
             nll_zp = (te["nll"] - nll_fit.mean(0)) / nll_fit.std(0).clamp_min(1e-8)
@@ -181,6 +226,15 @@ def main() -> None:
                     for k, (m, s) in neighbourhoods.items()
                 },
                 "score": te["score"],
+                **{
+                    f"{kind}_t{t:g}": variant
+                    for t in temperatures
+                    for kind, variant in zip(
+                        ("likelihood", "calibrated_likelihood"),
+                        capped_likelihood(tr["nll"], te["nll"], t * path.dim),
+                        strict=True,
+                    )
+                },
             }.items():
                 maps[key].append(
                     F.interpolate(stage_map[:, None], size=model.grid, mode="bilinear", align_corners=False)[:, 0]
@@ -192,9 +246,11 @@ def main() -> None:
         if "mask" not in split:
             continue
         for key, values in maps.items():
+            if args.maps and key not in args.maps.split(","):
+                continue
             stacked = torch.stack(values)
             for combine in args.combine.split(","):
-                value = {"mean": torch.mean, "max": torch.amax, "min": torch.amin}[combine](stacked, 0)
+                value = combined(stacked, combine, list(model.path_stages))
                 label = key if combine == "mean" else f"{key}, stages' {combine}"
                 for sigma in sigmas:
                     result = metrics(to_map(model, value, args.image_size, sigma), image_score, split)
