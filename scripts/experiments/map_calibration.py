@@ -23,7 +23,9 @@ all positions of the training images; ``mu_p``, ``sigma_p`` at one position):
 ``-exp(-NLL / (T D))`` (``T = 1`` is the model's; a smaller ``T`` caps extreme NLLs harder, a larger one is closer to
 the NLL itself). ``--combine`` also takes ``views_min`` (the smaller of a stage's flows where it has several views,
 then the stages' mean), ``wF`` (the first stage weighted ``F``), ``centred`` (each test image's median removed from
-its map) and ``image_z`` (and divided by its spread); ``--maps`` keeps only the named map values.
+its map) and ``image_z`` (and divided by its spread); ``--maps`` keeps only the named map values. ``--flip`` adds
+the (capped) likelihood of each test image's mirror image, mirrored back, alone and averaged with the image's own
+(test-time augmentation; the mirror's statistics from the mirrored training images).
 
 Each row also gives, per stage, the empirical-Bayes weight and the split-half reliability of the ``sigma_p`` map.
 
@@ -166,6 +168,9 @@ def main() -> None:
         default="mean",
         help="how the stages' maps make one: mean (the model's), max, min, wF, centred, image_z; or a list",
     )
+    parser.add_argument(
+        "--flip", action="store_true", help="also each test image's map from its mirror image, and the two averaged"
+    )
     parser.add_argument("--maps", default=None, help="only these map values (a comma list); default: every one")
     parser.add_argument(
         "--temperatures", default="", help="also the likelihood -exp(-NLL / (t D)) and its capped map for each t"
@@ -185,6 +190,7 @@ def main() -> None:
     }
     for name, datamodule in products.items():
         task = model.task_names.index(args.task or name)
+        torch.manual_seed(0)  # anomalib's training loader shuffles: the split-half reliability's halves fixed
         split = load_split(datamodule, args.image_size)
         train, test = stage_values(model, split["train"], task), stage_values(model, split["test"], task)
         maps: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -239,9 +245,30 @@ def main() -> None:
                 maps[key].append(
                     F.interpolate(stage_map[:, None], size=model.grid, mode="bilinear", align_corners=False)[:, 0]
                 )
-        image_score = top_k(torch.stack(image_scores["score"]).mean(0))
+        if args.flip:  # each image also mirrored, scored with statistics of the mirrored training images
+            flipped = zip(
+                model.paths,
+                stage_values(model, split["train"].flip(-1), task),
+                stage_values(model, split["test"].flip(-1), task),
+                strict=True,
+            )
+            for index, (path, tr, te) in enumerate(flipped):
+                for kind, value in zip(
+                    ("likelihood", "calibrated_likelihood"),
+                    capped_likelihood(tr["nll"], te["nll"], path.dim),
+                    strict=True,
+                ):
+                    mirrored = F.interpolate(
+                        value.flip(-1)[:, None], size=model.grid, mode="bilinear", align_corners=False
+                    )[:, 0]
+                    maps[f"{kind}, mirrored"].append(mirrored)
+                    maps[f"{kind}, with its mirror"].append((maps[kind][index] + mirrored) / 2)
+        stages = list(model.path_stages)
+        image_score = top_k(combined(torch.stack(image_scores["score"]), "mean", stages))
         for key, values in image_scores.items():  # the image score: top 3 of the stages' mean patch score
-            result = metrics(torch.zeros(0), top_k(torch.stack(values).mean(0)), {**split, "mask": None})
+            result = metrics(
+                torch.zeros(0), top_k(combined(torch.stack(values), "mean", stages)), {**split, "mask": None}
+            )
             print(f"| {name} | image score: {key} | | {result['img_auroc']:.2f} | | | |", flush=True)
         if "mask" not in split:
             continue
@@ -250,7 +277,7 @@ def main() -> None:
                 continue
             stacked = torch.stack(values)
             for combine in args.combine.split(","):
-                value = combined(stacked, combine, list(model.path_stages))
+                value = combined(stacked, combine, stages)
                 label = key if combine == "mean" else f"{key}, stages' {combine}"
                 for sigma in sigmas:
                     result = metrics(to_map(model, value, args.image_size, sigma), image_score, split)
