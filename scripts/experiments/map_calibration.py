@@ -25,7 +25,8 @@ the NLL itself). ``--combine`` also takes ``views_min`` (the smaller of a stage'
 then the stages' mean), ``wF`` (the first stage weighted ``F``), ``centred`` (each test image's median removed from
 its map) and ``image_z`` (and divided by its spread); ``--maps`` keeps only the named map values. ``--flip`` adds
 the (capped) likelihood of each test image's mirror image, mirrored back, alone and averaged with the image's own
-(test-time augmentation; the mirror's statistics from the mirrored training images).
+(``+mirrored``, ``+with_mirror``: test-time augmentation; the mirror's statistics from the mirrored training
+images).
 
 Each row also gives, per stage, the empirical-Bayes weight and the split-half reliability of the ``sigma_p`` map.
 
@@ -261,8 +262,8 @@ def main() -> None:
                     mirrored = F.interpolate(
                         value.flip(-1)[:, None], size=model.grid, mode="bilinear", align_corners=False
                     )[:, 0]
-                    maps[f"{kind}, mirrored"].append(mirrored)
-                    maps[f"{kind}, with its mirror"].append((maps[kind][index] + mirrored) / 2)
+                    maps[f"{kind}+mirrored"].append(mirrored)
+                    maps[f"{kind}+with_mirror"].append((maps[kind][index] + mirrored) / 2)
         stages = list(model.path_stages)
         image_score = top_k(combined(torch.stack(image_scores["score"]), "mean", stages))
         for key, values in image_scores.items():  # the image score: top 3 of the stages' mean patch score
@@ -273,7 +274,7 @@ def main() -> None:
         if "mask" not in split:
             continue
         for key, values in maps.items():
-            if args.maps and key not in args.maps.split(","):
+            if args.maps and key.split("+")[0] not in args.maps.split(","):
                 continue
             stacked = torch.stack(values)
             for combine in args.combine.split(","):
