@@ -145,11 +145,11 @@ def combined(stacked: torch.Tensor, how: str, path_stages: list[int]) -> torch.T
         return torch.stack([reduce(stacked[paths], 0) for paths in stages]).mean(0)
     if how in ("max", "min"):
         return {"max": torch.amax, "min": torch.amin}[how](stacked, 0)
-    if how.startswith("w"):
+    if how.startswith("w"):  # one flow per stage
         first = float(how[1:])
         rest = (1 - first) / (stacked.shape[0] - 1)
         return first * stacked[0] + rest * stacked[1:].sum(0)
-    mean = stacked.mean(0)
+    mean = combined(stacked, "mean", path_stages)
     median = mean.flatten(1).median(1).values[:, None, None]
     if how == "centred":
         return mean - median
@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument(
         "--combine",
         default="mean",
-        help="how the stages' maps make one: mean (the model's), max, min, wF, centred, image_z; or a list",
+        help="how the stages' maps make one: mean (the model's), max, min, views_min, wF, centred, image_z; or a list",
     )
     parser.add_argument(
         "--flip", action="store_true", help="also each test image's map from its mirror image, and the two averaged"
