@@ -53,7 +53,7 @@ from einops import rearrange
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from patch_score import checkpoint_parser, datasets, load_checkpoint, load_split, metrics, to_map, top_k
 
-from anomalib_moleflow.models.moleflow.anomaly_map import likelihood_map_value
+from anomalib_moleflow.models.moleflow.anomaly_map import likelihood_map_value, position_capped
 
 
 def stage_values(model: object, images: torch.Tensor, task: int) -> list[dict[str, torch.Tensor]]:
@@ -130,8 +130,7 @@ def capped_likelihood(fit_nll: torch.Tensor, nll: torch.Tensor, scale: float) ->
     """The likelihood ``-exp(-NLL / scale)`` of ``nll`` and the same capped by its positional standard score, with
     statistics from ``fit_nll`` (``scale = D`` is the model's ``calibrated_likelihood``)."""
     fit, value = likelihood_map_value(fit_nll, scale), likelihood_map_value(nll, scale)
-    position = (value - fit.mean(0)) / fit.std(0).clamp_min(1e-8)
-    return value, torch.minimum(value, fit.mean() + fit.std() * position)
+    return value, position_capped(value, fit.mean(0), fit.std(0).clamp_min(1e-8), fit.mean(), fit.std())
 
 
 def combined(stacked: torch.Tensor, how: str, path_stages: list[int]) -> torch.Tensor:
@@ -178,6 +177,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     model = load_checkpoint(args.checkpoint).model
+    on_grid = model._on_grid  # a stage's values on the finest grid, as the model upsamples them for its map
     temperatures = [float(t) for t in args.temperatures.split(",") if t]
     sigmas = [float(s) for s in args.sigmas.split(",")]
     print(
@@ -206,9 +206,7 @@ def main() -> None:
                 "nll_zp": nll_zp,
                 "min": torch.minimum(nll_z, nll_zp),
             }.items():
-                image_scores[key].append(
-                    F.interpolate(stage_score[:, None], size=model.grid, mode="bilinear", align_corners=False)[:, 0]
-                )
+                image_scores[key].append(on_grid(stage_score))
             fit, value = tr["likelihood"], te["likelihood"]
             mean, std = fit.mean(0), fit.std(0).clamp_min(1e-8)
             var_eb, weight = shrunk_variance(fit)
@@ -226,10 +224,10 @@ def main() -> None:
                 "sum": global_z + position_z,
                 "min": torch.minimum(global_z, position_z),
                 # the same on the stage's own scale (the stages weigh in as in the plain likelihood): the model's
-                "calibrated_likelihood": fit.mean() + fit.std() * torch.minimum(global_z, position_z),
-                "calibrated_likelihood_eb": torch.minimum(value, fit.mean() + fit.std() * (value - mean_eb) / std_eb),
+                "calibrated_likelihood": position_capped(value, mean, std, fit.mean(), fit.std()),
+                "calibrated_likelihood_eb": position_capped(value, mean_eb, std_eb, fit.mean(), fit.std()),
                 **{
-                    f"calibrated_likelihood_{k}x{k}": torch.minimum(value, fit.mean() + fit.std() * (value - m) / s)
+                    f"calibrated_likelihood_{k}x{k}": position_capped(value, m, s, fit.mean(), fit.std())
                     for k, (m, s) in neighbourhoods.items()
                 },
                 "score": te["score"],
@@ -243,9 +241,7 @@ def main() -> None:
                     )
                 },
             }.items():
-                maps[key].append(
-                    F.interpolate(stage_map[:, None], size=model.grid, mode="bilinear", align_corners=False)[:, 0]
-                )
+                maps[key].append(on_grid(stage_map))
         if args.flip:  # each image also mirrored, scored with statistics of the mirrored training images
             flipped = zip(
                 model.paths,
@@ -259,9 +255,7 @@ def main() -> None:
                     capped_likelihood(tr["nll"], te["nll"], path.dim),
                     strict=True,
                 ):
-                    mirrored = F.interpolate(
-                        value.flip(-1)[:, None], size=model.grid, mode="bilinear", align_corners=False
-                    )[:, 0]
+                    mirrored = on_grid(value.flip(-1))
                     maps[f"{kind}+mirrored"].append(mirrored)
                     maps[f"{kind}+with_mirror"].append((maps[kind][index] + mirrored) / 2)
         stages = list(model.path_stages)
