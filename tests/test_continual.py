@@ -14,6 +14,7 @@ import torch
 import yaml
 from anomalib.data import MVTecAD
 from lightning.pytorch import seed_everything
+from torchvision.transforms import v2
 
 from anomalib_moleflow import MoleFlow
 from anomalib_moleflow.data import DatasetError, TaskGroup, build_tasks
@@ -141,6 +142,31 @@ def test_specs_with_one_task_name_form_one_task_across_roots(tiny_mvtec_root: Pa
         build_tasks([spec(tiny_mvtec_root, [TINY_CATEGORIES[0]]), spec(second_root, [TINY_CATEGORIES[0]])])
     with pytest.raises(ValueError, match=r"tasks\.task must be a non-empty task name"):
         build_tasks([spec(tiny_mvtec_root, [TINY_CATEGORIES[0]], task="")])
+
+
+def test_a_datamodules_nested_class_path_arguments_are_built(tiny_mvtec_root: Path) -> None:
+    """`train_augmentations: {class_path, init_args}` reaches the training images as a transform, as in anomalib's
+    CLI; a class_path that does not import is one line naming where it was written."""
+    affine = {
+        "class_path": "torchvision.transforms.v2.RandomAffine",
+        "init_args": {"degrees": 0.0, "translate": [0.1, 0.1]},
+    }
+    compose = {"class_path": "torchvision.transforms.v2.Compose", "init_args": {"transforms": [affine]}}
+    init_args = {"root": str(tiny_mvtec_root), "num_workers": 0, "train_augmentations": compose}
+    (task,) = build_tasks(
+        {"dataset": {"class_path": "anomalib.data.MVTecAD", "init_args": init_args}, "categories": [TINY_CATEGORIES[0]]}
+    )
+    datamodule = task.datamodule
+    datamodule.setup()
+    (transform,) = datamodule.train_data.augmentations.transforms
+    assert isinstance(transform, v2.RandomAffine)
+    assert transform.translate == [0.1, 0.1]
+    assert datamodule.test_data.augmentations is None
+    broken = {**init_args, "train_augmentations": {"class_path": "torchvision.transforms.v2.NoSuchTransform"}}
+    with pytest.raises(
+        ValueError, match=r"tasks\.dataset\.init_args\.train_augmentations: cannot build .*NoSuchTransform"
+    ):
+        build_tasks({"dataset": {"class_path": "anomalib.data.MVTecAD", "init_args": broken}, "categories": ["a"]})
 
 
 def test_resume_after_interruption_equals_uninterrupted(

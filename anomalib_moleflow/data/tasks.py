@@ -94,9 +94,15 @@ def _spec_tasks(spec: Mapping[str, Any]) -> list[tuple[str, list[AnomalibDataMod
         msg = "tasks.categories is empty: list the categories to learn, one task each."
         raise ValueError(msg)
 
+    init_args = {
+        key: _instantiated(value, f"tasks.dataset.init_args.{key}")
+        for key, value in dict(dataset.get("init_args") or {}).items()
+    }
+
     def make(category: str) -> AnomalibDataModule:
-        init_args = {**dict(dataset.get("init_args") or {}), "category": category}
-        return instantiate_class((), {"class_path": dataset["class_path"], "init_args": init_args})
+        # Each category gets its own datamodule but shares the objects built above (transforms are stateless).
+        args = {**init_args, "category": category}
+        return instantiate_class((), {"class_path": dataset["class_path"], "init_args": args})
 
     tasks: list[tuple[str, list[AnomalibDataModule]]] = []
     for entry in categories:
@@ -109,6 +115,29 @@ def _spec_tasks(spec: Mapping[str, Any]) -> list[tuple[str, list[AnomalibDataMod
             members = list(entry)
             tasks.append(("+".join(members), [make(c) for c in members]))
     return tasks
+
+
+def _instantiated(value: Any, where: str) -> Any:
+    """``value`` with every ``{class_path, init_args}`` mapping in it built, as anomalib's CLI builds a datamodule's
+    arguments (e.g. ``train_augmentations: {class_path: torchvision.transforms.v2.RandomAffine, init_args: ...}``).
+
+    Lightning's ``instantiate_class`` builds only the outer class and would hand the datamodule a plain dict.
+
+    Raises:
+        ValueError: When a ``class_path`` does not import or its class refuses its ``init_args``.
+    """
+    if isinstance(value, Mapping) and "class_path" in value and set(value) <= {"class_path", "init_args"}:
+        args = {key: _instantiated(arg, f"{where}.{key}") for key, arg in dict(value.get("init_args") or {}).items()}
+        try:
+            return instantiate_class((), {"class_path": value["class_path"], "init_args": args})
+        except (ImportError, AttributeError, TypeError, ValueError) as error:
+            msg = f"{where}: cannot build {value['class_path']} ({error}); check its class_path and init_args."
+            raise ValueError(msg) from error
+    if isinstance(value, Mapping):
+        return {key: _instantiated(item, f"{where}.{key}") for key, item in value.items()}
+    if isinstance(value, list):
+        return [_instantiated(item, f"{where}[{index}]") for index, item in enumerate(value)]
+    return value
 
 
 def build_tasks(spec: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Task]:
