@@ -194,6 +194,24 @@ def test_product_line_configs_train_as_the_quality_benchmark(config: str) -> Non
     assert len(task_names) < len(quality["tasks"])  # two of the quality benchmark's tasks learned as one
 
 
+def test_shifted_quality_config_differs_from_quality_yaml_only_by_its_training_shifts() -> None:
+    """quality_shifted.yaml (docs/quality.md 0p) is quality.yaml plus one random shift per task's training images."""
+    from torchvision.transforms import v2
+
+    from anomalib_moleflow.data import build_tasks
+
+    shifted, quality = (_load_config(f"configs/benchmark/{name}.yaml") for name in ("quality_shifted", "quality"))
+    transforms = [spec["dataset"]["init_args"].pop("train_augmentations") for spec in shifted["tasks"]]
+    assert len(transforms) == len(quality["tasks"])
+    assert {key: value for key, value in shifted.items() if key != "output"} == {
+        key: value for key, value in quality.items() if key != "output"
+    }
+    shifted = _load_config("configs/benchmark/quality_shifted.yaml")
+    members = [member for task in build_tasks(shifted["tasks"]) for member in task.members]
+    assert [type(member.train_augmentations) for member in members] == [v2.RandomAffine] * len(members)
+    assert all(member.train_augmentations.translate == [0.03, 0.03] for member in members)
+
+
 @pytest.mark.parametrize("config", ["configs/moleflow.yaml"])
 def test_main_config_matches_the_constructor_defaults(config: str) -> None:
     init_args = _config_section(config, ("model", "init_args"))
