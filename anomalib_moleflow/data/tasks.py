@@ -94,14 +94,9 @@ def _spec_tasks(spec: Mapping[str, Any]) -> list[tuple[str, list[AnomalibDataMod
         msg = "tasks.categories is empty: list the categories to learn, one task each."
         raise ValueError(msg)
 
-    init_args = {
-        key: _instantiated(value, f"tasks.dataset.init_args.{key}")
-        for key, value in dict(dataset.get("init_args") or {}).items()
-    }
-
     def make(category: str) -> AnomalibDataModule:
-        # Each category gets its own datamodule but shares the objects built above (transforms are stateless).
-        args = {**init_args, "category": category}
+        # Built per category, so no two datamodules share an argument object (a transform may keep state).
+        args = _instantiated({**dict(dataset.get("init_args") or {}), "category": category}, "tasks.dataset.init_args")
         return instantiate_class((), {"class_path": dataset["class_path"], "init_args": args})
 
     tasks: list[tuple[str, list[AnomalibDataModule]]] = []
